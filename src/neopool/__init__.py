@@ -1,0 +1,46 @@
+"""neopool: one Neo4j driver per event loop, borrowed and returned.
+
+The layers, from the outside in::
+
+    GlobalNeo4jConnectionPool     process-wide registry, one pool per event loop
+      EventLoopConnectionPool     one loop's driver and its leases
+        PooledConnectionManager   a lease: the right to use that driver for a while
+          neo4j.AsyncDriver       the official driver, which pools the sockets
+
+``Neo4jConnectionFactory.borrow_connection()`` wraps a borrow in ``async with``.
+"""
+
+from neopool.borrowed import BorrowedConnection
+from neopool.config import Neo4jConnectionConfig
+from neopool.errors import (
+    ConfigError,
+    LeaseError,
+    NeopoolError,
+    NoRunningLoop,
+    PoolClosed,
+    PoolTimeout,
+)
+from neopool.factory import Neo4jConnectionFactory
+from neopool.lease import PooledConnectionManager
+from neopool.loop_pool import EventLoopConnectionPool
+from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.stats import PoolStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BorrowedConnection",
+    "ConfigError",
+    "EventLoopConnectionPool",
+    "GlobalNeo4jConnectionPool",
+    "LeaseError",
+    "Neo4jConnectionConfig",
+    "Neo4jConnectionFactory",
+    "NeopoolError",
+    "NoRunningLoop",
+    "PoolClosed",
+    "PoolStats",
+    "PoolTimeout",
+    "PooledConnectionManager",
+    "__version__",
+]

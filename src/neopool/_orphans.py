@@ -1,0 +1,66 @@
+"""Releasing a driver whose event loop can no longer run it.
+
+A driver is closed with ``await driver.close()`` on its own loop. When that loop
+was closed without giving the pool a chance (``loop.close()`` with no teardown,
+the pattern of many Celery apps), nothing can be awaited any more: the sockets
+would stay open until garbage collection and then warn. Here they are closed
+synchronously instead, without sending a byte (after ``fork`` the same socket is
+still the parent's, so the child must not even say goodbye on it).
+
+This is the only module that reaches into the driver's and asyncio's private
+attributes. Every step is best effort: a driver version that differs leaves its
+sockets to the garbage collector, never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from neo4j import AsyncDriver
+
+
+def _transports(driver: AsyncDriver) -> Iterator[Any]:
+    pool = getattr(driver, "_pool", None)
+    connections = getattr(pool, "connections", None) or {}
+    for address in list(connections):
+        for connection in list(connections.get(address, ())):
+            writer = getattr(getattr(connection, "socket", None), "_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is not None:
+                yield transport
+
+
+def driver_socket_count(driver: AsyncDriver) -> int:
+    """How many sockets the driver holds open (for tests and stats)."""
+    return sum(1 for _ in _transports(driver))
+
+
+def release_orphaned_driver(driver: AsyncDriver) -> int:
+    """Close the driver's sockets here and now, silently; return how many.
+
+    Closing our file descriptor sends nothing when another process (a forked
+    parent) still holds the same socket, and nothing that would matter to a
+    server otherwise: it sees the connection end as if the process had exited.
+    """
+    released = 0
+    for transport in list(_transports(driver)):
+        sock = getattr(transport, "_sock", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.close()
+            # The transport would warn "unclosed transport" when collected.
+            with contextlib.suppress(AttributeError):
+                transport._sock = None
+            released += 1
+    pool = getattr(driver, "_pool", None)
+    connections = getattr(pool, "connections", None)
+    if connections is not None:
+        with contextlib.suppress(Exception):
+            connections.clear()
+    # Nothing can be awaited on this driver again; stop its destructor warning.
+    with contextlib.suppress(AttributeError):
+        driver._closed = True  # type: ignore[attr-defined]
+    return released

@@ -1,0 +1,77 @@
+"""``async with``: borrow on entry, return on exit, whatever happened inside."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from neo4j import AsyncDriver
+
+from neopool.database import preparer
+from neopool.errors import LeaseError
+from neopool.lease import PooledConnectionManager
+from neopool.registry import GlobalNeo4jConnectionPool
+
+
+class BorrowedConnection:
+    """A borrow of the running loop's pool, as an async context manager.
+
+    ``__aenter__`` returns the object itself, so the design note's LightRAG
+    pattern (enter in ``initialize``, exit in ``finalize``) works as written.
+    Leaving with an exception returns the lease too; a connectivity error also
+    has the driver checked before the next borrow.
+    """
+
+    __slots__ = ("_lease", "_registry", "_timeout")
+
+    def __init__(
+        self, timeout: float | None = None, *, registry: GlobalNeo4jConnectionPool | None = None
+    ) -> None:
+        self._timeout = timeout
+        self._registry = registry or GlobalNeo4jConnectionPool()
+        self._lease: PooledConnectionManager | None = None
+
+    async def __aenter__(self) -> BorrowedConnection:
+        if self._lease is not None:
+            raise LeaseError(
+                "this BorrowedConnection already holds a lease; call "
+                "Neo4jConnectionFactory.borrow_connection() again for a second one"
+            )
+        self._lease = await self._registry.borrow_connection(self._timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:  # exiting twice is harmless, as finalize() may run twice
+            await lease.pool.return_connection(lease, exc)
+
+    @property
+    def connection(self) -> PooledConnectionManager | None:
+        """The lease held now, or ``None`` outside the ``async with``."""
+        return self._lease
+
+    def _held(self) -> PooledConnectionManager:
+        if self._lease is None:
+            raise LeaseError(
+                "this connection is not borrowed: use it inside 'async with "
+                "Neo4jConnectionFactory.borrow_connection() as borrowed:' (or after "
+                "'await borrowed.__aenter__()')"
+            )
+        return self._lease
+
+    async def get_driver(self) -> AsyncDriver:
+        """The running loop's driver; valid while the connection is borrowed."""
+        return await self._held().get_driver()
+
+    async def prepare_database(self, workspace: str | None = None) -> str | None:
+        """The database for ``workspace``, created and indexed on first use only."""
+        lease = self._held()
+        driver = await lease.get_driver()
+        return await preparer.prepare(driver, lease.pool.config, workspace)
+
+    def __repr__(self) -> str:
+        return f"<BorrowedConnection {self._lease!r}>"

@@ -1,0 +1,53 @@
+"""Every error neopool raises derives from :class:`NeopoolError`.
+
+Errors from the Neo4j driver itself (``AuthError``, ``ServiceUnavailable``...)
+are passed through unchanged, so code that already handles them keeps working.
+"""
+
+from __future__ import annotations
+
+
+class NeopoolError(Exception):
+    """Base class of every error raised by neopool."""
+
+
+class ConfigError(NeopoolError, ValueError):
+    """A configuration value is missing or invalid.
+
+    Raised when :class:`~neopool.Neo4jConnectionConfig` is constructed, never
+    later inside a task. The message names each bad field, the environment
+    variable that sets it, and how to fix it. Passwords are never included.
+    """
+
+
+class PoolTimeout(NeopoolError, TimeoutError):
+    """No lease became free before the borrow deadline."""
+
+    def __init__(self, loop_id: str, max_size: int, waiting: int, timeout: float) -> None:
+        self.loop_id = loop_id
+        self.max_size = max_size
+        self.waiting = waiting
+        self.timeout = timeout
+        super().__init__(
+            f"no connection became free within {timeout:g}s on the pool of event loop "
+            f"{loop_id}: all {max_size} leases (pool_max_size) were in use and "
+            f"{waiting} borrower(s) were waiting. Return connections sooner, raise "
+            f"pool_max_size (NEOPOOL_POOL_MAX_SIZE) or borrow_timeout "
+            f"(NEOPOOL_BORROW_TIMEOUT)."
+        )
+
+
+class PoolClosed(NeopoolError):
+    """The pool was closed; it hands out no more leases."""
+
+
+class LeaseError(NeopoolError, RuntimeError):
+    """A lease was used the wrong way.
+
+    Returned twice, returned to a pool it does not belong to, used after it was
+    returned, or used from an event loop other than the one that borrowed it.
+    """
+
+
+class NoRunningLoop(NeopoolError, RuntimeError):
+    """An async entry point was called where no event loop is running."""

@@ -1,0 +1,101 @@
+"""A lease: the right to use one event loop's driver until it is returned.
+
+A lease is not a socket. The loop's :class:`neo4j.AsyncDriver` already pools
+sockets; a lease bounds how many borrowers use it at once (``pool_max_size``)
+and remembers where it was borrowed, so one that never comes back can be named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from neopool.errors import LeaseError
+
+if TYPE_CHECKING:
+    from neo4j import AsyncDriver
+
+    from neopool.loop_pool import EventLoopConnectionPool
+
+#: Frames from these folders are skipped when recording where a lease was borrowed.
+_SKIPPED_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
+
+
+class PooledConnectionManager:
+    """A lease on the driver of one event loop, handed out by its pool."""
+
+    __slots__ = ("_borrowed_at", "_in_use", "_pool", "lease_id")
+
+    def __init__(self, pool: EventLoopConnectionPool, lease_id: int) -> None:
+        self._pool = pool
+        self._in_use = False
+        self._borrowed_at = ""
+        self.lease_id = lease_id
+
+    # -- state (changed by the pool only, in one synchronous step) -------------
+    def mark_in_use(self) -> None:
+        """Record that a borrower holds this lease."""
+        if self._in_use:
+            raise LeaseError(f"{self!r} is already in use")
+        self._in_use = True
+
+    def mark_available(self) -> None:
+        """Record that the lease is back in its pool."""
+        if not self._in_use:
+            raise LeaseError(f"{self!r} was already returned")
+        self._in_use = False
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a borrower holds this lease now."""
+        return self._in_use
+
+    @property
+    def pool(self) -> EventLoopConnectionPool:
+        """The pool of the event loop this lease belongs to."""
+        return self._pool
+
+    @property
+    def loop_id(self) -> str:
+        """The id of the event loop this lease belongs to."""
+        return self._pool.loop_id
+
+    @property
+    def borrowed_at(self) -> str:
+        """``file:line in function`` of the code that borrowed the lease."""
+        return self._borrowed_at
+
+    # -- use --------------------------------------------------------------------
+    async def get_driver(self) -> AsyncDriver:
+        """The driver of this lease's event loop.
+
+        Raises :class:`LeaseError` if the lease was returned or is used from
+        another event loop, where the driver's sockets cannot work.
+        """
+        if not self._in_use:
+            raise LeaseError(
+                f"{self!r} was returned to its pool; borrow a new connection "
+                f"instead of keeping a returned one"
+            )
+        self._pool._check_loop("use a lease")
+        return self._pool._current_driver()
+
+    def _record_borrow_site(self) -> None:
+        self._borrowed_at = _caller_outside_package()
+
+    def __repr__(self) -> str:
+        state = "in use" if self._in_use else "available"
+        return f"<PooledConnectionManager #{self.lease_id} of loop {self._pool.loop_id}, {state}>"
+
+
+def _caller_outside_package() -> str:
+    """Where the first frame outside neopool (and asyncio) is: cheap, no traceback."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIPPED_DIRS):
+            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "<unknown>"
