@@ -1,0 +1,183 @@
+"""Prometheus metrics for neopool's pools: ``pip install 'neopool[prometheus]'``.
+
+Nothing is registered at import. Call :func:`register` once (or add a
+:class:`NeopoolCollector` to your own registry); every scrape then reads each
+loop pool's :class:`~neopool.stats.PoolStats` afresh, so there is no
+bookkeeping on the borrow path. :func:`serve` starts a ``/metrics`` endpoint.
+
+Under Celery prefork the pools live in the worker children, not in the process
+you scrape; pass ``source=cluster_source(app)`` to report what every child
+publishes through ``inspect neopool_stats``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.stats import PoolStats
+
+#: Labels on every series: Celery worker node ("" locally), process, loop, thread.
+LABELS = ("worker", "pid", "loop", "thread")
+
+#: One labelled stats snapshot per loop pool.
+Sample = tuple[Mapping[str, str], PoolStats]
+StatsSource = Callable[[], Iterable[Sample]]
+
+_GAUGES = (
+    ("available", "Leases ready to hand out."),
+    ("in_use", "Leases held by borrowers."),
+    ("total", "Leases in existence (available + in_use)."),
+    ("waiting", "Borrowers waiting for a lease."),
+    ("max_size", "pool_max_size: concurrent borrows allowed per loop."),
+)
+_COUNTERS = (
+    ("borrows", "borrows", "Leases handed out."),
+    ("timeouts", "timeouts", "Borrowers that gave up with PoolTimeout."),
+    ("drivers_created", "drivers_created", "Neo4j drivers created by the loop pool."),
+)
+
+
+def local_source(registry: GlobalNeo4jConnectionPool | None = None) -> StatsSource:
+    """The pools of this process's registry (reading stats is safe from any thread)."""
+
+    def read() -> Iterator[Sample]:
+        pools = (registry or GlobalNeo4jConnectionPool()).pools()
+        pid = str(os.getpid())
+        for pool in pools:
+            stats = pool.stats()
+            labels = {"worker": "", "pid": pid, "loop": pool.loop_id, "thread": stats["thread"]}
+            yield labels, stats
+
+    return read
+
+
+def cluster_source(app: Any, timeout: float = 2.0) -> StatsSource:
+    """Every Celery worker child's pools, as published through ``inspect neopool_stats``."""
+
+    def read() -> Iterator[Sample]:
+        cluster_stats = importlib.import_module("neopool.celery").cluster_stats
+        for worker, by_pid in cluster_stats(app, timeout=timeout).items():
+            for pid, by_loop in by_pid.items():
+                for loop_id, stats in by_loop.items():
+                    labels = {
+                        "worker": worker,
+                        "pid": str(pid),
+                        "loop": str(loop_id),
+                        "thread": str(stats.get("thread", "")),
+                    }
+                    yield labels, stats
+
+    return read
+
+
+class NeopoolCollector(Collector):
+    """Per-loop gauges and counters, read from a stats source at scrape time."""
+
+    def __init__(self, source: StatsSource | None = None, *, prefix: str = "neopool") -> None:
+        self._source = source or local_source()
+        self._prefix = prefix
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric families without samples: registering never reads the pools."""
+        return self._families().values()
+
+    def collect(self) -> Iterable[Metric]:
+        """One sample per loop pool for every family."""
+        families = self._families()
+        for labels, stats in self._source():
+            values = [str(labels.get(name, "")) for name in LABELS]
+            for key, _help in _GAUGES:
+                families[key].add_metric(values, float(stats[key]))  # type: ignore[literal-required]
+            for key, field, _help in _COUNTERS:
+                families[key].add_metric(values, float(stats[field]))  # type: ignore[literal-required]
+            families["wait_seconds"].add_metric(values, float(stats["wait_ms_total"]) / 1000.0)
+            families["max_wait_seconds"].add_metric(values, float(stats["max_wait_ms"]) / 1000.0)
+        return families.values()
+
+    def _families(self) -> dict[str, Any]:
+        p = self._prefix
+        families: dict[str, Any] = {}
+        for key, help_text in _GAUGES:
+            families[key] = GaugeMetricFamily(f"{p}_pool_{key}", help_text, labels=LABELS)
+        for key, _field, help_text in _COUNTERS:
+            families[key] = CounterMetricFamily(f"{p}_pool_{key}", help_text, labels=LABELS)
+        families["wait_seconds"] = CounterMetricFamily(
+            f"{p}_pool_wait_seconds", "Time borrowers spent waiting for a lease.", labels=LABELS
+        )
+        families["max_wait_seconds"] = GaugeMetricFamily(
+            f"{p}_pool_max_wait_seconds", "The longest single wait for a lease.", labels=LABELS
+        )
+        return families
+
+
+_registered: dict[int, NeopoolCollector] = {}
+_registered_lock = threading.Lock()
+
+
+def register(
+    registry: CollectorRegistry = REGISTRY, source: StatsSource | None = None
+) -> NeopoolCollector:
+    """Add a :class:`NeopoolCollector` to ``registry`` once; later calls return it."""
+    with _registered_lock:
+        collector = _registered.get(id(registry))
+        if collector is None:
+            collector = NeopoolCollector(source)
+            registry.register(collector)
+            _registered[id(registry)] = collector
+        return collector
+
+
+def unregister(registry: CollectorRegistry = REGISTRY) -> None:
+    """Remove the collector :func:`register` added to ``registry``, if any."""
+    with _registered_lock:
+        collector = _registered.pop(id(registry), None)
+    if collector is not None:
+        registry.unregister(collector)
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``stop()`` shuts it down."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/metrics``."""
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(
+    port: int = 0,
+    host: str = "127.0.0.1",
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    source: StatsSource | None = None,
+) -> MetricsServer:
+    """Register the collector (once) and serve ``registry`` over HTTP.
+
+    ``port=0`` picks a free port; read it from the returned server. Binds to
+    loopback unless told otherwise, so metrics are not exposed by accident.
+    """
+    register(registry, source)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(host, int(server.server_port), server, thread)

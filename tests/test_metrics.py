@@ -1,0 +1,122 @@
+"""neopool.metrics against a real registry, a real server and a real HTTP scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from neopool import (
+    GlobalNeo4jConnectionPool,
+    Neo4jConnectionConfig,
+    Neo4jConnectionFactory,
+    PoolTimeout,
+)
+from neopool.metrics import NeopoolCollector, register, serve, unregister
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    """``{(sample name, loop label): value}`` from a real /metrics endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("neopool_"):
+                samples[(sample.name, sample.labels.get("loop", ""))] = sample.value
+    return samples
+
+
+async def test_scrape_shows_each_loop_pool(neopool_registry: GlobalNeo4jConnectionPool) -> None:
+    registry = CollectorRegistry()
+    server = serve(0, registry=registry)
+    try:
+        lease = await neopool_registry.borrow_connection()
+        loop_id = lease.loop_id
+        held = await asyncio.to_thread(scrape, server.url)
+        await neopool_registry.return_connection(lease)
+        for _ in range(4):
+            async with Neo4jConnectionFactory.borrow_connection():
+                pass
+        after = await asyncio.to_thread(scrape, server.url)
+    finally:
+        server.stop()
+
+    assert held[("neopool_pool_in_use", loop_id)] == 1
+    assert held[("neopool_pool_waiting", loop_id)] == 0
+    assert held[("neopool_pool_drivers_created_total", loop_id)] == 1
+    assert after[("neopool_pool_in_use", loop_id)] == 0
+    assert after[("neopool_pool_borrows_total", loop_id)] == 5
+    assert after[("neopool_pool_total", loop_id)] == after[("neopool_pool_available", loop_id)]
+    assert after[("neopool_pool_max_size", loop_id)] == 10
+
+
+async def test_timeouts_and_wait_seconds_are_counted(
+    neopool_config: Neo4jConnectionConfig,
+) -> None:
+    from neopool.testing import reset_registry
+
+    reset_registry()
+    GlobalNeo4jConnectionPool.set_config(
+        neopool_config.model_copy(update={"pool_max_size": 1, "pool_min_size": 0})
+    )
+    registry = CollectorRegistry()
+    collector = NeopoolCollector()
+    registry.register(collector)
+    try:
+        pool = GlobalNeo4jConnectionPool()
+        held = await pool.borrow_connection()
+        with pytest.raises(PoolTimeout):
+            await pool.borrow_connection(timeout=0.05)
+        waiter = asyncio.ensure_future(pool.borrow_connection(timeout=5))
+        await asyncio.sleep(0.05)
+        labels = {
+            "worker": "",
+            "pid": str(os.getpid()),
+            "loop": held.loop_id,
+            "thread": "MainThread",
+        }
+        waiting = registry.get_sample_value("neopool_pool_waiting", labels)
+        await pool.return_connection(held)
+        await pool.return_connection(await waiter)
+        assert waiting == 1
+        assert registry.get_sample_value("neopool_pool_timeouts_total", labels) == 1
+        wait = registry.get_sample_value("neopool_pool_wait_seconds_total", labels)
+        assert wait is not None
+        assert wait >= 0.09
+        longest = registry.get_sample_value("neopool_pool_max_wait_seconds", labels)
+        assert longest is not None
+        assert longest >= 0.045
+    finally:
+        registry.unregister(collector)
+        reset_registry()
+
+
+def test_register_is_idempotent_and_empty_without_pools() -> None:
+    registry = CollectorRegistry()
+    first = register(registry)
+    try:
+        assert register(registry) is first
+        families = {m.name for m in registry.collect()}
+        assert "neopool_pool_in_use" in families
+        assert registry.get_sample_value("neopool_pool_borrows_total") is None
+    finally:
+        unregister(registry)
+    assert "neopool_pool_in_use" not in {m.name for m in registry.collect()}
+
+
+def test_import_registers_nothing() -> None:
+    code = (
+        "import neopool.metrics, prometheus_client;"
+        "print(prometheus_client.generate_latest().decode())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "neopool_" not in out
