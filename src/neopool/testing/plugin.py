@@ -10,6 +10,8 @@ fixture                    scope    what it gives
 ``neopool_config``         test     a config for ``neopool_bolt`` with default settings
 ``neopool_registry``       test     the global registry, configured for ``neopool_bolt``
                                     and emptied again after the test
+``neopool_proxy``          test     a :class:`TcpProxy` in front of ``neopool_bolt``
+                                    (``proxy.uri()`` is where the driver connects)
 =========================  =======  ===================================================
 """
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
 from neopool.config import Neo4jConnectionConfig
 from neopool.embedded.arcadedb import BoltServer
 from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.testing.proxy import TcpProxy
 from neopool.testing.targets import BoltTarget, bolt_target_from_env, reset_registry
 
 
@@ -65,3 +69,15 @@ def neopool_registry(
     GlobalNeo4jConnectionPool.set_config(neopool_config)
     yield GlobalNeo4jConnectionPool()
     reset_registry()
+
+
+@pytest.fixture
+def neopool_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
+    """A real TCP proxy in front of the session's Bolt server, for network faults.
+
+    Connect with ``neopool_bolt.config(uri=neopool_proxy.uri())``: a direct
+    ``bolt://`` URI, so a routing table cannot lead the driver around the proxy.
+    """
+    address = urlsplit(neopool_bolt.uri)
+    with TcpProxy(address.hostname or "127.0.0.1", address.port or 7687) as proxy:
+        yield proxy
