@@ -1,0 +1,134 @@
+"""What every benchmark shares: the server, the proxy, options, tables and JSON.
+
+Run the benchmarks as scripts (``python benchmarks/micro.py``); each prints a
+table and writes ``results/<name>.json`` with the machine described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neopool import Neo4jConnectionConfig
+from neopool.demo.report import RESULTS_DIR, machine_info, print_table, write_json
+
+__all__ = [
+    "RESULTS_DIR",
+    "Target",
+    "bolt_target",
+    "network",
+    "parser",
+    "print_table",
+    "save",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A Bolt server: ``uri`` may point at the proxy in front of it."""
+
+    uri: str
+    username: str
+    password: str = field(repr=False)
+    database: str = "neo4j"
+
+    def config(self, **settings: Any) -> Neo4jConnectionConfig:
+        """Pool settings for this server."""
+        return Neo4jConnectionConfig(
+            uri=self.uri, username=self.username, password=self.password, **settings
+        )
+
+    def auth(self) -> tuple[str, str]:
+        """The driver's auth pair."""
+        return (self.username, self.password)
+
+
+@contextlib.contextmanager
+def bolt_target() -> Iterator[Target]:
+    """``NEO4J_URI`` (and friends) if set, else an embedded ArcadeDB for the run."""
+    uri = os.environ.get("NEO4J_URI")
+    if uri:
+        yield Target(
+            uri,
+            os.environ.get("NEO4J_USERNAME", "neo4j"),
+            os.environ.get("NEO4J_PASSWORD", ""),
+            os.environ.get("NEO4J_DATABASE", "neo4j"),
+        )
+        return
+    from neopool.embedded import BoltServer
+
+    print("starting the embedded Bolt server (ArcadeDB)...", file=sys.stderr)
+    with BoltServer() as server:
+        yield Target(server.uri, server.username, server.password)
+
+
+@contextlib.contextmanager
+def network(target: Target, rtt_ms: float) -> Iterator[Target]:
+    """The target itself on loopback, or through the latency proxy at ``rtt_ms``."""
+    if rtt_ms <= 0:
+        yield target
+        return
+    from urllib.parse import urlsplit
+
+    from neopool.testing.proxy import TcpProxy
+
+    parts = urlsplit(target.uri)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    with TcpProxy(parts.hostname, parts.port, rtt_ms=rtt_ms) as proxy:
+        yield Target(proxy.uri(parts.scheme), target.username, target.password, target.database)
+
+
+def network_label(rtt_ms: float) -> str:
+    """``loopback`` or ``2 ms RTT``."""
+    return "loopback" if rtt_ms <= 0 else f"{rtt_ms:g} ms RTT"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes."""
+    cli = argparse.ArgumentParser(description=description)
+    cli.add_argument(
+        "--quick", action="store_true", help="a short run (fewer iterations) for a smoke test"
+    )
+    cli.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write results (default results/<name>.json)",
+    )
+    cli.add_argument(
+        "--rtt-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 2.0],
+        help="network settings to measure: 0 is direct loopback, >0 goes through the "
+        "latency proxy adding that round-trip time (default: 0 2)",
+    )
+    return cli
+
+
+def save(name: str, data: Mapping[str, Any], path: Path | None = None) -> Path:
+    """Write ``results/<name>.json`` (or ``path``) with the machine described."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    document = {
+        "benchmark": name,
+        **data,
+        "machine": {**machine_info(), "load_average_at_end": load},
+    }
+    written = write_json(document, path or RESULTS_DIR / f"{name}.json")
+    print(f"results written to {written}")
+    return written
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a table (rich)."""
+    print_table(title, columns, rows)
