@@ -24,6 +24,7 @@ from neopool.factory import Neo4jConnectionFactory
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.runner import run
 from neopool.stats import PoolStats
 
 __version__ = "0.1.0"
@@ -43,4 +44,5 @@ __all__ = [
     "PoolTimeout",
     "PooledConnectionManager",
     "__version__",
+    "run",
 ]

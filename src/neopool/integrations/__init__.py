@@ -1,0 +1,1 @@
+"""Integrations with libraries that open Neo4j drivers of their own (LightRAG)."""
