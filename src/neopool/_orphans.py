@@ -38,6 +38,11 @@ def driver_socket_count(driver: AsyncDriver) -> int:
     return sum(1 for _ in _transports(driver))
 
 
+def driver_is_closed(driver: AsyncDriver) -> bool:
+    """Whether ``driver.close()`` was called (by anyone): it can open no session now."""
+    return bool(getattr(driver, "_closed", False))
+
+
 def release_orphaned_driver(driver: AsyncDriver) -> int:
     """Close the driver's sockets here and now, silently; return how many.
 
@@ -62,5 +67,5 @@ def release_orphaned_driver(driver: AsyncDriver) -> int:
             connections.clear()
     # Nothing can be awaited on this driver again; stop its destructor warning.
     with contextlib.suppress(AttributeError):
-        driver._closed = True  # type: ignore[attr-defined]
+        driver._closed = True
     return released

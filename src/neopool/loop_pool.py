@@ -9,6 +9,7 @@ half-way; only opening and closing the driver awaits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from neo4j import AsyncDriver, AsyncGraphDatabase
 from neo4j.exceptions import DriverError, ServiceUnavailable, SessionExpired
 
-from neopool._orphans import release_orphaned_driver
+from neopool._orphans import driver_is_closed, release_orphaned_driver
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
 from neopool.lease import PooledConnectionManager
 from neopool.stats import PoolStats, UtilisationMonitor
@@ -173,11 +174,12 @@ class EventLoopConnectionPool:
     async def borrow(self, timeout: float | None = None) -> PooledConnectionManager:
         """Take a lease, waiting up to ``timeout`` (default ``borrow_timeout``) for one."""
         self._check_loop("borrow a connection")
-        if self._driver is None or self._driver_suspect:
+        deadline = self.config.borrow_timeout if timeout is None else _check_timeout(timeout)
+        if not self._driver_ready():
             await self._ensure_driver()
         lease = self._acquire_nowait()
         if lease is None:
-            lease = await self._wait(self.config.borrow_timeout if timeout is None else timeout)
+            lease = await self._wait(deadline)
         lease._record_borrow_site()
         return lease
 
@@ -250,10 +252,8 @@ class EventLoopConnectionPool:
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self._release(waiter.result())
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
-            except ValueError:
-                pass
 
     def _release(self, lease: PooledConnectionManager) -> None:
         if not isinstance(lease, PooledConnectionManager):
@@ -299,9 +299,14 @@ class EventLoopConnectionPool:
     async def get_driver(self) -> AsyncDriver:
         """The loop's driver, opened if needed (without taking a lease)."""
         self._check_loop("get the driver")
-        if self._driver is None or self._driver_suspect:
+        if not self._driver_ready():
             await self._ensure_driver()
         return self._current_driver()
+
+    def _driver_ready(self) -> bool:
+        """Whether the driver can be lent as it is: open, unsuspected, not closed by a user."""
+        driver = self._driver
+        return driver is not None and not self._driver_suspect and not driver_is_closed(driver)
 
     async def _ensure_driver(self) -> None:
         """Open (or check) the driver once, however many borrowers ask at once."""
@@ -436,10 +441,8 @@ class EventLoopConnectionPool:
         self._stop_lending()
         if self._in_use and timeout > 0:
             self._drained = asyncio.Event()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
         self._report_leaks()
         if self._driver_task is not None:
             self._driver_task.cancel()
@@ -507,6 +510,13 @@ class EventLoopConnectionPool:
         self._retired = []
         self._finish_teardown()
         return released
+
+
+def _check_timeout(timeout: float) -> float:
+    """A borrow timeout, checked before any state changes (a bad one must not strand a waiter)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, not {timeout!r}")
+    return float(timeout)
 
 
 async def _teardown_sentinel(pool: EventLoopConnectionPool) -> AsyncIterator[None]:
