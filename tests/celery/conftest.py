@@ -1,0 +1,78 @@
+"""Real Celery workers (subprocesses) on a real Valkey broker and a real Bolt server."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("celery", reason="the Celery tests need the 'celery' extra")
+
+
+from neopool.config import Neo4jConnectionConfig
+from neopool.testing import BoltTarget
+from neopool.testing.celery_app import make_app
+from neopool.testing.proxy import TcpProxy
+from neopool.testing.worker_process import CeleryWorkerProcess
+
+pytestmark = pytest.mark.celery
+
+_queues = itertools.count(1)
+
+
+@pytest.fixture
+def bolt_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
+    """A counting TCP proxy in front of the Bolt server: how many connections workers open."""
+    host, port = neopool_bolt.uri.split("://", 1)[1].rsplit(":", 1)
+    with TcpProxy(host, int(port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def worker_config(neopool_bolt: BoltTarget, bolt_proxy: TcpProxy) -> Neo4jConnectionConfig:
+    """What workers connect with: the Bolt server, through the proxy."""
+    scheme = neopool_bolt.uri.split("://", 1)[0]
+    return neopool_bolt.config(uri=bolt_proxy.uri(scheme))
+
+
+@pytest.fixture
+def queue() -> str:
+    """A queue (and worker name) of this test only."""
+    return f"neopool-test-{next(_queues)}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def celery_app(neopool_broker_url: str, worker_config: Neo4jConnectionConfig, queue: str) -> Any:
+    """The client side of the test app, on this test's queue."""
+    return make_app(neopool_broker_url, worker_config, queue=queue, main=queue)
+
+
+@pytest.fixture
+def start_worker(
+    celery_app: Any, worker_config: Neo4jConnectionConfig, queue: str
+) -> Iterator[Callable[..., CeleryWorkerProcess]]:
+    """Start a worker subprocess on this test's queue; each is stopped after the test."""
+    started: list[CeleryWorkerProcess] = []
+
+    def start(pool: str, concurrency: int, **options: Any) -> CeleryWorkerProcess:
+        worker = CeleryWorkerProcess(
+            celery_app, worker_config, pool=pool, concurrency=concurrency, queue=queue, **options
+        )
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        try:
+            worker.stop()
+        finally:
+            worker.kill()
+
+
+@pytest.fixture
+def workspace() -> str:
+    """A workspace (node label) of this test only."""
+    return f"celery-{uuid.uuid4().hex[:8]}"
