@@ -1,0 +1,81 @@
+"""The README's configuration table, generated from ``Neo4jConnectionConfig``.
+
+    python scripts/config_table.py           # print the table
+    python scripts/config_table.py --write   # rewrite it in README.md
+    python scripts/config_table.py --check   # exit 1 if README.md is out of date
+
+The table sits in README.md between ``<!-- config-table:start -->`` and
+``<!-- config-table:end -->``; ``tests/test_docs_examples.py`` fails when it
+no longer matches the model, so it cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from pydantic_core import PydanticUndefined
+
+from neopool.config import Neo4jConnectionConfig, env_name
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START = "<!-- config-table:start -->"
+END = "<!-- config-table:end -->"
+
+
+def _default(value: Any) -> str:
+    if value is PydanticUndefined:
+        return "required"
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if value == "":
+        return '`""`'
+    return f"`{value}`"
+
+
+def table() -> str:
+    """The markdown table: setting, environment variable, default, meaning."""
+    rows = [
+        "| Setting | Environment variable | Default | Meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Neo4jConnectionConfig.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{env_name(name)}` | {_default(field.default)} | {description} |")
+    return "\n".join(rows)
+
+
+def render(readme: str) -> str:
+    """``readme`` with the text between the markers replaced by :func:`table`."""
+    head, start, rest = readme.partition(START)
+    _old, end, tail = rest.partition(END)
+    if not start or not end:
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main(argv: list[str]) -> int:
+    if "--write" in argv:
+        README.write_text(render(README.read_text()))
+        return 0
+    if "--check" in argv:
+        text = README.read_text()
+        if render(text) != text:
+            print("README.md's configuration table is out of date: run", file=sys.stderr)
+            print("  python scripts/config_table.py --write", file=sys.stderr)
+            return 1
+        return 0
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,192 @@
+"""Every ```python block of README.md and docs/*.md runs here, against a real server.
+
+Each block runs as a script in a fresh interpreter, in a working directory
+shared by the blocks of its page, with ``NEO4J_URI``, ``NEO4J_USERNAME`` and
+``NEO4J_PASSWORD`` naming the session's Bolt server (and ``CELERY_BROKER_URL``
+the session's broker, for blocks that read it). An HTML comment on the line
+before a block changes what happens to it:
+
+``<!-- example: file proj.py -->``
+    the block is a module other blocks import: it is written to ``proj.py``
+    in the page's directory and must import cleanly.
+``<!-- example: worker proj -->``
+    run the block while ``celery -A proj worker`` runs in that directory.
+``<!-- example: requires lightrag -->``
+    run the block only where the named module is installed.
+``<!-- example: skip <reason> -->``
+    only compile the block (for the few that cannot run on their own).
+
+The configuration table in README.md is also checked against the model here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from neopool.testing import BoltTarget
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+_BLOCK = re.compile(
+    r"(?:^<!--\s*example:\s*(?P<directive>[^>]*?)\s*-->[ \t]*\n)?"
+    r"^```python[^\n]*\n(?P<code>.*?)^```[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
+_ENV_NAMES = ("NEO4J_", "NEOPOOL_", "CELERY_")
+
+
+@dataclass(frozen=True)
+class Example:
+    page: Path
+    line: int
+    code: str
+    directive: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def action(self) -> str:
+        return self.directive.split(maxsplit=1)[0] if self.directive else "run"
+
+    @property
+    def argument(self) -> str:
+        parts = self.directive.split(maxsplit=1)
+        return parts[1] if len(parts) > 1 else ""
+
+
+def examples() -> list[Example]:
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in _BLOCK.finditer(text):
+            line = text.count("\n", 0, match.start("code"))
+            found.append(Example(page, line, match["code"], match["directive"] or ""))
+    return found
+
+
+EXAMPLES = examples()
+
+
+def test_every_page_has_examples() -> None:
+    pages = {example.page for example in EXAMPLES}
+    assert ROOT / "README.md" in pages
+    assert all(e.action in {"run", "file", "worker", "requires", "skip"} for e in EXAMPLES), [
+        e.id for e in EXAMPLES if e.action not in {"run", "file", "worker", "requires", "skip"}
+    ]
+
+
+def test_skipped_examples_are_few_and_say_why() -> None:
+    skipped = [e for e in EXAMPLES if e.action == "skip"]
+    assert all(e.argument for e in skipped), "a skipped example must give its reason"
+    assert len(skipped) <= max(3, len(EXAMPLES) // 5), [e.id for e in skipped]
+
+
+def test_the_configuration_table_matches_the_model() -> None:
+    spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts/config_table.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (ROOT / "README.md").read_text()
+    assert module.render(readme) == readme, (
+        "README.md's configuration table is out of date: run "
+        "'python scripts/config_table.py --write'"
+    )
+
+
+def _workdir(page: Path, base: Path) -> Path:
+    """The page's directory, with every ``file`` block of the page written into it."""
+    workdir = base / page.stem
+    workdir.mkdir(parents=True, exist_ok=True)
+    for example in EXAMPLES:
+        if example.page == page and example.action == "file":
+            (workdir / example.argument).write_text(example.code)
+    return workdir
+
+
+def _environment(
+    example: Example, bolt: BoltTarget, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_NAMES)}
+    env.update(NEO4J_URI=bolt.uri, NEO4J_USERNAME=bolt.username, NEO4J_PASSWORD=bolt.password)
+    page_code = "".join(e.code for e in EXAMPLES if e.page == example.page)
+    if "CELERY_BROKER_URL" in page_code:
+        env["CELERY_BROKER_URL"] = request.getfixturevalue("neopool_broker_url")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"{what} failed:\n{result.stdout}\n{result.stderr}"
+
+
+@contextlib.contextmanager
+def _celery_worker(module: str, cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """``celery -A module worker`` in ``cwd``, ready to take tasks, stopped warm afterwards."""
+    log = cwd / f"{module}-worker.log"
+    with log.open("w") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", module, "worker", "--concurrency=2",
+             "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+            cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "ready." not in log.read_text():
+            assert worker.poll() is None, f"the worker exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the worker did not start:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield
+    finally:
+        worker.send_signal(signal.SIGTERM)  # warm shutdown: pools close on their loops
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, f"the worker failed:\n{log.read_text()}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
+def test_example(
+    example: Example,
+    neopool_bolt: BoltTarget,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    compile(example.code, example.id, "exec")
+    if example.action == "skip":
+        pytest.skip(f"not run on its own: {example.argument}")
+    if example.action == "requires" and importlib.util.find_spec(example.argument) is None:
+        pytest.skip(f"needs {example.argument}, which is not installed")
+    workdir = _workdir(example.page, tmp_path_factory.getbasetemp() / "docs-examples")
+    env = _environment(example, neopool_bolt, request)
+    if example.action == "file":
+        module = Path(example.argument).stem
+        _run([sys.executable, "-c", f"import {module}"], workdir, env, f"import {module}")
+        return
+    script = workdir / f"example_{example.line}.py"
+    script.write_text(example.code)
+    if example.action == "worker":
+        with _celery_worker(example.argument, workdir, env):
+            _run([sys.executable, script.name], workdir, env, example.id)
+    else:
+        _run([sys.executable, script.name], workdir, env, example.id)
