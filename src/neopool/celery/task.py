@@ -12,9 +12,10 @@ Cancellation returns leases:
   return their leases before the task fails;
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
-* under threads and solo, where Celery cannot signal a thread, a revoked
-  running task is noticed within ``revocation_poll`` seconds and its coroutine
-  cancelled; the task then fails with ``TaskRevokedError``.
+* under threads, where Celery cannot signal a thread, a revoked running task
+  is noticed within ``revocation_poll`` seconds and its coroutine cancelled;
+  the task then fails with ``TaskRevokedError``. (Under solo the worker hears
+  no remote control while its one thread runs a task, so a revoke lands after it.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,116 @@
+"""A killed child, a soft time limit, a revoked task: no lease and no write is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
+from celery_helpers import TASKS, distinct_ids, graph_counts
+
+from neopool.celery import cluster_stats
+from neopool.testing import BoltTarget
+from neopool.testing.worker_process import CeleryWorkerProcess
+
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(180)]
+
+ENTITIES = 3
+
+
+def broker(app: Any) -> Any:
+    return redis.Redis.from_url(app.conf.broker_url)
+
+
+def wait_for_pid(app: Any, key: str, timeout: float = 60.0) -> int:
+    """Block until a task pushes its pid to ``key`` (a real event, no polling)."""
+    popped = broker(app).blpop([key], timeout=timeout)
+    assert popped is not None, f"no task announced itself on {key}"
+    return int(popped[1])
+
+
+def test_sigkill_of_a_prefork_child_mid_run_loses_and_duplicates_nothing(
+    celery_app: Any,
+    start_worker: Callable[..., CeleryWorkerProcess],
+    neopool_bolt: BoltTarget,
+    workspace: str,
+) -> None:
+    worker = start_worker("prefork", 2)
+    crash_key = f"neopool-test-crash-{uuid.uuid4().hex}"
+    results = []
+    for i in range(TASKS):
+        options = {"crash_key": crash_key} if i == 20 else {}
+        results.append(
+            celery_app.send_task(
+                "neopool.testing.ingest", args=[workspace, f"doc-{i}", ENTITIES], kwargs=options
+            )
+        )
+    victim = wait_for_pid(celery_app, f"{crash_key}:pid")  # it has a task, unacknowledged
+    os.kill(victim, signal.SIGKILL)
+
+    outcomes = [result.get(timeout=120) for result in results]
+    assert all(o["written"] == ENTITIES for o in outcomes)
+    assert outcomes[20]["pid"] != victim  # re-run (acks_late) on another process
+
+    stats = cluster_stats(celery_app)[worker.nodename]
+    assert str(victim) not in stats
+    assert len(stats) == 2  # Celery replaced the child
+    replacements = [pid for pid in stats if int(pid) not in {o["pid"] for o in outcomes[:20]}]
+    assert replacements, stats
+    assert any(loops for loops in (stats[pid] for pid in replacements)), stats  # it works
+
+    database = outcomes[0]["database"]
+    config = neopool_bolt.config()
+    assert graph_counts(config, database, workspace) == (
+        TASKS * ENTITIES,
+        TASKS * (ENTITIES - 1),
+    )
+    assert distinct_ids(config, database, workspace) == TASKS * ENTITIES
+
+
+def test_soft_time_limit_cancels_the_coroutine_and_returns_its_lease(
+    celery_app: Any, start_worker: Callable[..., CeleryWorkerProcess], workspace: str
+) -> None:
+    worker = start_worker("prefork", 1)
+    started = f"neopool-test-started-{uuid.uuid4().hex}"
+    held = celery_app.send_task(
+        "neopool.testing.hold", args=[60.0, started], soft_time_limit=1, time_limit=30
+    )
+    pid = wait_for_pid(celery_app, started)
+    with pytest.raises(SoftTimeLimitExceeded):
+        held.get(timeout=60, propagate=True)
+
+    (loops,) = cluster_stats(celery_app)[worker.nodename][str(pid)].values()
+    assert loops["in_use"] == 0
+    assert loops["borrows"] == 1
+    # The same child, the same loop and driver, carry on.
+    after = celery_app.send_task("neopool.testing.ingest", args=[workspace, "after", 2])
+    assert after.get(timeout=60)["pid"] == pid
+    (loops,) = cluster_stats(celery_app)[worker.nodename][str(pid)].values()
+    assert loops["drivers_created"] == 1
+    assert loops["borrows"] == 2
+
+
+def test_revoking_a_running_task_cancels_it_and_returns_its_lease(
+    celery_app: Any, start_worker: Callable[..., CeleryWorkerProcess]
+) -> None:
+    """Threads pool: Celery cannot signal a thread, so AsyncTask watches for the revoke.
+
+    (The solo pool cannot hear a revoke while its only thread runs the task.)
+    """
+    worker = start_worker("threads", 2)
+    started = f"neopool-test-started-{uuid.uuid4().hex}"
+    held = celery_app.send_task("neopool.testing.hold", args=[60.0, started])
+    wait_for_pid(celery_app, started)
+    celery_app.control.revoke(held.id, destination=[worker.nodename])
+    with pytest.raises(TaskRevokedError):
+        held.get(timeout=30, propagate=True)
+
+    (process,) = cluster_stats(celery_app)[worker.nodename].values()
+    (loops,) = process.values()
+    assert loops["in_use"] == 0
+    assert loops["borrows"] == 1
