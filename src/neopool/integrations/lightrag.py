@@ -88,7 +88,9 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
             if key in _fulltext_done:
                 return
             _fulltext_done.add(key)
-        await self._create_fulltext_index(self._driver, self._DATABASE, label)
+        create = getattr(self, "_create_fulltext_index", None)  # lightrag-hku >= 1.4.x
+        if create is not None:
+            await create(self._driver, self._DATABASE, label)
 
 
 def register() -> None:
