@@ -56,9 +56,10 @@ def release_orphaned_driver(driver: AsyncDriver) -> int:
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.close()
-            # The transport would warn "unclosed transport" when collected.
+            # The transport (and its stream writer) would warn when collected.
             with contextlib.suppress(AttributeError):
                 transport._sock = None
+                transport._closing = True
             released += 1
     pool = getattr(driver, "_pool", None)
     connections = getattr(pool, "connections", None)

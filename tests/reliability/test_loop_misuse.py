@@ -1,0 +1,185 @@
+"""Event loops closed the wrong way: nothing leaks, nothing raises, no dead pool is reused."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from neopool import (
+    EventLoopConnectionPool,
+    GlobalNeo4jConnectionPool,
+    Neo4jConnectionConfig,
+    Neo4jConnectionFactory,
+    PooledConnectionManager,
+)
+from neopool.testing import BoltTarget, TcpProxy, reset_registry
+
+from .conftest import eventually, open_fds
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def config(neopool_bolt: BoltTarget, neopool_proxy: TcpProxy) -> Iterator[Neo4jConnectionConfig]:
+    """The registry configured through the proxy, so closed sockets can be seen."""
+    reset_registry()
+    config = neopool_bolt.config(uri=neopool_proxy.uri(), pool_min_size=2)
+    GlobalNeo4jConnectionPool.set_config(config)
+    yield config
+    reset_registry()
+
+
+async def _task_body() -> None:
+    """What a Celery task does: borrow, query, return."""
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        driver = await borrowed.get_driver()
+        await driver.execute_query("RETURN 1", database_="neo4j")
+
+
+def _run_like_many_celery_apps(body: Any) -> Any:
+    """new_event_loop + run_until_complete + close(): no shutdown_asyncgens, no pool close."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(body())
+    finally:
+        loop.close()
+
+
+def _leak_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "was never returned" in r.getMessage()]
+
+
+def test_loops_closed_without_teardown_release_their_sockets_at_the_next_pool(
+    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+) -> None:
+    before = open_fds()
+    _run_like_many_celery_apps(_task_body)
+    steady = open_fds()
+    assert steady > before  # the dead loop's sockets are still open, until someone looks
+    for _ in range(5):
+        _run_like_many_celery_apps(_task_body)
+        gc.collect()
+        assert open_fds() <= steady  # each new pool released the previous dead loop's sockets
+
+    asyncio.run(_task_body())  # a well-behaved loop: sweeps the last dead one, closes its own
+    gc.collect()
+    assert GlobalNeo4jConnectionPool().pools() == []
+    assert open_fds() <= before
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
+
+
+async def _borrow_and_keep() -> PooledConnectionManager:
+    pool = await GlobalNeo4jConnectionPool().get_pool()
+    return await pool.borrow()  # never returned
+
+
+def test_a_lease_out_when_its_loop_dies_unclosed_is_reported_once_with_its_borrow_site(
+    config: Neo4jConnectionConfig,
+    caplog: pytest.LogCaptureFixture,
+    neopool_proxy: TcpProxy,
+    unraisable: list[Any],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    lease = _run_like_many_celery_apps(_borrow_and_keep)
+    assert lease.borrowed_at.startswith(__file__)
+    assert "_borrow_and_keep" in lease.borrowed_at
+    del lease
+    gc.collect()  # the loop is collected too, as far as user code is concerned
+
+    asyncio.run(_task_body())  # the next pool sweeps the dead loop
+    asyncio.run(GlobalNeo4jConnectionPool().get_pool_stats())  # and any later look
+    gc.collect()
+
+    leaks = _leak_warnings(caplog)
+    assert len(leaks) == 1
+    assert __file__ in leaks[0].getMessage()
+    assert "_borrow_and_keep" in leaks[0].getMessage()
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
+
+
+def test_a_lease_out_when_asyncio_run_ends_is_reported_once_with_its_borrow_site(
+    config: Neo4jConnectionConfig, caplog: pytest.LogCaptureFixture, unraisable: list[Any]
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    lease = asyncio.run(_borrow_and_keep())
+    assert lease.pool.closed  # closed during the loop's teardown, on the loop
+    asyncio.run(_task_body())
+    gc.collect()
+    leaks = _leak_warnings(caplog)
+    assert len(leaks) == 1
+    assert "_borrow_and_keep" in leaks[0].getMessage()
+
+
+def test_a_new_loop_with_the_id_of_a_dead_loop_gets_a_new_pool(
+    config: Neo4jConnectionConfig, unraisable: list[Any]
+) -> None:
+    async def one_task() -> tuple[int, bool, bool, int]:
+        await _task_body()
+        pool = await GlobalNeo4jConnectionPool().get_pool()
+        fresh = pool.loop is asyncio.get_running_loop() and not pool.closed
+        return id(pool.loop), fresh, pool.stats()["closed"], pool.stats()["borrows"]
+
+    seen: set[int] = set()
+    reused = 0
+    for _ in range(30):  # one loop per task, as many Celery apps do; CPython reuses ids
+        loop_id, fresh, closed, borrows = _run_like_many_celery_apps(one_task)
+        reused += loop_id in seen
+        seen.add(loop_id)
+        assert fresh
+        assert not closed
+        assert borrows == 1  # its own pool, never a dead loop's
+        gc.collect()
+    if not reused:
+        pytest.skip("this interpreter never reused a dead loop's id")
+    asyncio.run(GlobalNeo4jConnectionPool().get_pool_stats())  # sweeps the last one
+
+
+def test_abandon_releases_the_sockets_of_a_pool_whose_loop_is_gone(
+    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+) -> None:
+    loop = asyncio.new_event_loop()
+    pool = EventLoopConnectionPool(config, loop=loop)
+
+    async def use(pool: EventLoopConnectionPool) -> None:
+        lease = await pool.borrow()
+        driver = await lease.get_driver()
+        await driver.execute_query("RETURN 1", database_="neo4j")
+        await pool.return_connection(lease)
+
+    loop.run_until_complete(use(pool))
+    loop.close()
+    assert neopool_proxy.active_connections >= 1
+    assert pool.abandon() >= 1
+    assert pool.closed
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
+    assert pool.abandon() == 0  # twice is harmless
+    del pool, loop
+    gc.collect()
+
+
+def test_a_pool_dropped_with_its_unclosed_loop_raises_nothing_from_finalizers(
+    config: Neo4jConnectionConfig, unraisable: list[Any]
+) -> None:
+    loop = asyncio.new_event_loop()
+    pool = EventLoopConnectionPool(config, loop=loop)
+    loop.run_until_complete(pool.get_driver())
+    loop.close()
+    del pool, loop
+    gc.collect()  # the teardown sentinel, the driver and its sockets are finalized here
+
+
+def test_a_loop_stopped_and_closed_by_hand_after_shutdown_asyncgens_closes_gracefully(
+    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+) -> None:
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(_task_body())
+    pool = loop.run_until_complete(GlobalNeo4jConnectionPool().get_pool())
+    loop.run_until_complete(loop.shutdown_asyncgens())  # the polite manual teardown
+    assert pool.closed
+    loop.close()
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
