@@ -49,7 +49,8 @@ def table() -> str:
     ]
     for name, field in Neo4jConnectionConfig.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | `{env_name(name)}` | {_default(field.default)} | {description} |")
+        default = _default(field.default)
+        rows.append(f"| `{name}` | `{env_name(name)}` | {default} | {description} |")
     return "\n".join(rows)
 
 
