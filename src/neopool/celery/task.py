@@ -25,9 +25,9 @@ import inspect
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from celery import Task
 from celery.exceptions import TaskRevokedError
 
+from celery import Task
 from neopool.runner import run
 
 T = TypeVar("T")
