@@ -50,8 +50,11 @@ class Target:
 
 
 @contextlib.contextmanager
-def bolt_target() -> Iterator[Target]:
-    """``NEO4J_URI`` (and friends) if set, else an embedded ArcadeDB for the run."""
+def bolt_target(java_options: tuple[str, ...] = ()) -> Iterator[Target]:
+    """``NEO4J_URI`` (and friends) if set, else an embedded ArcadeDB for the run.
+
+    ``java_options`` are added to the embedded server's JVM options.
+    """
     uri = os.environ.get("NEO4J_URI")
     if uri:
         yield Target(
@@ -64,7 +67,8 @@ def bolt_target() -> Iterator[Target]:
     from neopool.embedded import BoltServer
 
     print("starting the embedded Bolt server (ArcadeDB)...", file=sys.stderr)
-    with BoltServer() as server:
+    defaults = ("-Xms64m", "-Xmx1g", "-XX:+UseSerialGC")
+    with BoltServer(java_options=defaults + java_options) as server:
         yield Target(server.uri, server.username, server.password)
 
 

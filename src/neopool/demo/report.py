@@ -114,12 +114,15 @@ def print_table(
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # files and pipes: wide enough for every column
     table = Table(title=title, caption=caption, title_justify="left")
     for index, column in enumerate(columns):
         table.add_column(column, justify="left" if index == 0 else "right")
     for row in rows:
         table.add_row(*(format_cell(cell) for cell in row))
-    Console().print(table)
+    console.print(table)
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

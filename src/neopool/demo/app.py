@@ -1,0 +1,67 @@
+"""The demo's Celery app: ``python -m celery -A neopool.demo.app worker``.
+
+Configured from the environment the demo gives its worker: the broker in
+``NEOPOOL_CELERY_BROKER_URL``, the queue in ``NEOPOOL_CELERY_QUEUE``, the Bolt
+server in ``NEO4J_*``. One task per mode; each returns its duration and the
+worker process's connection and driver counters (see :mod:`.instrument`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from neopool.celery import AsyncTask
+from neopool.demo import instrument
+from neopool.demo.workload import (
+    IdealLoop,
+    ingest_borrowed,
+    ingest_new_driver,
+    timed,
+    timed_async,
+)
+from neopool.testing.celery_app import BROKER_ENV, QUEUE_ENV, make_app
+
+#: Celery task name of each mode, in the order the demo runs them.
+MODE_TASKS = {
+    "new driver per task": "neopool.demo.new_driver",
+    "neopool + asyncio.run per task": "neopool.demo.asyncio_run",
+    "neopool + persistent runner": "neopool.demo.runner",
+    "ideal (one driver, one loop per process)": "neopool.demo.ideal",
+}
+DEFAULT_QUEUE = "neopool-demo"
+
+
+def build_app(broker_url: str, queue: str = DEFAULT_QUEUE) -> Any:
+    """The app, for the worker and for the demo process that sends to it."""
+    app = make_app(broker_url, queue=queue, main="neopool_demo")
+
+    @app.task(name=MODE_TASKS["new driver per task"])  # type: ignore[untyped-decorator]
+    def new_driver(workspace: str, doc_id: str) -> dict[str, Any]:
+        return timed(lambda: asyncio.run(ingest_new_driver(workspace, doc_id)))
+
+    @app.task(name=MODE_TASKS["neopool + asyncio.run per task"])  # type: ignore[untyped-decorator]
+    def asyncio_run(workspace: str, doc_id: str) -> dict[str, Any]:
+        return timed(lambda: asyncio.run(ingest_borrowed(workspace, doc_id)))
+
+    @app.task(name=MODE_TASKS["neopool + persistent runner"], base=AsyncTask)  # type: ignore[untyped-decorator]
+    async def runner(workspace: str, doc_id: str) -> dict[str, Any]:
+        return await timed_async(ingest_borrowed(workspace, doc_id))
+
+    @app.task(name=MODE_TASKS["ideal (one driver, one loop per process)"])  # type: ignore[untyped-decorator]
+    def ideal(workspace: str, doc_id: str) -> dict[str, Any]:
+        return timed(lambda: IdealLoop.run(workspace, doc_id))
+
+    from celery.signals import worker_process_shutdown
+
+    worker_process_shutdown.connect(lambda **_: IdealLoop.close(), weak=False)
+    return app
+
+
+#: Set by the demo in its worker's environment: this process is a demo worker.
+WORKER_ENV = "NEOPOOL_DEMO_WORKER"
+
+if os.environ.get(WORKER_ENV):  # imported by the demo's worker: build it from the environment
+    instrument.install()
+    app = build_app(os.environ[BROKER_ENV], os.environ.get(QUEUE_ENV, DEFAULT_QUEUE))

@@ -1,0 +1,268 @@
+"""One demo run, from servers to report; Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from neopool.demo.app import DEFAULT_QUEUE, MODE_TASKS
+from neopool.demo.modes import ModeResult, run_mode
+from neopool.demo.report import RESULTS_DIR, machine_info, print_table, write_json
+
+#: The three modes ``neopool demo`` compares, in the order it runs them.
+DEMO_MODES = (
+    "new driver per task",
+    "neopool + asyncio.run per task",
+    "neopool + persistent runner",
+)
+WORKSPACE = "neopool_demo"
+
+
+@dataclass
+class DemoOptions:
+    """What to run and where to write it (the CLI's options)."""
+
+    tasks: int = 300
+    workers: int = 2
+    rtt_ms: float = 0.0
+    json_path: Path | None = None
+    chart: bool = True
+    metrics_port: int | None = None
+    modes: Sequence[str] = DEMO_MODES
+    rounds: int = 1
+    name: str = "demo"
+    quiet: bool = False
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def output(self, suffix: str) -> Path:
+        if suffix == ".json" and self.json_path is not None:
+            return self.json_path
+        base = self.json_path.with_suffix("") if self.json_path else RESULTS_DIR / self.name
+        return base.with_suffix(suffix)
+
+
+def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
+    """Start servers and a worker, run every mode, gather pool stats; stop it all."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from neopool.celery import cluster_stats
+    from neopool.demo.app import build_app
+    from neopool.demo.environment import demo_servers
+    from neopool.demo.worker import DemoWorker
+
+    def say(text: str) -> None:
+        console.print(f"[dim]{text}[/dim]")
+
+    with demo_servers(options.rtt_ms, say) as endpoints:
+        say(f"Bolt server: {endpoints.bolt_description}")
+        say(f"broker: {endpoints.broker_description}")
+        queue = f"{DEFAULT_QUEUE}-{uuid.uuid4().hex[:8]}"
+        app = build_app(endpoints.broker_url, queue)
+        say(f"starting a Celery worker (prefork, {options.workers} processes)...")
+        with (
+            DemoWorker(app, endpoints.config, concurrency=options.workers, queue=queue) as worker,
+            _metrics(app, options.metrics_port, say),
+        ):
+            say(f"worker {worker.nodename} is up; {options.tasks} tasks per mode")
+            results = {name: ModeResult(name, 0) for name in options.modes}
+            run_id = uuid.uuid4().hex[:8]
+            per_round = max(1, options.tasks // options.rounds)
+            columns = (
+                TextColumn("{task.description:<44}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=console, disable=options.quiet) as progress:
+                for round_number in range(options.rounds):
+                    for name in options.modes:
+                        one = run_mode(
+                            app,
+                            name,
+                            MODE_TASKS[name],
+                            per_round,
+                            workspace=WORKSPACE,
+                            run_id=f"{run_id}-{round_number}",
+                            progress=progress,
+                        )
+                        _merge(results[name], one)
+            pool_stats = cluster_stats(app, timeout=3.0)
+    return {
+        "modes": {name: result.summary() for name, result in results.items()},
+        "machine": machine_info(),
+        "settings": {
+            "tasks_per_mode": per_round * options.rounds,
+            "rounds": options.rounds,
+            "worker_processes": options.workers,
+            "worker_pool": "prefork",
+            "rtt_ms": options.rtt_ms,
+            "network": "loopback" if options.rtt_ms <= 0 else "latency proxy",
+            "bolt_server": endpoints.bolt_description,
+            "broker": endpoints.broker_description,
+            "task": "borrow, prepare workspace, MERGE 3 entities + 2 relations, return",
+        },
+        "pool_stats": pool_stats,
+    }
+
+
+def _merge(total: ModeResult, one: ModeResult) -> None:
+    total.tasks += one.tasks
+    total.seconds += one.seconds
+    total.durations_ms += one.durations_ms
+    total.connections_opened += one.connections_opened
+    total.drivers_created += one.drivers_created
+    total.errors += one.errors
+    total.first_error = total.first_error or one.first_error
+
+
+@contextlib.contextmanager
+def _metrics(app: Any, port: int | None, say: Any) -> Iterator[None]:
+    """Serve the workers' pool metrics on /metrics while the demo runs, if asked."""
+    if port is None:
+        yield
+        return
+    from prometheus_client import CollectorRegistry
+
+    from neopool.metrics import cluster_source, serve
+
+    server = serve(port, registry=CollectorRegistry(), source=cluster_source(app))
+    say(f"Prometheus metrics of the workers' pools: {server.url}")
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def report(results: dict[str, Any], options: DemoOptions, console: Any) -> list[Path]:
+    """The table, the pool stats, the JSON and the chart; returns the files written."""
+    modes = results["modes"]
+    print_table(
+        f"{options.tasks} LightRAG-style ingestion tasks per mode, "
+        f"{options.workers} prefork worker processes, "
+        + ("loopback" if options.rtt_ms <= 0 else f"{options.rtt_ms:g} ms RTT"),
+        ["mode", "tasks/s", "p50 ms", "p95 ms", "p99 ms", "Bolt conns", "drivers", "errors"],
+        [
+            [
+                name,
+                m["tasks_per_s"],
+                m["p50_ms"],
+                m["p95_ms"],
+                m["p99_ms"],
+                m["connections_opened"],
+                m["drivers_created"],
+                m["errors"],
+            ]
+            for name, m in modes.items()
+        ],
+    )
+    for name, m in modes.items():
+        if m["first_error"]:
+            console.print(f"[red]{name}: first error: {m['first_error']}[/red]")
+    _speedups(modes, console)
+    _pool_stats(results["pool_stats"])
+    written = [write_json(results, options.output(".json"))]
+    if options.chart:
+        from neopool.demo.chart import bar_chart
+
+        machine = results["machine"]
+        written.append(
+            bar_chart(
+                options.output(".png"),
+                "neopool: Celery ingestion tasks, three ways",
+                [
+                    ("tasks/s (higher is better)", {n: m["tasks_per_s"] for n, m in modes.items()}),
+                    ("p50 task latency, ms", {n: m["p50_ms"] for n, m in modes.items()}),
+                    ("p99 task latency, ms", {n: m["p99_ms"] for n, m in modes.items()}),
+                    (
+                        "Bolt connections opened",
+                        {n: m["connections_opened"] for n, m in modes.items()},
+                    ),
+                ],
+                subtitle=(
+                    f"{results['settings']['tasks_per_mode']} tasks per mode, "
+                    f"{options.workers} prefork processes, {results['settings']['network']}"
+                    f"{'' if options.rtt_ms <= 0 else f' {options.rtt_ms:g} ms RTT'}; "
+                    f"Python {machine['python']}, {machine['cpu_count']} CPUs ({machine['cpu']})"
+                ),
+            )
+        )
+    return written
+
+
+def _speedups(modes: dict[str, Any], console: Any) -> None:
+    before = modes.get("new driver per task")
+    if not before or not before["tasks_per_s"]:
+        return
+    for name, m in modes.items():
+        if name != "new driver per task" and m["tasks_per_s"]:
+            console.print(
+                f"{name}: [bold]{m['tasks_per_s'] / before['tasks_per_s']:.2f}x[/bold] the "
+                f"throughput of a new driver per task, p50 latency "
+                f"{before['p50_ms'] / m['p50_ms']:.2f}x lower"
+            )
+
+
+def _pool_stats(stats: dict[str, Any]) -> None:
+    rows = []
+    for node, by_pid in sorted(stats.items()):
+        for pid, by_loop in sorted(by_pid.items()):
+            for loop_id, s in by_loop.items():
+                rows.append(
+                    [
+                        node,
+                        pid,
+                        loop_id,
+                        s["borrows"],
+                        s["drivers_created"],
+                        s["reuse_ratio"],
+                        s["in_use"],
+                        s["available"],
+                        s["max_wait_ms"],
+                    ]
+                )
+    print_table(
+        "pool stats from the workers (celery inspect neopool_stats)",
+        ["worker", "pid", "loop", "borrows", "drivers", "reuse", "in use", "avail", "max wait ms"],
+        rows or [["(no pools reported)", "", "", "", "", "", "", "", ""]],
+    )
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Run the demo; 0 when every task succeeded, 1 on errors, 130 on Ctrl-C."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
+    try:
+        console.print(
+            "[bold]neopool demo[/bold]: the same Celery ingestion task three ways "
+            "(a new driver per task, neopool under asyncio.run, neopool on the persistent "
+            "runner)"
+        )
+        results = measure(options, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: worker, proxy and servers were stopped[/yellow]")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    options.results = results
+    written = report(results, options, console)
+    for path in written:
+        console.print(f"wrote {path}")
+    errors = sum(m["errors"] for m in results["modes"].values())
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(DemoOptions()))
