@@ -78,7 +78,8 @@ def test_concurrent_first_calls_from_many_threads_prepare_once() -> None:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert len(results) == 4 and len(set(results)) == 1
+    assert len(results) == 4
+    assert len(set(results)) == 1
     assert preparer.statements_run - before == one_preparation
 
 

@@ -249,7 +249,8 @@ async def test_closing_wakes_every_waiter_with_pool_closed(
     for lease in held:  # close waits for borrowed leases, then closes the driver
         await pool.return_connection(lease)
     await closing
-    assert pool.closed and pool.in_use == 0
+    assert pool.closed
+    assert pool.in_use == 0
 
 
 async def test_a_leak_is_reported_with_where_it_was_borrowed(
@@ -328,7 +329,8 @@ async def test_stats_are_exact_after_a_known_sequence(pool: EventLoopConnectionP
     }
     assert (stats["borrows"], stats["timeouts"], stats["drivers_created"]) == (3, 1, 1)
     assert stats["waiting"] == 0
-    assert stats["wait_ms_total"] >= 10.0 and stats["max_wait_ms"] >= 10.0
+    assert stats["wait_ms_total"] >= 10.0
+    assert stats["max_wait_ms"] >= 10.0
     assert stats["reuse_ratio"] == pytest.approx(2 / 3, abs=1e-3)
     for lease in (second, third):
         await pool.return_connection(lease)

@@ -83,7 +83,7 @@ async def test_the_manager_level_api() -> None:
     assert isinstance(connection, PooledConnectionManager)
     assert connection.in_use
     assert connection.pool is loop_pool
-    assert loop_pool.max_size == 10 and loop_pool.min_size == 2
+    assert (loop_pool.max_size, loop_pool.min_size) == (10, 2)
     driver = await connection.get_driver()
     records, _, _ = await driver.execute_query("RETURN 1 AS one", database_="neo4j")
     assert records[0]["one"] == 1
@@ -210,7 +210,7 @@ def test_the_worker_lifecycle_snippets(neopool_bolt: BoltTarget) -> None:
         for i in range(3):  # tasks of a worker thread that keeps its loop
             results.append(worker_loop.run_until_complete(process_document(f"life_{i}")))
         (pool,) = GlobalNeo4jConnectionPool().pools()
-        assert pool.stats()["drivers_created"] == 1 and pool.stats()["borrows"] == 3
+        assert (pool.stats()["drivers_created"], pool.stats()["borrows"]) == (1, 3)
 
         cleanup_worker_neo4j_config()
         assert GlobalNeo4jConnectionPool().pools() == []
@@ -239,7 +239,9 @@ def test_the_config_snippet_is_accepted_by_set_config() -> None:
 
 def test_the_registry_is_one_object_for_every_thread() -> None:
     seen: list[GlobalNeo4jConnectionPool] = []
-    threads = [threading.Thread(target=lambda: seen.append(GlobalNeo4jConnectionPool())) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: seen.append(GlobalNeo4jConnectionPool())) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -229,7 +229,7 @@ def test_without_config_the_environment_is_read_or_the_error_says_how_to_configu
 
     reset_registry()
     monkeypatch.delenv("NEO4J_URI", raising=False)
-    with pytest.raises(ConfigError, match="call GlobalNeo4jConnectionPool.set_config"):
+    with pytest.raises(ConfigError, match=r"call GlobalNeo4jConnectionPool\.set_config"):
         GlobalNeo4jConnectionPool.get_config()
     monkeypatch.setenv("NEO4J_URI", "bolt://from-env:7687")
     assert GlobalNeo4jConnectionPool.get_config().uri == "bolt://from-env:7687"
