@@ -164,10 +164,10 @@ class DatabasePreparer:
                     return str(row["name"])
         return None
 
-    async def _ensure_index(self, driver: AsyncDriver, database: str | None, workspace: str) -> None:
-        query = (
-            f"CREATE INDEX IF NOT EXISTS FOR (n:{quote_identifier(workspace)}) ON (n.entity_id)"
-        )
+    async def _ensure_index(
+        self, driver: AsyncDriver, database: str | None, workspace: str
+    ) -> None:
+        query = f"CREATE INDEX IF NOT EXISTS FOR (n:{quote_identifier(workspace)}) ON (n.entity_id)"
         try:
             await self._run(driver, database, query)
         except AuthError:
@@ -184,7 +184,9 @@ class DatabasePreparer:
                 raise
         return await self._run(driver, None, query)
 
-    async def _run(self, driver: AsyncDriver, database: str | None, query: str) -> list[dict[str, Any]]:
+    async def _run(
+        self, driver: AsyncDriver, database: str | None, query: str
+    ) -> list[dict[str, Any]]:
         self.statements_run += 1
         async with driver.session(database=database) as session:
             result = await session.run(query)

@@ -75,8 +75,7 @@ class GlobalNeo4jConnectionPool:
             live = len(registry._pools)
         if live:
             logger.info(
-                "neopool: new configuration set; %d existing pool(s) keep the old one "
-                "until closed",
+                "neopool: new configuration set; %d existing pool(s) keep the old one until closed",
                 live,
             )
 
@@ -193,7 +192,7 @@ class GlobalNeo4jConnectionPool:
         current = asyncio.get_running_loop()
         with self._lock:
             pools, self._pools = self._pools, {}
-        waits = []
+        waits: list[asyncio.Future[None]] = []
         for loop, pool in pools.items():
             if loop is current:
                 waits.append(asyncio.ensure_future(pool.close(timeout)))
@@ -219,7 +218,7 @@ class GlobalNeo4jConnectionPool:
 
 
 def _close_later(pool: EventLoopConnectionPool, timeout: float | None) -> None:
-    asyncio.ensure_future(pool.close(timeout))
+    pool._spawn(pool.close(timeout))
 
 
 def _running_loop(action: str) -> asyncio.AbstractEventLoop:

@@ -70,7 +70,9 @@ class BoltServer:
         self.startup_timeout = startup_timeout
         self.java_options = java_options
         self._own_dir = data_dir is None
-        self.root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="neopool-arcadedb-"))
+        self.root = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="neopool-arcadedb-"))
+        )
         self.log_path = self.root / "server.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -199,7 +201,9 @@ class BoltServer:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
-            raise EmbeddedServerError(f"ArcadeDB {method} {path} failed: {exc.code} {detail}") from None
+            raise EmbeddedServerError(
+                f"ArcadeDB {method} {path} failed: {exc.code} {detail}"
+            ) from None
         except OSError as exc:
             raise EmbeddedServerError(f"ArcadeDB {method} {path} failed: {exc}") from None
         result: dict[str, Any] = json.loads(payload) if payload else {}
