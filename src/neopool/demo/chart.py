@@ -26,11 +26,16 @@ def bar_chart(
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     bars = max((len(values) for _label, values in panels), default=1)
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(4.6 * len(panels), 0.55 * bars + 1.6), squeeze=False
+    columns = min(len(panels), 2)
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(5.2 * columns, (0.5 * bars + 1.1) * rows + 0.6), squeeze=False
     )
+    axes = [axis for row in grid for axis in row]
+    for axis in axes[len(panels) :]:
+        axis.set_visible(False)
     colours = ["#b0b0b0", "#7aa6d6", "#2f6db3", "#1b9e77", "#d95f02", "#7570b3"]
-    for axis, (label, values) in zip(axes[0], panels, strict=True):
+    for index, (axis, (label, values)) in enumerate(zip(axes, panels, strict=False)):
         names = list(values)
         numbers = [float(values[name]) for name in names]
         positions = range(len(names))
@@ -44,8 +49,8 @@ def bar_chart(
         for position, number in zip(positions, numbers, strict=True):
             text = f"{number:,.0f}" if number >= 100 else f"{number:.3g}"
             axis.text(number + top * 0.01, position, text, va="center", fontsize=8)
-    for axis in axes[0][1:]:
-        axis.set_yticklabels([])
+        if index % columns:
+            axis.set_yticklabels([])  # the row's first panel names the bars
     figure.suptitle(title, fontsize=12, x=0.01, ha="left")
     if subtitle:
         figure.text(0.01, 0.005, subtitle, fontsize=7, color="#555555")

@@ -37,6 +37,7 @@ class DemoOptions:
     metrics_port: int | None = None
     modes: Sequence[str] = DEMO_MODES
     rounds: int = 1
+    warmup: int | None = None  #: unmeasured tasks per mode first (default: tasks // 10)
     name: str = "demo"
     quiet: bool = False
     results: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +81,18 @@ def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
             )
+            warmup = options.tasks // 10 if options.warmup is None else options.warmup
+            if warmup:
+                say(f"warming up: {warmup} unmeasured tasks per mode (server JIT, imports)")
+                for name in options.modes:
+                    run_mode(
+                        app,
+                        name,
+                        MODE_TASKS[name],
+                        warmup,
+                        workspace=WORKSPACE,
+                        run_id=f"{run_id}-warmup",
+                    )
             with Progress(*columns, console=console, disable=options.quiet) as progress:
                 for round_number in range(options.rounds):
                     for name in options.modes:
@@ -100,6 +113,7 @@ def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
         "settings": {
             "tasks_per_mode": per_round * options.rounds,
             "rounds": options.rounds,
+            "warmup_tasks_per_mode": warmup,
             "worker_processes": options.workers,
             "worker_pool": "prefork",
             "rtt_ms": options.rtt_ms,
