@@ -145,3 +145,15 @@ def test_lightrags_naming_rules() -> None:
     assert effective_workspace(config.model_copy(update={"workspace": "env"}), "arg") == "env"
     assert database_name_for("my work_space!") == "my-work-space-"
     assert quote_identifier("a`b") == "`a``b`"
+
+
+async def test_a_database_passed_in_is_used_unless_neo4j_database_is_set(
+    neopool_bolt: BoltTarget,
+) -> None:
+    workspace = unique("explicit")
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        assert await borrowed.prepare_database(workspace, database="neo4j") == "neo4j"
+    GlobalNeo4jConnectionPool.set_config(neopool_bolt.config(database="neo4j"))
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        chosen = await borrowed.prepare_database(unique("env"), database="not-this-one")
+    assert chosen == "neo4j"

@@ -67,11 +67,18 @@ class BorrowedConnection:
         """The running loop's driver; valid while the connection is borrowed."""
         return await self._held().get_driver()
 
-    async def prepare_database(self, workspace: str | None = None) -> str | None:
-        """The database for ``workspace``, created and indexed on first use only."""
+    async def prepare_database(
+        self, workspace: str | None = None, database: str | None = None
+    ) -> str | None:
+        """The database for ``workspace``, created and indexed on first use only.
+
+        ``NEO4J_DATABASE`` wins if set; otherwise ``database`` if given, else a
+        name derived from the workspace (LightRAG's rule). Returns the database
+        actually used, which is the server's default where it cannot create one.
+        """
         lease = self._held()
         driver = await lease.get_driver()
-        return await preparer.prepare(driver, lease.pool.config, workspace)
+        return await preparer.prepare(driver, lease.pool.config, workspace, database)
 
     def __repr__(self) -> str:
         return f"<BorrowedConnection {self._lease!r}>"

@@ -32,7 +32,7 @@ DEFAULT_WORKSPACE = "base"
 SYSTEM_DATABASE = "system"
 _DATABASE_NOT_FOUND = "Neo.ClientError.Database.DatabaseNotFound"
 
-CacheKey = tuple[str, str, str | None, str]
+CacheKey = tuple[str, str, str, str]
 
 
 def effective_workspace(config: Neo4jConnectionConfig, workspace: str | None) -> str:
@@ -68,15 +68,22 @@ class DatabasePreparer:
         self.statements_run = 0
 
     async def prepare(
-        self, driver: AsyncDriver, config: Neo4jConnectionConfig, workspace: str | None
+        self,
+        driver: AsyncDriver,
+        config: Neo4jConnectionConfig,
+        workspace: str | None,
+        database: str | None = None,
     ) -> str | None:
         """The database to use for ``workspace``; prepared on first call only.
 
-        Returns the database name, or ``None`` where the server's default
-        database had to be used and its name could not be learned.
+        The database is ``NEO4J_DATABASE`` if set, else ``database`` if given,
+        else a name derived from the workspace. Returns the database actually
+        used, or ``None`` where the server's default database had to be used and
+        its name could not be learned.
         """
         workspace = effective_workspace(config, workspace)
-        key: CacheKey = (*config.server_key, config.database, workspace)
+        target = config.database or database or database_name_for(workspace)
+        key: CacheKey = (*config.server_key, target, workspace)
         while True:
             with self._lock:
                 if key in self._prepared:
@@ -86,7 +93,7 @@ class DatabasePreparer:
                     mine: concurrent.futures.Future[str | None] = concurrent.futures.Future()
                     self._running[key] = mine
             if running is None:
-                return await self._lead(key, mine, driver, config, workspace)
+                return await self._lead(key, mine, driver, target, workspace)
             try:
                 return await asyncio.shield(asyncio.wrap_future(running))
             except _Abandoned:
@@ -97,11 +104,11 @@ class DatabasePreparer:
         key: CacheKey,
         future: concurrent.futures.Future[str | None],
         driver: AsyncDriver,
-        config: Neo4jConnectionConfig,
+        target: str,
         workspace: str,
     ) -> str | None:
         try:
-            database = await self._prepare(driver, config, workspace)
+            database = await self._prepare(driver, target, workspace)
         except BaseException as exc:
             with self._lock:
                 self._running.pop(key, None)
@@ -113,10 +120,7 @@ class DatabasePreparer:
         future.set_result(database)
         return database
 
-    async def _prepare(
-        self, driver: AsyncDriver, config: Neo4jConnectionConfig, workspace: str
-    ) -> str | None:
-        target = config.database or database_name_for(workspace)
+    async def _prepare(self, driver: AsyncDriver, target: str, workspace: str) -> str | None:
         database = await self._open_or_create(driver, target)
         await self._ensure_index(driver, database, workspace)
         logger.info(
@@ -194,7 +198,7 @@ class DatabasePreparer:
 
     # -- inspection and reset ------------------------------------------------------
     def prepared(self) -> dict[CacheKey, str | None]:
-        """A copy of the cache: ``(uri, user, NEO4J_DATABASE, workspace) -> database``."""
+        """A copy of the cache: ``(uri, user, wanted database, workspace) -> database used``."""
         with self._lock:
             return dict(self._prepared)
 

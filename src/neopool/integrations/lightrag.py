@@ -28,6 +28,7 @@ from lightrag.kg.neo4j_impl import Neo4JStorage
 from neo4j import AsyncDriver
 
 from neopool.borrowed import BorrowedConnection
+from neopool.database import database_name_for
 from neopool.factory import Neo4jConnectionFactory
 
 logger = logging.getLogger("neopool")
@@ -62,7 +63,10 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
         self._borrowed_connection = borrowed
         try:
             self._driver = await borrowed.get_driver()
-            self._DATABASE = await borrowed.prepare_database(self.workspace)
+            # Neo4JStorage names the database after the namespace, not the workspace.
+            self._DATABASE = await borrowed.prepare_database(
+                self.workspace, database_name_for(self.namespace)
+            )
             await self._ensure_fulltext_index()
         except BaseException:
             self._borrowed_connection = None
