@@ -85,7 +85,7 @@ def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
             if warmup:
                 say(f"warming up: {warmup} unmeasured tasks per mode (server JIT, imports)")
                 for name in options.modes:
-                    run_mode(
+                    warm = run_mode(
                         app,
                         name,
                         MODE_TASKS[name],
@@ -93,6 +93,7 @@ def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
                         workspace=WORKSPACE,
                         run_id=f"{run_id}-warmup",
                     )
+                    results[name].count_warmup(warm)
             with Progress(*columns, console=console, disable=options.quiet) as progress:
                 for round_number in range(options.rounds):
                     for name in options.modes:
@@ -131,6 +132,7 @@ def _merge(total: ModeResult, one: ModeResult) -> None:
     total.seconds += one.seconds
     total.durations_ms += one.durations_ms
     total.connections_opened += one.connections_opened
+    total.connections_by_round.append(one.connections_opened)
     total.drivers_created += one.drivers_created
     total.errors += one.errors
     total.first_error = total.first_error or one.first_error

@@ -24,6 +24,15 @@ class ModeResult:
     drivers_created: int = 0
     errors: int = 0
     first_error: str | None = None
+    connections_by_round: list[int] = field(default_factory=list)
+
+    def count_warmup(self, warmup: ModeResult) -> None:
+        """Count what the unmeasured warm-up opened: connections are the point of the demo."""
+        self.connections_opened += warmup.connections_opened
+        self.drivers_created += warmup.drivers_created
+        self.errors += warmup.errors
+        self.first_error = self.first_error or warmup.first_error
+        self.connections_by_round.append(warmup.connections_opened)
 
     def summary(self) -> dict[str, Any]:
         """The figures the table, chart and JSON show."""
@@ -40,6 +49,7 @@ class ModeResult:
             "drivers_created": self.drivers_created,
             "errors": self.errors,
             "first_error": self.first_error,
+            "connections_by_round": self.connections_by_round,
         }
 
     def add(self, value: Any) -> None:
