@@ -1,0 +1,195 @@
+"""Run every benchmark (``make bench``), check the targets, draw the summary chart.
+
+Each benchmark runs in its own process, one after the other, and writes
+``results/<name>.json``; this script then reads them back, prints which
+targets were met, writes ``results/targets.json``, ``results/benchmarks.md``
+(the README's tables) and ``results/benchmarks.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS_DIR, table
+from neopool.demo.chart import bar_chart
+from neopool.demo.report import markdown_table, write_json
+
+HERE = Path(__file__).parent
+BENCHMARKS = ("micro", "scaling", "macro")
+POOLED = "neopool: borrow, query, return"
+NO_IO_USER_PATH = "async with Neo4jConnectionFactory.borrow_connection()"
+
+
+def run(name: str, extra: list[str]) -> None:
+    print(f"\n=== {name} ===", flush=True)
+    subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra], check=True)
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    return data
+
+
+def targets(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any]) -> list[Any]:
+    """``[target, measured, met]`` rows."""
+    rows: list[Any] = []
+    nets = micro["networks"]
+    for label, floor in (("loopback", 3.5), ("2 ms RTT", 4.0)):
+        if label in nets:
+            ratio = nets[label]["ratios"]["new_driver_over_pooled_mean"]
+            rows.append(
+                [
+                    f"one query: new driver / neopool >= {floor}x ({label})",
+                    f"{ratio}x",
+                    ratio >= floor,
+                ]
+            )
+    for label, figures in nets.items():
+        overhead = figures["ratios"]["pool_overhead_vs_raw_pct_mean"]
+        rows.append(
+            [f"overhead over raw shared driver <= 5% ({label})", f"{overhead}%", overhead <= 5]
+        )
+        vs_sem = figures["ratios"]["pooled_vs_semaphore_pct_mean"]
+        rows.append([f"vs Semaphore + shared driver <= +5% ({label})", f"{vs_sem}%", vs_sem <= 5])
+    no_io = nets.get("loopback", {}).get("no_io")
+    if no_io:
+        pair = no_io[NO_IO_USER_PATH]["us_per_pair_median"]
+        rows.append(["borrow+return with no I/O <= 15 µs (async with)", f"{pair} µs", pair <= 15])
+    for label, floor in (("loopback", 1.3), ("2 ms RTT", 2.5)):
+        figures = macro["networks"].get(label)
+        if figures:
+            r = figures["ratios"]
+            ratio = r["runner_over_new_driver_throughput"]
+            rows.append(
+                [f"Celery: runner / new driver >= {floor}x ({label})", f"{ratio}x", ratio >= floor]
+            )
+            gap = r["runner_vs_ideal_throughput_pct"]
+            rows.append([f"Celery: runner within 10% of ideal ({label})", f"{gap}%", gap >= -10])
+            later = r["runner_connections_by_round"][1:]
+            rows.append(
+                [
+                    f"Celery: runner connections do not grow with tasks ({label})",
+                    f"{r['runner_connections_by_round']} (warm-up, rounds)",
+                    not any(later),
+                ]
+            )
+    worst = max(m["pool_kb_per_loop_beyond_driver"] for m in scaling["idle_pool_memory"])
+    rows.append(["idle loop pool <= 50 KB beyond its driver", f"{worst} KB", worst <= 50])
+    return rows
+
+
+def markdown(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any]) -> str:
+    """The README's tables."""
+    parts = []
+    loop_no_io = micro["networks"].get("loopback", {}).get("no_io", {})
+    if loop_no_io:
+        parts.append("**borrow + return, no I/O** (warmed pool, tight loop)\n")
+        parts.append(
+            markdown_table(
+                ["variant", "µs per pair (median)"],
+                [[name, f["us_per_pair_median"]] for name, f in loop_no_io.items()],
+            )
+        )
+    for label, figures in micro["networks"].items():
+        parts.append(f"\n**one query per task, {label}** (ms, interleaved side by side)\n")
+        parts.append(
+            markdown_table(
+                ["variant", "mean", "p50", "p99"],
+                [
+                    [n, f["mean_ms"], f["p50_ms"], f["p99_ms"]]
+                    for n, f in figures["one_query"].items()
+                ],
+            )
+        )
+    for label, figures in macro["networks"].items():
+        settings = figures["settings"]
+        parts.append(
+            f"\n**Celery ingestion, {label}** ({settings['tasks_per_mode']} tasks per mode, "
+            f"{settings['worker_processes']} prefork processes, "
+            f"{settings['rounds']} alternating rounds)\n"
+        )
+        parts.append(
+            markdown_table(
+                ["mode", "tasks/s", "p50 ms", "p99 ms", "Bolt conns", "drivers", "errors"],
+                [
+                    [n, m["tasks_per_s"], m["p50_ms"], m["p99_ms"], m["connections_opened"],
+                     m["drivers_created"], m["errors"]]
+                    for n, m in figures["modes"].items()
+                ],
+            )
+        )  # fmt: skip
+    for label, figures in scaling["networks"].items():
+        parts.append(f"\n**scaling, {label}**: loops (threads) x borrowers per loop\n")
+        parts.append(
+            markdown_table(
+                ["loops x borrowers", "tasks/s", "wait p50 ms", "wait p99 ms"],
+                [
+                    [f"{c['loops']} x {c['borrowers_per_loop']}", c["tasks_per_s"],
+                     c["wait_p50_ms"], c["wait_p99_ms"]]
+                    for c in figures["cells"]
+                ],
+            )
+        )  # fmt: skip
+    parts.append("\n**memory per idle loop** (tracemalloc)\n")
+    parts.append(
+        markdown_table(
+            ["loops", "driver KB per loop", "pool KB per loop beyond its driver"],
+            [
+                [m["loops"], m["driver_kb_per_loop"], m["pool_kb_per_loop_beyond_driver"]]
+                for m in scaling["idle_pool_memory"]
+            ],
+        )
+    )
+    return "\n".join(parts) + "\n"
+
+
+def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
+    panels = []
+    for label, figures in micro["networks"].items():
+        panels.append(
+            (
+                f"one query per task, {label}: mean ms",
+                {n: f["mean_ms"] for n, f in figures["one_query"].items()},
+            )
+        )
+    for label, figures in macro["networks"].items():
+        panels.append(
+            (
+                f"Celery ingestion, {label}: tasks/s",
+                {n: m["tasks_per_s"] for n, m in figures["modes"].items()},
+            )
+        )
+    machine = micro["machine"]
+    return bar_chart(
+        path,
+        "neopool benchmarks",
+        panels,
+        subtitle=(
+            f"{machine['cpu_count']} CPUs ({machine['cpu']}), Python {machine['python']}, "
+            f"neo4j driver {machine['neo4j_driver']}, embedded ArcadeDB on loopback; "
+            f"2 ms RTT = latency proxy"
+        ),
+    )
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv[1:]
+    extra = ["--quick"] if quick else []
+    for name in BENCHMARKS:
+        run(name, extra)
+    micro, macro, scaling = (load(name) for name in ("micro", "macro", "scaling"))
+    rows = targets(micro, macro, scaling)
+    table("targets", ["target", "measured", "met"], rows)
+    write_json({"targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]},
+               RESULTS_DIR / "targets.json")  # fmt: skip
+    (RESULTS_DIR / "benchmarks.md").write_text(markdown(micro, macro, scaling))
+    written = chart(micro, macro, RESULTS_DIR / "benchmarks.png")
+    print(f"wrote {RESULTS_DIR / 'targets.json'}, {RESULTS_DIR / 'benchmarks.md'}, {written}")
+
+
+if __name__ == "__main__":
+    main()
