@@ -29,7 +29,9 @@ def parent_loop(
     """A parent that already holds a warm pool on a loop that stays open, like a Celery master."""
     reset_registry()
     GlobalNeo4jConnectionPool.set_config(
-        neopool_bolt.config(uri=neopool_proxy.uri(), pool_min_size=2, pool_max_size=4)
+        neopool_bolt.config(
+            uri=neopool_proxy.uri(), database="neo4j", pool_min_size=2, pool_max_size=4
+        )
     )
     loop = asyncio.new_event_loop()
     assert loop.run_until_complete(_query(5)) == 5
