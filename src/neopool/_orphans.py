@@ -14,8 +14,10 @@ sockets to the garbage collector, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +72,23 @@ def release_orphaned_driver(driver: AsyncDriver) -> int:
     with contextlib.suppress(AttributeError):
         driver._closed = True
     return released
+
+
+#: Loops a forked child inherited. Kept so their destructors never run: closing
+#: a copied selector loop unregisters its file descriptors from the epoll
+#: instance the child shares with its parent, which would deafen the parent's loop.
+_inherited_loops: list[asyncio.AbstractEventLoop] = []
+
+
+def retire_inherited_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """In a forked child: make sure a parent's loop is never closed from here.
+
+    A loop the child itself is running (``fork`` called inside it) is left to
+    the child. Any other is marked closed without closing anything, and kept
+    alive; the kernel drops the child's copies of its descriptors at exit.
+    """
+    if getattr(loop, "_thread_id", None) == threading.get_ident():
+        return
+    _inherited_loops.append(loop)
+    if hasattr(loop, "_closed"):
+        loop._closed = True

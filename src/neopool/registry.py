@@ -15,6 +15,7 @@ import os
 import threading
 from typing import ClassVar
 
+from neopool._orphans import retire_inherited_loop
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
@@ -215,6 +216,8 @@ class GlobalNeo4jConnectionPool:
         self._pid = os.getpid()
         for pool in inherited:
             pool.abandon(report_leaks=False)
+            if pool.loop is not None:
+                retire_inherited_loop(pool.loop)
 
 
 def _close_later(pool: EventLoopConnectionPool, timeout: float | None) -> None:

@@ -15,8 +15,9 @@ gracefully, default executor joined):
 * by :func:`close_all_loops` (neopool.celery calls it at worker shutdown) and at
   interpreter exit, for loops whose threads are gone or idle.
 
-After ``fork`` the child forgets the parent's loops: it never runs them, it only
-closes the file descriptors it inherited.
+After ``fork`` the child forgets the parent's loops: it never runs or closes them
+(closing a copied loop would unregister descriptors from the epoll instance the
+child shares with its parent).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from neopool._orphans import retire_inherited_loop
 from neopool.errors import NeopoolError
 
 logger = logging.getLogger("neopool")
@@ -186,9 +188,15 @@ def _forget(state: _ThreadLoop) -> None:
 
 
 def _thread_ended(state: _ThreadLoop) -> None:
-    """The owning thread has ended (or dropped its thread-local): close its loop."""
+    """The owning thread has ended (or dropped its thread-local): close its loop.
+
+    In a forked child this runs as the interpreter drops the parent's other
+    threads, before any at-fork hook: the loop is then the parent's, kept and
+    never closed from here.
+    """
     _forget(state)
     if state.pid != os.getpid():
+        retire_inherited_loop(state.loop)
         return
     try:
         state.close(timeout=0)
@@ -232,15 +240,13 @@ def _close_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """Forget the parent's loops: close only our copies of their file descriptors."""
+    """Forget the parent's loops without closing them (see _orphans)."""
     global _all_lock
     _all_lock = threading.Lock()
     states = list(_all.values())
     _all.clear()
     for state in states:
-        if not state.loop.is_running() and not state.loop.is_closed():
-            with contextlib.suppress(Exception):
-                state.loop.close()  # the selector and self-pipe fds only; nothing is sent
+        retire_inherited_loop(state.loop)  # never close it here: see _orphans
         state.lock = threading.Lock()
 
 
