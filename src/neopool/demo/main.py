@@ -96,7 +96,9 @@ def measure(options: DemoOptions, console: Any) -> dict[str, Any]:
                     results[name].count_warmup(warm)
             with Progress(*columns, console=console, disable=options.quiet) as progress:
                 for round_number in range(options.rounds):
-                    for name in options.modes:
+                    # Rotate the order each round: no mode always follows the same one.
+                    shift = round_number % len(options.modes)
+                    for name in [*options.modes[shift:], *options.modes[:shift]]:
                         one = run_mode(
                             app,
                             name,
