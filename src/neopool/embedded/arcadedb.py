@@ -159,6 +159,7 @@ class BoltServer:
         try:
             self._wait_ready()
             self._ensure_database()
+            self._wait_for_bolt()
         except BaseException:
             self.stop()
             raise
@@ -177,6 +178,30 @@ class BoltServer:
         raise EmbeddedServerError(
             f"the ArcadeDB server did not open its ports within {self.startup_timeout:g}s; "
             f"its log says:\n{self.log_tail()}"
+        )
+
+    def _wait_for_bolt(self) -> None:
+        """Wait until a Bolt client can log in and query: the port opens seconds earlier."""
+        from neo4j import GraphDatabase
+        from neo4j.exceptions import Neo4jError, ServiceUnavailable
+
+        deadline = time.monotonic() + self.startup_timeout
+        last: Exception | None = None
+        with GraphDatabase.driver(
+            self.uri, auth=(self.username, self._password), connection_timeout=5
+        ) as driver:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    break
+                try:
+                    driver.execute_query("RETURN 1", database_=self.database)
+                    return
+                except (Neo4jError, ServiceUnavailable, OSError) as exc:
+                    last = exc
+                    time.sleep(0.1)
+        raise EmbeddedServerError(
+            f"the ArcadeDB server did not answer Bolt queries within "
+            f"{self.startup_timeout:g}s ({type(last).__name__}); its log says:\n{self.log_tail()}"
         )
 
     def _ensure_database(self) -> None:
