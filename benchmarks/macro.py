@@ -4,8 +4,8 @@ A real prefork worker (2 processes) runs LightRAG-style ingestion tasks
 (borrow, prepare a workspace, MERGE 3 entities and 2 relations, return) as:
 a new driver per task, neopool under ``asyncio.run`` per task, neopool on the
 persistent runner, and a hand-written ideal (one driver kept on one persistent
-loop per process). Modes alternate round by round in one run, so they share
-the machine's state. Connections are counted in each worker process.
+loop per process). Modes alternate round by round in one run (their order
+rotating), so they share the machine's state. Connections are counted in each worker process.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     cli.add_argument("--workers", type=int, default=2, help="prefork processes (default 2)")
     args = cli.parse_args()
     tasks = args.tasks or (60 if args.quick else 900)
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 6  # many short rounds: drift hits every mode alike
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -1,5 +1,9 @@
 """Run every benchmark (``make bench``), check the targets, draw the summary chart.
 
+``run_all.py [--quick] [micro|scaling|macro ...] [--report-only]``: ``--quick``
+for a short run, names to run only those (the others' last results are
+reused), ``--report-only`` to redo the report from ``results/*.json``.
+
 Each benchmark runs in its own process, one after the other, and writes
 ``results/<name>.json``; this script then reads them back, prints which
 targets were met, writes ``results/targets.json``, ``results/benchmarks.md``
@@ -177,10 +181,12 @@ def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv[1:]
-    extra = ["--quick"] if quick else []
-    for name in BENCHMARKS:
-        run(name, extra)
+    args = sys.argv[1:]
+    extra = ["--quick"] if "--quick" in args else []
+    only = [name for name in BENCHMARKS if name in args]  # e.g. run_all.py macro
+    if "--report-only" not in args:  # --report-only: re-read results/*.json
+        for name in only or BENCHMARKS:
+            run(name, extra)
     micro, macro, scaling = (load(name) for name in ("micro", "macro", "scaling"))
     rows = targets(micro, macro, scaling)
     table("targets", ["target", "measured", "met"], rows)
