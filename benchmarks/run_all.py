@@ -192,7 +192,12 @@ def main() -> None:
     table("targets", ["target", "measured", "met"], rows)
     write_json({"targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]},
                RESULTS_DIR / "targets.json")  # fmt: skip
-    (RESULTS_DIR / "benchmarks.md").write_text(markdown(micro, macro, scaling))
+    target_table = markdown_table(
+        ["target", "measured", "met"], [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows]
+    )
+    (RESULTS_DIR / "benchmarks.md").write_text(
+        "**targets**\n\n" + target_table + "\n\n" + markdown(micro, macro, scaling)
+    )
     written = chart(micro, macro, RESULTS_DIR / "benchmarks.png")
     print(f"wrote {RESULTS_DIR / 'targets.json'}, {RESULTS_DIR / 'benchmarks.md'}, {written}")
 
