@@ -117,17 +117,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     return cli
 
 
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+#: The machine's load when the benchmark started (others' work skews the figures).
+START_LOAD = _load_average()
+
+
 def save(name: str, data: Mapping[str, Any], path: Path | None = None) -> Path:
     """Write ``results/<name>.json`` (or ``path``) with the machine described."""
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    document = {
-        "benchmark": name,
-        **data,
-        "machine": {**machine_info(), "load_average_at_end": load},
+    machine = {
+        **machine_info(),
+        "load_average_at_start": START_LOAD,
+        "load_average_at_end": _load_average(),
     }
+    document = {"benchmark": name, **data, "machine": machine}
     written = write_json(document, path or RESULTS_DIR / f"{name}.json")
     print(f"results written to {written}")
     return written
