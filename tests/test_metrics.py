@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import uuid
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,7 +19,8 @@ from neopool import (
     Neo4jConnectionFactory,
     PoolTimeout,
 )
-from neopool.metrics import NeopoolCollector, register, serve, unregister
+from neopool.metrics import NeopoolCollector, cluster_source, register, serve, unregister
+from neopool.testing import BoltTarget
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
@@ -120,3 +122,32 @@ def test_import_registers_nothing() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert "neopool_" not in out
+
+
+@pytest.mark.celery
+def test_cluster_source_reports_prefork_children(
+    neopool_bolt: BoltTarget, neopool_broker_url: str
+) -> None:
+    """Under prefork the pools live in the children: the collector reads what they publish."""
+    from neopool.testing.celery_app import make_app
+    from neopool.testing.worker_process import CeleryWorkerProcess
+
+    queue = f"neopool-metrics-{uuid.uuid4().hex[:8]}"
+    config = neopool_bolt.config()
+    app = make_app(neopool_broker_url, config, queue=queue, main=queue)
+    registry = CollectorRegistry()
+    registry.register(NeopoolCollector(cluster_source(app, timeout=3.0)))
+    with CeleryWorkerProcess(app, config, pool="prefork", concurrency=2, queue=queue):
+        results = [
+            app.send_task("neopool.testing.ingest", args=["metrics", f"doc-{i}", 2])
+            for i in range(6)
+        ]
+        for result in results:
+            result.get(timeout=60)
+        families = {f.name: f for f in registry.collect()}
+    borrows = families["neopool_pool_borrows"].samples
+    assert sum(s.value for s in borrows) == 6
+    assert {s.labels["worker"] for s in borrows} == {f"{queue}@localhost"}
+    assert all(s.labels["pid"].isdigit() for s in borrows)
+    drivers = families["neopool_pool_drivers_created"].samples
+    assert sum(s.value for s in drivers) <= 2  # one driver per child process, at most

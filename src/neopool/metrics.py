@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,9 @@ class NeopoolCollector(Collector):
         return families
 
 
-_registered: dict[int, NeopoolCollector] = {}
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, NeopoolCollector] = (
+    weakref.WeakKeyDictionary()
+)
 _registered_lock = threading.Lock()
 
 
@@ -129,18 +132,18 @@ def register(
 ) -> NeopoolCollector:
     """Add a :class:`NeopoolCollector` to ``registry`` once; later calls return it."""
     with _registered_lock:
-        collector = _registered.get(id(registry))
+        collector = _registered.get(registry)
         if collector is None:
             collector = NeopoolCollector(source)
             registry.register(collector)
-            _registered[id(registry)] = collector
+            _registered[registry] = collector
         return collector
 
 
 def unregister(registry: CollectorRegistry = REGISTRY) -> None:
     """Remove the collector :func:`register` added to ``registry``, if any."""
     with _registered_lock:
-        collector = _registered.pop(id(registry), None)
+        collector = _registered.pop(registry, None)
     if collector is not None:
         registry.unregister(collector)
 
