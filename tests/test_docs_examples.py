@@ -109,6 +109,32 @@ def test_the_configuration_table_matches_the_model() -> None:
     )
 
 
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of a page."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_links_point_somewhere(page: Path) -> None:
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        missing_anchor = bool(anchor) and linked.suffix == ".md" and linked.exists()
+        if missing_anchor:
+            missing_anchor = anchor not in _anchors(linked.read_text())
+        if missing_anchor or not linked.exists():
+            broken.append(target)
+    assert not broken, f"{page.name} links to what does not exist: {broken}"
+
+
 def _workdir(page: Path, base: Path) -> Path:
     """The page's directory, with every ``file`` block of the page written into it."""
     workdir = base / page.stem
