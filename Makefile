@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 #   make test         also runs the core subset on CI_PYTHONS; an interpreter that
 #                     is missing is skipped with a message, or fails the run when
 #                     STRICT_PYTHONS=1 (as .ci/run sets)
-#   make test-matrix  runs the whole suite on MATRIX_PYTHONS (all must exist)
+#   make test-matrix  runs the whole suite on MATRIX_PYTHONS (all must exist; a
+#                     failure on one version does not stop the others)
 # The virtualenvs are created two at a time, before any of their tests run.
 STRICT_PYTHONS ?= 0
 CI_PYTHONS     ?= 3.10 3.13
@@ -50,7 +51,7 @@ test: lint typecheck unit
 
 test-matrix:
 	$(MAKE) --no-print-directory -j2 $(addprefix .venv-,$(addsuffix /.installed,$(MATRIX_PYTHONS)))
-	$(MAKE) --no-print-directory $(addprefix suite-,$(MATRIX_PYTHONS))
+	$(MAKE) --no-print-directory --keep-going $(addprefix suite-,$(MATRIX_PYTHONS))
 
 .venv-%/.installed: pyproject.toml
 	@py="$$(scripts/find-python $*)" && echo "Python $*: $$py" && "$$py" -m venv --clear .venv-$*
