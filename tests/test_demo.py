@@ -111,10 +111,9 @@ def test_ctrl_c_stops_worker_and_servers(tmp_path: Path) -> None:
         while time.monotonic() < deadline and demo.poll() is None:
             line = demo.stderr.readline()
             seen += line
-            if " is up;" in line:
+            if "warming up" in line:  # the worker is up and tasks are flowing
                 break
-        assert " is up;" in seen, seen[-3000:]
-        time.sleep(3)  # tasks are flowing now
+        assert "warming up" in seen, seen[-3000:]
         children = psutil.Process(demo.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "celery" in names
@@ -122,8 +121,10 @@ def test_ctrl_c_stops_worker_and_servers(tmp_path: Path) -> None:
         assert "valkey" in names
 
         demo.send_signal(signal.SIGINT)
-        _, rest = demo.communicate(timeout=90)
-        assert demo.returncode == 130, (seen + rest)[-3000:]
+        started = time.monotonic()
+        _, rest = demo.communicate(timeout=150)
+        stopping = time.monotonic() - started
+        assert demo.returncode == 130, (seen + rest, stopping)
         assert "interrupted" in rest
         _gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, [" ".join(p.cmdline()) for p in alive]

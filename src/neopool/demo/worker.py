@@ -92,7 +92,7 @@ class DemoWorker:
                 return self
         raise RuntimeError(f"the Celery worker did not answer within {timeout:g}s")
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """Warm shutdown, then kill the process group if it does not end in time."""
         process, self.process = self.process, None
         if process is None:
