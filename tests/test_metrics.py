@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 
@@ -144,7 +145,13 @@ def test_cluster_source_reports_prefork_children(
         ]
         for result in results:
             result.get(timeout=60)
-        families = {f.name: f for f in registry.collect()}
+        # A child publishes after each task (task_postrun), just after its result is stored.
+        deadline = time.monotonic() + 30
+        while True:
+            families = {f.name: f for f in registry.collect()}
+            borrows = families["neopool_pool_borrows"].samples
+            if sum(s.value for s in borrows) == 6 or time.monotonic() > deadline:
+                break
     borrows = families["neopool_pool_borrows"].samples
     assert sum(s.value for s in borrows) == 6
     assert {s.labels["worker"] for s in borrows} == {f"{queue}@localhost"}

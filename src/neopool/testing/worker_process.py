@@ -6,6 +6,7 @@ Used by neopool's tests and benchmarks; the worker runs the app of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,8 +46,10 @@ class CeleryWorkerProcess:
         loglevel: str = "INFO",
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        app_module: str = "neopool.testing.celery_worker",
     ) -> None:
         self.app = app
+        self.app_module = app_module
         self.config = config
         self.pool = pool
         self.concurrency = concurrency
@@ -67,6 +70,7 @@ class CeleryWorkerProcess:
                 "NEO4J_PASSWORD": self.config.password.get_secret_value(),
                 BROKER_ENV: str(self.app.conf.broker_url),
                 QUEUE_ENV: self.queue,
+                "NEO4J_DATABASE": self.config.database or "",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -82,7 +86,7 @@ class CeleryWorkerProcess:
             "-m",
             "celery",
             "-A",
-            "neopool.testing.celery_worker",
+            self.app_module,
             "worker",
             f"--pool={self.pool}",
             f"--concurrency={self.concurrency}",
@@ -103,6 +107,7 @@ class CeleryWorkerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._environment(),
+                start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -135,11 +140,13 @@ class CeleryWorkerProcess:
         return int(process.returncode)
 
     def kill(self) -> None:
-        """Kill the worker (and, through the broken pipe, its children)."""
+        """Kill the worker and every process of its session (prefork children)."""
         process = self.process
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
     def log(self) -> str:
         """Everything the worker has logged."""
