@@ -15,6 +15,7 @@ from typing import Any
 from common import network_label, parser, save, table
 from neopool.demo.app import MODE_TASKS
 from neopool.demo.main import DemoOptions, measure
+from neopool.demo.report import MODE_COLUMNS, mode_rows
 
 MODES = tuple(MODE_TASKS)
 RUNNER = "neopool + persistent runner"
@@ -74,20 +75,8 @@ def report(results: dict[str, Any]) -> None:
         table(
             f"Celery ingestion, {label}, {figures['settings']['tasks_per_mode']} tasks per mode "
             f"in {figures['settings']['rounds']} alternating rounds",
-            ["mode", "tasks/s", "p50 ms", "p95 ms", "p99 ms", "Bolt conns", "drivers", "errors"],
-            [
-                [
-                    name,
-                    m["tasks_per_s"],
-                    m["p50_ms"],
-                    m["p95_ms"],
-                    m["p99_ms"],
-                    m["connections_opened"],
-                    m["drivers_created"],
-                    m["errors"],
-                ]
-                for name, m in modes.items()
-            ],
+            MODE_COLUMNS,
+            mode_rows(modes),
         )
         r = figures["ratios"]
         rows = [

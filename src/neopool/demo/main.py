@@ -14,7 +14,14 @@ from typing import Any
 
 from neopool.demo.app import DEFAULT_QUEUE, MODE_TASKS
 from neopool.demo.modes import ModeResult, run_mode
-from neopool.demo.report import RESULTS_DIR, machine_info, print_table, write_json
+from neopool.demo.report import (
+    MODE_COLUMNS,
+    RESULTS_DIR,
+    machine_info,
+    mode_rows,
+    print_table,
+    write_json,
+)
 
 #: The three modes ``neopool demo`` compares, in the order it runs them.
 DEMO_MODES = (
@@ -165,20 +172,8 @@ def report(results: dict[str, Any], options: DemoOptions, console: Any) -> list[
         f"{options.tasks} LightRAG-style ingestion tasks per mode, "
         f"{options.workers} prefork worker processes, "
         + ("loopback" if options.rtt_ms <= 0 else f"{options.rtt_ms:g} ms RTT"),
-        ["mode", "tasks/s", "p50 ms", "p95 ms", "p99 ms", "Bolt conns", "drivers", "errors"],
-        [
-            [
-                name,
-                m["tasks_per_s"],
-                m["p50_ms"],
-                m["p95_ms"],
-                m["p99_ms"],
-                m["connections_opened"],
-                m["drivers_created"],
-                m["errors"],
-            ]
-            for name, m in modes.items()
-        ],
+        MODE_COLUMNS,
+        mode_rows(modes),
     )
     for name, m in modes.items():
         if m["first_error"]:

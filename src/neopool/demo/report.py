@@ -103,6 +103,19 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+#: Columns of a per-mode results table (demo and macro benchmark alike).
+MODE_COLUMNS = ["mode", "tasks/s", "p50 ms", "p95 ms", "p99 ms", "Bolt conns", "drivers", "errors"]
+
+
+def mode_rows(modes: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    """One row per mode of a results ``{"modes": ...}`` mapping, in MODE_COLUMNS order."""
+    keys = ("tasks_per_s", "p50_ms", "p95_ms", "p99_ms", "connections_opened")
+    return [
+        [name, *(m[k] for k in keys), m["drivers_created"], m["errors"]]
+        for name, m in modes.items()
+    ]
+
+
 def print_table(
     title: str,
     columns: Sequence[str],
