@@ -64,13 +64,16 @@ def test_loops_closed_without_teardown_release_their_sockets_at_the_next_pool(
     for _ in range(5):
         _run_like_many_celery_apps(_task_body)
         gc.collect()
-        assert open_fds() <= steady  # each new pool released the previous dead loop's sockets
+        # each new pool released the previous dead loop's sockets (the proxy follows)
+        assert eventually(lambda: open_fds() <= steady)
 
     asyncio.run(_task_body())  # a well-behaved loop: sweeps the last dead one, closes its own
     gc.collect()
     assert GlobalNeo4jConnectionPool().pools() == []
-    assert open_fds() <= before
     assert eventually(lambda: neopool_proxy.active_connections == 0)
+    # The proxy runs in this process and closes its two sockets per connection in its
+    # own thread, a moment after the driver's side: count once it has.
+    assert eventually(lambda: open_fds() <= before)
 
 
 async def _borrow_and_keep() -> PooledConnectionManager:
