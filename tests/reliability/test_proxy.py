@@ -155,6 +155,23 @@ async def test_latency_delays_each_direction_and_keeps_byte_order(echo_port: int
             proxy.set_latency(-1)
 
 
+async def test_latency_charges_one_round_trip_to_set_up_a_connection(echo_port: int) -> None:
+    """As TCP's handshake does on a real network: the first exchange takes two round trips."""
+    with TcpProxy("127.0.0.1", echo_port, rtt_ms=200) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        exchanges = []
+        for payload in (b"a", b"b"):
+            started = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            assert await reader.readexactly(1) == payload
+            exchanges.append(time.perf_counter() - started)
+        writer.close()
+    first, second = exchanges
+    assert first >= 0.39  # set-up, then the round trip
+    assert 0.19 <= second < 0.39  # an open connection pays the round trip only
+
+
 async def test_latency_is_a_delay_line_not_a_sleep_per_chunk(echo_port: int) -> None:
     """Fifty small messages in flight at once all arrive about one round trip later."""
     with TcpProxy("127.0.0.1", echo_port, rtt_ms=200) as proxy:

@@ -240,7 +240,12 @@ class TcpProxy:
 
     # -- faults ------------------------------------------------------------------------
     def set_latency(self, rtt_ms: float) -> None:
-        """Delay every byte by ``rtt_ms / 2`` in each direction (byte order kept)."""
+        """Delay every byte by ``rtt_ms / 2`` in each direction (byte order kept).
+
+        A connection opened while latency is on also pays one round trip for
+        set-up, as TCP's handshake does on a real network: what the client sends
+        first reaches the server no sooner than 1.5 round trips after it connected.
+        """
         if rtt_ms < 0:
             raise ValueError(f"rtt_ms must be >= 0, not {rtt_ms!r}")
         self._delay = rtt_ms / 2000.0
@@ -321,6 +326,9 @@ class TcpProxy:
 
     # -- the traffic -------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Connecting to this proxy is instant; on the network it stands for, the
+        # client could send nothing until the handshake's round trip was over.
+        established = asyncio.get_running_loop().time() + 2 * self._delay
         conn = _Connection(next(self._ids), time.monotonic(), writer)
         self._opened += 1
         self._connections.append(conn)
@@ -328,14 +336,16 @@ class TcpProxy:
         assert task is not None
         conn.tasks.add(task)
         try:
-            await self._serve(conn, reader)
+            await self._serve(conn, reader, established)
         except asyncio.CancelledError:
             pass  # cut: abort() already dropped both sides
         finally:
             if conn.open:
                 conn.finish()
 
-    async def _serve(self, conn: _Connection, client_reader: asyncio.StreamReader) -> None:
+    async def _serve(
+        self, conn: _Connection, client_reader: asyncio.StreamReader, established: float
+    ) -> None:
         assert self._flowing is not None
         if not self._flowing.is_set():  # a blackhole accepts, then says nothing
             await self._flowing.wait()
@@ -349,7 +359,9 @@ class TcpProxy:
         if not conn.open:
             upstream.transport.abort()
             return
-        up = asyncio.ensure_future(self._pump(conn, client_reader, upstream, upward=True))
+        up = asyncio.ensure_future(
+            self._pump(conn, client_reader, upstream, upward=True, sent_from=established)
+        )
         down = asyncio.ensure_future(self._pump(conn, upstream_reader, conn.client, upward=False))
         conn.tasks.update((up, down))
         # One direction ending ends the connection: Bolt never half-closes.
@@ -362,7 +374,9 @@ class TcpProxy:
         writer: asyncio.StreamWriter,
         *,
         upward: bool,
+        sent_from: float = 0.0,
     ) -> None:
+        """Read one direction into a delay line; nothing counts as sent before ``sent_from``."""
         line = _DelayLine()
         deliver = asyncio.ensure_future(self._deliver(conn, line, writer, upward=upward))
         conn.tasks.add(deliver)
@@ -376,7 +390,7 @@ class TcpProxy:
                     break
                 if not chunk:
                     break
-                line.put(loop.time() + self._delay, chunk)
+                line.put(max(loop.time(), sent_from) + self._delay, chunk)
             line.end()
             await deliver
         finally:
