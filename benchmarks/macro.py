@@ -25,11 +25,13 @@ IDEAL = "ideal (one driver, one loop per process)"
 
 def main() -> None:
     cli = parser(__doc__ or "")
-    cli.add_argument("--tasks", type=int, default=None, help="tasks per mode (default 900)")
+    cli.add_argument("--tasks", type=int, default=None, help="tasks per mode (default 3000)")
     cli.add_argument("--workers", type=int, default=2, help="prefork processes (default 2)")
     args = cli.parse_args()
-    tasks = args.tasks or (60 if args.quick else 900)
-    rounds = 2 if args.quick else 6  # many short rounds: drift hits every mode alike
+    # Rounds of 500 tasks: long enough (seconds, even on a quiet machine) that starting and
+    # draining a round is noise, and six of them, so drift hits every mode alike.
+    tasks = args.tasks or (60 if args.quick else 3000)
+    rounds = 2 if args.quick else 6
     from rich.console import Console
 
     console = Console(stderr=True)
