@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import logging
 import os
 import random
@@ -33,7 +32,7 @@ from neo4j.exceptions import DriverError, Neo4jError
 
 from common import Target, bolt_target, parser, save, table
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, PoolStats
-from neopool.testing import TcpProxy, reset_registry
+from neopool.testing import TcpProxy, WriteLoad, reset_registry
 
 
 def _open_fds() -> int:
@@ -54,72 +53,6 @@ async def _query(database: str, query: str = "RETURN 1", **params: Any) -> None:
 
 
 # -- 1. restart --------------------------------------------------------------------
-class _Fleet:
-    def __init__(self, loops: int) -> None:
-        self.lock = threading.Lock()
-        self.ids = itertools.count()
-        self.acknowledged: set[int] = set()
-        self.errors = 0
-        self.hung = 0
-        self.stop = threading.Event()
-        self.writing = [threading.Event() for _ in range(loops)]
-        self.failing = [threading.Event() for _ in range(loops)]
-        self.recovered = [threading.Event() for _ in range(loops)]
-        self.back = threading.Event()
-        self.recovered_at: list[float] = []
-        self.stats: list[PoolStats] = []
-
-
-async def _writer(fleet: _Fleet, index: int, run: str) -> None:
-    while not fleet.stop.is_set():
-        with fleet.lock:
-            probe = next(fleet.ids)
-
-        async def write(probe: int = probe) -> None:
-            async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-                driver = await borrowed.get_driver()
-                await driver.execute_query(
-                    "CREATE (:ReliabilityProbe {run: $run, id: $id})",
-                    run=run,
-                    id=probe,
-                    database_="neo4j",
-                )
-
-        attempt = asyncio.ensure_future(write())
-        done, _ = await asyncio.wait({attempt}, timeout=30)
-        if not done:
-            attempt.cancel()
-            with fleet.lock:
-                fleet.hung += 1
-            continue
-        try:
-            attempt.result()
-        except (Neo4jError, DriverError):
-            with fleet.lock:
-                fleet.errors += 1
-            fleet.failing[index].set()
-            await asyncio.sleep(0.05)
-            continue
-        with fleet.lock:
-            fleet.acknowledged.add(probe)
-            if fleet.back.is_set() and not fleet.recovered[index].is_set():
-                fleet.recovered_at.append(time.monotonic())
-                fleet.recovered[index].set()
-        fleet.writing[index].set()
-
-
-async def _loop_main(fleet: _Fleet, index: int, borrowers: int, run: str) -> None:
-    await asyncio.gather(*(_writer(fleet, index, run) for _ in range(borrowers)))
-    pool = await GlobalNeo4jConnectionPool().get_pool()
-    with fleet.lock:
-        fleet.stats.append(pool.stats())
-
-
-def _wait_all(events: list[threading.Event], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    return all(e.wait(max(0.0, deadline - time.monotonic())) for e in events)
-
-
 async def _first_answer(uri: str, auth: tuple[str, str], deadline: float) -> float:
     """When a brand-new driver first gets an answer: the server is really back."""
     while time.monotonic() < deadline:
@@ -137,7 +70,6 @@ async def _first_answer(uri: str, auth: tuple[str, str], deadline: float) -> flo
 def restart(loops: int = 4, borrowers: int = 20) -> dict[str, Any]:
     from neopool.embedded import BoltServer
 
-    run = f"bench-{time.time_ns()}"
     with BoltServer() as server:
         reset_registry()
         GlobalNeo4jConnectionPool.set_config(
@@ -149,48 +81,25 @@ def restart(loops: int = 4, borrowers: int = 20) -> dict[str, Any]:
                 max_transaction_retry_time=1.0,
             )
         )
-        fleet = _Fleet(loops)
-        threads = [
-            threading.Thread(target=asyncio.run, args=(_loop_main(fleet, i, borrowers, run),))
-            for i in range(loops)
-        ]
-        for thread in threads:
-            thread.start()
+        load = WriteLoad(loops, borrowers, run_id=f"bench-{time.time_ns()}", hang_after=30.0)
+        load.start()
         try:
-            _wait_all(fleet.writing, 60)
+            load.wait(load.writing, 60)
             stopped_at = time.monotonic()
             server.stop()
-            _wait_all(fleet.failing, 60)
+            load.wait(load.failing, 60)
             server.start()
-            started_at = time.monotonic()
-            fleet.back.set()
+            load.server_back()
             answered_at = asyncio.run(
-                _first_answer(server.uri, (server.username, server.password), started_at + 60)
+                _first_answer(server.uri, (server.username, server.password), load.back_at + 60)
             )
-            _wait_all(fleet.recovered, 60)
+            load.wait(load.recovered, 60)
         finally:
-            fleet.stop.set()
-            for thread in threads:
-                thread.join(90)
-
-        async def stored() -> set[int]:
-            driver = AsyncGraphDatabase.driver(server.uri, auth=(server.username, server.password))
-            try:
-                records, _, _ = await driver.execute_query(
-                    "MATCH (n:ReliabilityProbe) WHERE n.run = $run RETURN n.id AS id",
-                    run=run,
-                    database_="neo4j",
-                )
-            finally:
-                await driver.close()
-            return {int(r["id"]) for r in records}
-
-        in_db = asyncio.run(stored())
+            load.finish()
+        in_db = load.stored(server.uri, (server.username, server.password))
         reset_registry()
-    all_back = max(fleet.recovered_at) if len(fleet.recovered_at) == loops else float("nan")
-    leases_lost = sum(s["in_use"] for s in fleet.stats) + sum(
-        max(0, s["total"] - s["max_size"]) for s in fleet.stats
-    )
+    started_at = load.back_at
+    all_back = max(load.recovered_at) if len(load.recovered_at) == loops else float("nan")
     return {
         "loops": loops,
         "borrowers_per_loop": borrowers,
@@ -198,12 +107,12 @@ def restart(loops: int = 4, borrowers: int = 20) -> dict[str, Any]:
         "recovery_after_start_s": round(all_back - started_at, 3),
         "recovery_after_server_answers_s": round(max(0.0, all_back - answered_at), 3),
         "server_answers_after_start_s": round(answered_at - started_at, 3),
-        "writes_acknowledged": len(fleet.acknowledged),
-        "acknowledged_writes_lost": len(fleet.acknowledged - in_db),
-        "failed_attempts": fleet.errors,
-        "hung_attempts": fleet.hung,
-        "leases_lost": leases_lost,
-        "pools_reporting": len(fleet.stats),
+        "writes_acknowledged": len(load.acknowledged),
+        "acknowledged_writes_lost": len(load.acknowledged - in_db),
+        "failed_attempts": len(load.errors),
+        "hung_attempts": load.hung,
+        "leases_lost": load.leases_lost,
+        "pools_reporting": len(load.stats),
     }
 
 
