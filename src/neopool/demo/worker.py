@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from types import TracebackType
 from typing import Any
 
 from neopool.config import Neo4jConnectionConfig
@@ -35,12 +34,8 @@ class DemoWorker(CeleryWorkerProcess):
             app_module="neopool.demo.app",
         )
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def end(self) -> None:
+        """Stop warmly (a worker killed already is fine here), kill what is left, drop the log."""
         with contextlib.suppress(WorkerError):  # it was killed; the demo goes on stopping
             self.stop(timeout=10.0)
         self.kill()

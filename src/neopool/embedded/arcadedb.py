@@ -14,9 +14,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from neopool._service import Service
 from neopool.config import Neo4jConnectionConfig
 from neopool.embedded._ports import free_port, port_open, wait_for_port
 from neopool.errors import NeopoolError
@@ -40,7 +40,7 @@ def arcadedb_home() -> Path:
     return Path(arcadedb_embedded.__file__).parent
 
 
-class BoltServer:
+class BoltServer(Service):
     """An ArcadeDB server speaking Bolt on 127.0.0.1, with database ``neo4j``.
 
     >>> with BoltServer() as server:          # doctest: +SKIP
@@ -267,6 +267,8 @@ class BoltServer:
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    end = cleanup
+
     def log_tail(self, lines: int = 30) -> str:
         """The end of the server's log, for error messages."""
         try:
@@ -274,17 +276,6 @@ class BoltServer:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> BoltServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def wait_until_accepting(server: BoltServer, timeout: float = 30.0) -> bool:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
+from neopool._service import Service
 from neopool.embedded.arcadedb import EmbeddedServerError
 
 
-class BrokerServer:
+class BrokerServer(Service):
     """Valkey on 127.0.0.1 and a free port; ``url`` is a Celery broker URL."""
 
     def __init__(self, *, port: int | None = None, startup_timeout: float = 20.0) -> None:
@@ -51,16 +51,7 @@ class BrokerServer:
         if self.running:
             self._server.stop()
 
+    end = stop
+
     def __repr__(self) -> str:
         return f"<BrokerServer 127.0.0.1 {'running' if self.running else 'stopped'}>"
-
-    def __enter__(self) -> BrokerServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -23,7 +23,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from neopool._service import Service
 
 #: Bytes read per chunk, and bytes a direction may hold in flight before it stops reading.
 _CHUNK = 64 * 1024
@@ -111,7 +112,7 @@ class _DelayLine:
         return due, chunk
 
 
-class TcpProxy:
+class TcpProxy(Service):
     """A real TCP proxy written with asyncio, running its own event loop in a daemon thread,
     so sync code, tests in any loop, and subprocesses can all go through it.
 
@@ -211,16 +212,7 @@ class TcpProxy:
         self._thread = None
         self._loop = None
 
-    def __enter__(self) -> TcpProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    end = stop
 
     def __repr__(self) -> str:
         faults = []

@@ -14,9 +14,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from neopool._service import Service
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import NeopoolError
 from neopool.testing.celery_app import BROKER_ENV, QUEUE_ENV
@@ -26,7 +26,7 @@ class WorkerError(NeopoolError):
     """The worker did not start, or did not stop in time."""
 
 
-class CeleryWorkerProcess:
+class CeleryWorkerProcess(Service):
     """``python -m celery -A neopool.testing.celery_worker worker`` on its own queue.
 
     ``app`` is a client app on the same broker and queue (from
@@ -156,15 +156,8 @@ class CeleryWorkerProcess:
         """The end of the worker's log."""
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def __enter__(self) -> CeleryWorkerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def end(self) -> None:
+        """Stop warmly; kill whatever is left."""
         try:
             self.stop()
         finally:
