@@ -33,6 +33,7 @@ from neo4j.exceptions import DriverError, Neo4jError
 from common import Target, bolt_target, parser, save, table
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, PoolStats
 from neopool.testing import TcpProxy, WriteLoad, reset_registry
+from neopool.testing.write_load import DRILL_SETTINGS
 
 
 def _open_fds() -> int:
@@ -72,15 +73,7 @@ def restart(loops: int = 4, borrowers: int = 20) -> dict[str, Any]:
 
     with BoltServer() as server:
         reset_registry()
-        GlobalNeo4jConnectionPool.set_config(
-            server.config(
-                pool_max_size=10,
-                pool_min_size=2,
-                connection_timeout=2.0,
-                connection_acquisition_timeout=2.0,
-                max_transaction_retry_time=1.0,
-            )
-        )
+        GlobalNeo4jConnectionPool.set_config(server.config(**DRILL_SETTINGS))
         load = WriteLoad(loops, borrowers, run_id=f"bench-{time.time_ns()}", hang_after=30.0)
         load.start()
         try:

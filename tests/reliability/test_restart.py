@@ -13,6 +13,7 @@ from neo4j.exceptions import DriverError, Neo4jError
 from neopool import GlobalNeo4jConnectionPool
 from neopool.embedded import BoltServer
 from neopool.testing import WriteLoad, reset_registry
+from neopool.testing.write_load import DRILL_SETTINGS
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -38,16 +39,7 @@ def server() -> Iterator[BoltServer]:
 @pytest.fixture
 def registry(server: BoltServer) -> Iterator[GlobalNeo4jConnectionPool]:
     reset_registry()
-    GlobalNeo4jConnectionPool.set_config(
-        server.config(
-            pool_max_size=10,
-            pool_min_size=2,
-            connection_timeout=2.0,
-            connection_acquisition_timeout=2.0,
-            max_transaction_retry_time=1.0,
-            borrow_timeout=30.0,
-        )
-    )
+    GlobalNeo4jConnectionPool.set_config(server.config(**DRILL_SETTINGS))
     yield GlobalNeo4jConnectionPool()
     reset_registry()
 

@@ -22,6 +22,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from neo4j import AsyncGraphDatabase
 from neo4j.exceptions import DriverError, Neo4jError
@@ -32,6 +33,16 @@ from neopool.stats import PoolStats
 
 #: The label of the probe nodes the writers create.
 PROBE_LABEL = "WriteLoadProbe"
+
+#: Settings for a drill (``server.config(**DRILL_SETTINGS)``): driver timeouts of seconds,
+#: so writes fail soon after the server goes rather than after the 30 s defaults.
+DRILL_SETTINGS: dict[str, Any] = {
+    "pool_max_size": 10,
+    "pool_min_size": 2,
+    "connection_timeout": 2.0,
+    "connection_acquisition_timeout": 2.0,
+    "max_transaction_retry_time": 1.0,
+}
 
 
 @dataclass(eq=False)
