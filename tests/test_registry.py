@@ -11,12 +11,15 @@ import warnings
 
 import pytest
 
+import neopool
 from neopool import (
     GlobalNeo4jConnectionPool,
     Neo4jConnectionFactory,
     NoRunningLoop,
     PoolStats,
 )
+from neopool.runner import close_thread_loop
+from neopool.stats import LoopChurnMonitor
 from neopool.testing import BoltTarget
 
 
@@ -81,6 +84,50 @@ def test_a_hundred_asyncio_runs_leave_no_descriptor_and_no_pool(
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     for bad in ("Event loop is closed", "attached to a different loop", "unclosed", "never"):
         assert bad not in caplog.text
+
+
+def _churn_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "nothing is reused" in r.getMessage()]
+
+
+def test_a_new_loop_per_task_is_called_out_once_because_nothing_is_reused(
+    neopool_registry: GlobalNeo4jConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    for _ in range(LoopChurnMonitor.IN_A_ROW - 1):
+        assert asyncio.run(one_query()) == 1  # asyncio.run per task: the note's mistake
+    assert _churn_warnings(caplog) == []  # a few short loops are no pattern yet
+
+    for _ in range(2 * LoopChurnMonitor.IN_A_ROW):
+        assert asyncio.run(one_query()) == 1
+    (warning,) = _churn_warnings(caplog)  # once per process, not once per loop
+    assert "neopool.run()" in warning
+    assert "AsyncTask" in warning
+
+
+def test_loops_closed_without_teardown_count_as_thrown_away_too(
+    neopool_registry: GlobalNeo4jConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    for _ in range(LoopChurnMonitor.IN_A_ROW + 1):  # each new pool sweeps the last dead one
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(one_query()) == 1
+        loop.close()
+    assert len(_churn_warnings(caplog)) == 1
+    asyncio.run(neopool_registry.get_pool_stats())  # sweep the last one
+
+
+def test_one_persistent_loop_per_thread_is_not_churn(
+    neopool_registry: GlobalNeo4jConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    try:
+        for _ in range(2 * LoopChurnMonitor.IN_A_ROW):
+            assert neopool.run(one_query()) == 1
+    finally:
+        close_thread_loop()
+    assert _churn_warnings(caplog) == []
+    assert neopool_registry.pools() == []
 
 
 def test_asyncio_runner_closes_the_pool_gracefully_before_its_loop(

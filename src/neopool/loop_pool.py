@@ -72,6 +72,8 @@ class EventLoopConnectionPool:
         self._driver_factory = driver_factory
         self._on_closed = on_closed
         self._thread = threading.current_thread().name
+        #: ``time.monotonic()`` when the pool was made: its age tells a churned loop.
+        self.created_at = time.monotonic()
 
         self._available: list[PooledConnectionManager] = []
         self._in_use: set[PooledConnectionManager] = set()
@@ -139,6 +141,11 @@ class EventLoopConnectionPool:
     def waiting(self) -> int:
         """Borrowers waiting for a lease."""
         return len(self._waiters)
+
+    @property
+    def borrows(self) -> int:
+        """Leases handed out since the pool was made."""
+        return self._borrows
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool's figures (safe to call from any thread)."""

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import ClassVar
 
 from neopool._orphans import retire_inherited_loop
@@ -20,7 +21,7 @@ from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, create_driver
-from neopool.stats import PoolStats
+from neopool.stats import LoopChurnMonitor, PoolStats
 
 logger = logging.getLogger("neopool")
 
@@ -42,6 +43,7 @@ class GlobalNeo4jConnectionPool:
     _config: Neo4jConnectionConfig | None
     _driver_factory: DriverFactory
     _pid: int
+    _churn: LoopChurnMonitor
 
     def __new__(cls) -> GlobalNeo4jConnectionPool:
         instance = cls._instance
@@ -55,6 +57,7 @@ class GlobalNeo4jConnectionPool:
                     instance._config = None
                     instance._driver_factory = create_driver
                     instance._pid = os.getpid()
+                    instance._churn = LoopChurnMonitor()
                     cls._instance = instance
         return instance
 
@@ -130,7 +133,7 @@ class GlobalNeo4jConnectionPool:
                 )
                 self._pools[loop] = pool
         for orphan in dead:
-            released = orphan.abandon()
+            released = self._release_dead(orphan)
             logger.info(
                 "neopool: event loop %s was closed without closing its pool; "
                 "released %d socket(s). Use asyncio.run, asyncio.Runner or neopool.run "
@@ -145,10 +148,20 @@ class GlobalNeo4jConnectionPool:
         dead = [loop for loop in self._pools if loop.is_closed()]
         return [self._pools.pop(loop) for loop in dead]
 
+    def _release_dead(self, pool: EventLoopConnectionPool) -> int:
+        """Release a pool whose loop was closed under it; return how many sockets."""
+        self._pool_ended(pool)
+        return pool.abandon()
+
     def _forget(self, pool: EventLoopConnectionPool) -> None:
+        """A pool began to close (on its loop): it lends no more."""
         with self._lock:
             if pool.loop is not None and self._pools.get(pool.loop) is pool:
                 del self._pools[pool.loop]
+        self._pool_ended(pool)
+
+    def _pool_ended(self, pool: EventLoopConnectionPool) -> None:
+        self._churn.pool_ended(time.monotonic() - pool.created_at, pool.borrows)
 
     def pools(self) -> list[EventLoopConnectionPool]:
         """Every live pool of this process (a snapshot)."""
@@ -178,7 +191,7 @@ class GlobalNeo4jConnectionPool:
             dead = self._take_dead_pools()
             pools = list(self._pools.values())
         for orphan in dead:
-            orphan.abandon()
+            self._release_dead(orphan)
         return {pool.loop_id: pool.stats() for pool in pools}
 
     async def close_all_pools(self, timeout: float | None = None) -> None:
@@ -198,7 +211,7 @@ class GlobalNeo4jConnectionPool:
             if loop is current:
                 waits.append(asyncio.ensure_future(pool.close(timeout)))
             elif loop.is_closed():
-                pool.abandon()
+                self._release_dead(pool)
             elif loop.is_running():
                 future = asyncio.run_coroutine_threadsafe(pool.close(timeout), loop)
                 waits.append(asyncio.wrap_future(future))

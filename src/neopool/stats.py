@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TypedDict
 
 logger = logging.getLogger("neopool")
@@ -72,3 +73,46 @@ class UtilisationMonitor:
                 max_size,
                 waiting,
             )
+
+
+class LoopChurnMonitor:
+    """Logs once per process when event loops keep being thrown away after a moment.
+
+    A pool lives as long as its loop. Where every task gets a new loop
+    (``asyncio.run`` in each Celery task, the design note's own mistake), every
+    task opens a new driver and nothing is reused; the pool works, so nothing
+    else would say so.
+    """
+
+    #: A pool that closed younger than this, with at most ``FEW_BORROWS`` borrows, was churned.
+    SHORT_LIVED_S = 5.0
+    FEW_BORROWS = 3
+    #: Churned pools in a row, across the process, before the warning.
+    IN_A_ROW = 10
+
+    __slots__ = ("_lock", "_streak", "_warned")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streak = 0
+        self._warned = False
+
+    def pool_ended(self, lifetime_s: float, borrows: int) -> None:
+        """Called once for every pool that closed or was released with its dead loop."""
+        churned = lifetime_s < self.SHORT_LIVED_S and borrows <= self.FEW_BORROWS
+        with self._lock:
+            self._streak = self._streak + 1 if churned else 0
+            if self._warned or self._streak < self.IN_A_ROW:
+                return
+            self._warned = True
+        logger.warning(
+            "neopool: the last %d event loops each closed within %.0f s of opening their "
+            "pool, after at most %d borrows: every new loop opens a new driver (TCP, Bolt "
+            "handshake, authentication), so nothing is reused between them. If each task "
+            "calls asyncio.run, run it with neopool.run() or as a neopool.celery.AsyncTask, "
+            "so one loop per thread serves every task. (Logged once per process; expected "
+            "in a test suite with a loop per test.)",
+            self.IN_A_ROW,
+            self.SHORT_LIVED_S,
+            self.FEW_BORROWS,
+        )

@@ -10,6 +10,7 @@ from neopool.config import Neo4jConnectionConfig
 from neopool.database import preparer
 from neopool.embedded.arcadedb import BoltServer
 from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.stats import LoopChurnMonitor
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def bolt_target_from_env() -> BoltTarget | None:
 
 
 def reset_registry() -> None:
-    """Release every pool of the process and forget prepared databases.
+    """Release every pool of the process, forget prepared databases and observed churn.
 
     For use between tests, outside any running loop: pools whose loops are
     not running are released without awaiting (their loops cannot run here).
@@ -58,6 +59,7 @@ def reset_registry() -> None:
     with registry._lock:
         pools, registry._pools = registry._pools, {}
         registry._config = None
+        registry._churn = LoopChurnMonitor()
     for pool in pools.values():
         if pool.loop is None or not pool.loop.is_running():
             pool.abandon(report_leaks=False)
