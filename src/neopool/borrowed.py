@@ -36,7 +36,8 @@ class BorrowedConnection:
                 "this BorrowedConnection already holds a lease; call "
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
-        self._lease = await self._registry.borrow_connection(self._timeout)
+        pool = self._registry.running_loop_pool("borrow_connection")
+        self._lease = await pool.borrow(self._timeout)
         return self
 
     async def __aexit__(
@@ -47,7 +48,7 @@ class BorrowedConnection:
     ) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:  # exiting twice is harmless, as finalize() may run twice
-            await lease.pool.return_connection(lease, exc)
+            lease.pool.return_nowait(lease, exc)
 
     @property
     def connection(self) -> PooledConnectionManager | None:
@@ -65,7 +66,7 @@ class BorrowedConnection:
 
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
-        return await self._held().get_driver()
+        return self._held().driver_now()
 
     async def prepare_database(
         self, workspace: str | None = None, database: str | None = None
@@ -77,7 +78,7 @@ class BorrowedConnection:
         actually used, which is the server's default where it cannot create one.
         """
         lease = self._held()
-        driver = await lease.get_driver()
+        driver = lease.driver_now()
         return await preparer.prepare(driver, lease.pool.config, workspace, database)
 
     def __repr__(self) -> str:

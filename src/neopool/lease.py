@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from types import CodeType
 from typing import TYPE_CHECKING
 
 from neopool.errors import LeaseError
@@ -21,17 +22,20 @@ if TYPE_CHECKING:
 
 #: Frames from these folders are skipped when recording where a lease was borrowed.
 _SKIPPED_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
+#: Whether a code object's frames are skipped, decided once per code object.
+_skipped_code: dict[CodeType, bool] = {}
+_MAX_CLASSIFIED = 10_000
 
 
 class PooledConnectionManager:
     """A lease on the driver of one event loop, handed out by its pool."""
 
-    __slots__ = ("_borrowed_at", "_in_use", "_pool", "lease_id")
+    __slots__ = ("_borrow_site", "_in_use", "_pool", "lease_id")
 
     def __init__(self, pool: EventLoopConnectionPool, lease_id: int) -> None:
         self._pool = pool
         self._in_use = False
-        self._borrowed_at = ""
+        self._borrow_site: tuple[CodeType, int] | None = None
         self.lease_id = lease_id
 
     # -- state (changed by the pool only, in one synchronous step) -------------
@@ -65,7 +69,11 @@ class PooledConnectionManager:
     @property
     def borrowed_at(self) -> str:
         """``file:line in function`` of the code that borrowed the lease."""
-        return self._borrowed_at
+        site = self._borrow_site
+        if site is None:
+            return ""
+        code, line = site
+        return f"{code.co_filename}:{line} in {code.co_name}"
 
     # -- use --------------------------------------------------------------------
     async def get_driver(self) -> AsyncDriver:
@@ -74,6 +82,10 @@ class PooledConnectionManager:
         Raises :class:`LeaseError` if the lease was returned or is used from
         another event loop, where the driver's sockets cannot work.
         """
+        return self.driver_now()
+
+    def driver_now(self) -> AsyncDriver:
+        """:meth:`get_driver` without the ``await``, for code that holds the lease."""
         if not self._in_use:
             raise LeaseError(
                 f"{self!r} was returned to its pool; borrow a new connection "
@@ -83,19 +95,28 @@ class PooledConnectionManager:
         return self._pool._current_driver()
 
     def _record_borrow_site(self) -> None:
-        self._borrowed_at = _caller_outside_package()
+        self._borrow_site = _caller_outside_package()
 
     def __repr__(self) -> str:
         state = "in use" if self._in_use else "available"
         return f"<PooledConnectionManager #{self.lease_id} of loop {self._pool.loop_id}, {state}>"
 
 
-def _caller_outside_package() -> str:
-    """Where the first frame outside neopool (and asyncio) is: cheap, no traceback."""
+def _caller_outside_package() -> tuple[CodeType, int] | None:
+    """The first frame outside neopool (and asyncio): its code and line, formatted later.
+
+    This runs on every borrow, so it keeps no frame (that would keep its locals
+    alive) and builds no string; each code object is classified once.
+    """
     frame = sys._getframe(2)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIPPED_DIRS):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        code = frame.f_code
+        skipped = _skipped_code.get(code)
+        if skipped is None:
+            if len(_skipped_code) >= _MAX_CLASSIFIED:  # code made at run time, without end
+                _skipped_code.clear()
+            skipped = _skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
+        if not skipped:
+            return code, frame.f_lineno
         frame = frame.f_back  # type: ignore[assignment]
-    return "<unknown>"
+    return None

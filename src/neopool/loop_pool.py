@@ -200,6 +200,12 @@ class EventLoopConnectionPool:
         Pass the exception the borrower ended with, if any: after a
         connectivity error the driver is checked before the next borrow.
         """
+        self.return_nowait(lease, error)
+
+    def return_nowait(
+        self, lease: PooledConnectionManager, error: BaseException | None = None
+    ) -> None:
+        """:meth:`return_connection` as the plain function it is: it never waits."""
         self._check_loop("return a connection")
         self._release(lease)
         if isinstance(error, CONNECTIVITY_ERRORS) and not self._closed:

@@ -110,7 +110,11 @@ class GlobalNeo4jConnectionPool:
     # -- pools -------------------------------------------------------------------
     async def get_pool(self) -> EventLoopConnectionPool:
         """The running event loop's pool, created on first use."""
-        loop = _running_loop("get_pool")
+        return self.running_loop_pool("get_pool")
+
+    def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
+        """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
+        loop = _running_loop(action)
         pool = self._pools.get(loop)
         if pool is None or pool.closed:
             pool = self._create_pool(loop)
@@ -171,8 +175,7 @@ class GlobalNeo4jConnectionPool:
     # -- the note's borrow / return API ------------------------------------------
     async def borrow_connection(self, timeout: float | None = None) -> PooledConnectionManager:
         """Borrow a lease from the running loop's pool; return it with ``return_connection``."""
-        pool = await self.get_pool()
-        return await pool.borrow(timeout)
+        return await self.running_loop_pool("borrow_connection").borrow(timeout)
 
     async def return_connection(
         self, connection: PooledConnectionManager, error: BaseException | None = None
@@ -183,7 +186,7 @@ class GlobalNeo4jConnectionPool:
                 f"return_connection() takes the PooledConnectionManager that "
                 f"borrow_connection() returned, not {type(connection).__name__}"
             )
-        await connection.pool.return_connection(connection, error)
+        connection.pool.return_nowait(connection, error)
 
     async def get_pool_stats(self) -> dict[str, PoolStats]:
         """``{loop id: stats}`` for every live event loop's pool in this process."""
