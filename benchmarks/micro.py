@@ -2,12 +2,12 @@
 
 1. No I/O: borrow+return pairs on a warmed pool in a tight loop (µs per pair),
    next to the same loop over an ``asyncio.Semaphore``.
-2. One query per task, side by side in one run, interleaved task by task so
-   drift and noise hit every variant alike:
-   - the raw shared driver (the physical limit),
-   - an ``asyncio.Semaphore`` around the shared driver,
-   - neopool: borrow, one query, return,
-   - a new driver per query (connect, handshake, authenticate, query, close).
+2. One query per task, in two experiments of one run, each interleaved round by
+   round in a random order so drift and noise hit every variant alike:
+   - overhead: the raw shared driver (the physical limit), an ``asyncio.Semaphore``
+     around it, and neopool (borrow, one query, return);
+   - speed-up: neopool against a new driver per query (connect, handshake,
+     authenticate, query, close).
    On loopback and through the latency proxy (``--rtt-ms``).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,10 @@ from neopool.demo.report import summarise_ms
 from neopool.loop_pool import create_driver
 
 QUERY = "RETURN 1 AS x"
+RAW = "raw shared driver (the limit)"
+SEMAPHORE = "asyncio.Semaphore + shared driver"
+POOLED = "neopool: borrow, query, return"
+NEW = "new driver per query"
 
 
 # -- 1. no I/O -------------------------------------------------------------------
@@ -89,8 +94,38 @@ async def run_query(driver: AsyncDriver, database: str) -> None:
         await result.consume()
 
 
-async def one_query(target: Target, tasks: int) -> dict[str, Any]:
-    """Per-task latency of the four variants, interleaved task by task."""
+async def interleaved(
+    variants: dict[str, Callable[[], Awaitable[None]]], rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each variant, run round by round in a new random order.
+
+    Each round runs every variant once, so drift hits them alike; the order is
+    drawn anew each round, so no variant always goes first or follows the same one.
+    """
+    names = list(variants)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up: sockets open, code paths hot
+        for _ in range(20):
+            await variants[name]()
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = order.sample(names, len(names))
+        for name in names:
+            started = time.perf_counter()
+            await variants[name]()
+            latencies[name].append((time.perf_counter() - started) * 1000.0)
+    return latencies
+
+
+async def one_query(target: Target, rounds: int) -> dict[str, Any]:
+    """Two experiments, each interleaved: what neopool adds, and what it saves.
+
+    1. Overhead: the raw shared driver (the physical limit), an ``asyncio.Semaphore``
+       around it, and neopool. Fine differences (microseconds), so nothing else runs.
+    2. Against a new driver per query. Kept apart from the first: opening and closing
+       a driver every time leaves sockets to tear down and garbage to collect, which
+       would land on whichever variant ran next.
+    """
     config = target.config()
     shared = create_driver(config)  # the same settings the pool's driver gets
     await shared.verify_connectivity()
@@ -115,39 +150,58 @@ async def one_query(target: Target, tasks: int) -> dict[str, Any]:
         finally:
             await driver.close()
 
-    variants: dict[str, Callable[[], Awaitable[None]]] = {
-        "raw shared driver (the limit)": raw,
-        "asyncio.Semaphore + shared driver": with_semaphore,
-        "neopool: borrow, query, return": pooled,
-        "new driver per query": new_driver,
+    try:
+        overhead = await interleaved({RAW: raw, SEMAPHORE: with_semaphore, POOLED: pooled}, rounds)
+        versus = await interleaved({POOLED: pooled, NEW: new_driver}, max(1, rounds // 3))
+    finally:
+        await shared.close()
+    return {
+        "overhead": summarise(overhead),
+        "overhead_paired_us": paired_differences_us(overhead),
+        "versus_new_driver": summarise(versus),
     }
-    names = list(variants)
-    latencies: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up: sockets open, code paths hot
-        for _ in range(5):
-            await variants[name]()
-    for index in range(tasks):
-        shift = index % len(names)  # rotate the order so no variant always goes first
-        for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            await variants[name]()
-            latencies[name].append((time.perf_counter() - started) * 1000.0)
-    await shared.close()
+
+
+def summarise(latencies: dict[str, list[float]]) -> dict[str, Any]:
     return {name: {"tasks": len(v), **summarise_ms(v)} for name, v in latencies.items()}
 
 
-def one_query_ratios(results: dict[str, Any]) -> dict[str, float]:
-    raw = results["raw shared driver (the limit)"]
-    sem = results["asyncio.Semaphore + shared driver"]
-    pooled = results["neopool: borrow, query, return"]
-    new = results["new driver per query"]
+def paired_differences_us(latencies: dict[str, list[float]]) -> dict[str, float]:
+    """neopool's cost over each baseline: the median of its difference within each round.
+
+    Pairing cancels what a round's neighbours did to it, and the median ignores the
+    rare pause (the server's JVM, a garbage collection) that decides a mean of
+    sub-millisecond queries.
+    """
+    pooled = latencies[POOLED]
     return {
-        "new_driver_over_pooled_mean": round(new["mean_ms"] / pooled["mean_ms"], 2),
-        "new_driver_over_pooled_p50": round(new["p50_ms"] / pooled["p50_ms"], 2),
+        baseline: round(
+            statistics.median(p - b for p, b in zip(pooled, latencies[baseline], strict=True))
+            * 1000.0,
+            1,
+        )
+        for baseline in (RAW, SEMAPHORE)
+    }
+
+
+def one_query_ratios(results: dict[str, Any]) -> dict[str, float]:
+    overhead, paired_us = results["overhead"], results["overhead_paired_us"]
+    raw, sem, pooled = overhead[RAW], overhead[SEMAPHORE], overhead[POOLED]
+    versus = results["versus_new_driver"]
+    new, pooled_vs_new = versus[NEW], versus[POOLED]
+    return {
+        "new_driver_over_pooled_mean": round(new["mean_ms"] / pooled_vs_new["mean_ms"], 2),
+        "new_driver_over_pooled_p50": round(new["p50_ms"] / pooled_vs_new["p50_ms"], 2),
         "pool_overhead_vs_raw_us": round((pooled["mean_ms"] - raw["mean_ms"]) * 1000, 1),
         "pool_overhead_vs_raw_pct_mean": round(100 * (pooled["mean_ms"] / raw["mean_ms"] - 1), 2),
         "pool_overhead_vs_raw_pct_p50": round(100 * (pooled["p50_ms"] / raw["p50_ms"] - 1), 2),
         "pooled_vs_semaphore_pct_mean": round(100 * (pooled["mean_ms"] / sem["mean_ms"] - 1), 2),
+        "pool_overhead_vs_raw_us_paired": paired_us[RAW],
+        "pool_overhead_vs_raw_pct_paired": round(100 * paired_us[RAW] / (raw["p50_ms"] * 1000), 2),
+        "pooled_vs_semaphore_us_paired": paired_us[SEMAPHORE],
+        "pooled_vs_semaphore_pct_paired": round(
+            100 * paired_us[SEMAPHORE] / (sem["p50_ms"] * 1000), 2
+        ),
     }
 
 
@@ -159,9 +213,11 @@ def measure(target: Target, rtt_ms: float, quick: bool) -> dict[str, Any]:
             out: dict[str, Any] = {}
             if rtt_ms <= 0:
                 out["no_io"] = await no_io(2_000 if quick else 20_000, 3 if quick else 7)
-            tasks = 40 if quick else (300 if rtt_ms <= 0 else 200)
-            out["one_query"] = await one_query(target, tasks)
-            out["ratios"] = one_query_ratios(out["one_query"])
+            # Thousands of rounds on loopback: a query takes a fifth of a millisecond
+            # there, so a few pauses of the server's JVM would otherwise decide the means.
+            rounds = 60 if quick else (4500 if rtt_ms <= 0 else 900)
+            out.update(await one_query(target, rounds))
+            out["ratios"] = one_query_ratios(out)
             return out
         finally:
             await registry.close_all_pools()
@@ -191,14 +247,16 @@ def report(results: dict[str, Any]) -> None:
                     for name, f in figures["no_io"].items()
                 ],
             )
-        table(
-            f"one query per task, {label} (ms, interleaved side by side)",
-            ["variant", "tasks", "mean", "p50", "p95", "p99"],
-            [
-                [name, f["tasks"], f["mean_ms"], f["p50_ms"], f["p95_ms"], f["p99_ms"]]
-                for name, f in figures["one_query"].items()
-            ],
-        )
+        for experiment in ("overhead", "versus_new_driver"):
+            table(
+                f"one query per task, {label}: {experiment.replace('_', ' ')} "
+                f"(ms, interleaved side by side)",
+                ["variant", "tasks", "mean", "p50", "p95", "p99"],
+                [
+                    [name, f["tasks"], f["mean_ms"], f["p50_ms"], f["p95_ms"], f["p99_ms"]]
+                    for name, f in figures[experiment].items()
+                ],
+            )
         ratios = figures["ratios"]
         table(
             f"ratios, {label}",
@@ -224,6 +282,16 @@ def report(results: dict[str, Any]) -> None:
                 [
                     "neopool vs Semaphore + shared driver (% mean)",
                     ratios["pooled_vs_semaphore_pct_mean"],
+                ],
+                [
+                    "neopool over raw shared driver, paired (µs, % of p50)",
+                    f"{ratios['pool_overhead_vs_raw_us_paired']} "
+                    f"({ratios['pool_overhead_vs_raw_pct_paired']}%)",
+                ],
+                [
+                    "neopool over Semaphore + shared driver, paired (µs, % of p50)",
+                    f"{ratios['pooled_vs_semaphore_us_paired']} "
+                    f"({ratios['pooled_vs_semaphore_pct_paired']}%)",
                 ],
             ],
         )

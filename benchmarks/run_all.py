@@ -26,6 +26,10 @@ HERE = Path(__file__).parent
 BENCHMARKS = ("micro", "scaling", "macro")
 POOLED = "neopool: borrow, query, return"
 NO_IO_USER_PATH = "async with Neo4jConnectionFactory.borrow_connection()"
+EXPERIMENTS = {
+    "overhead": "what neopool adds",
+    "versus_new_driver": "against a new driver per query",
+}
 
 
 def run(name: str, extra: list[str]) -> None:
@@ -99,16 +103,18 @@ def markdown(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, An
             )
         )
     for label, figures in micro["networks"].items():
-        parts.append(f"\n**one query per task, {label}** (ms, interleaved side by side)\n")
-        parts.append(
-            markdown_table(
-                ["variant", "mean", "p50", "p99"],
-                [
-                    [n, f["mean_ms"], f["p50_ms"], f["p99_ms"]]
-                    for n, f in figures["one_query"].items()
-                ],
-            )
-        )
+        paired = figures["overhead_paired_us"]
+        for experiment, title in EXPERIMENTS.items():
+            parts.append(f"\n**one query per task, {label}: {title}** (ms, interleaved)\n")
+            rows = [
+                [n, f["mean_ms"], f["p50_ms"], f["p99_ms"]]
+                + ([paired.get(n, "")] if experiment == "overhead" else [])
+                for n, f in figures[experiment].items()
+            ]
+            columns = ["variant", "mean", "p50", "p99"]
+            if experiment == "overhead":
+                columns.append(f"{POOLED} minus this, µs (paired median)")
+            parts.append(markdown_table(columns, rows))
     for label, figures in macro["networks"].items():
         settings = figures["settings"]
         parts.append(
@@ -157,7 +163,7 @@ def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
         panels.append(
             (
                 f"one query per task, {label}: mean ms",
-                {n: f["mean_ms"] for n, f in figures["one_query"].items()},
+                {n: f["mean_ms"] for n, f in figures["versus_new_driver"].items()},
             )
         )
     for label, figures in macro["networks"].items():
