@@ -97,6 +97,7 @@ class EventLoopConnectionPool:
         self._wait_ms_total = 0.0
         self._max_wait_ms = 0.0
         self._monitor = UtilisationMonitor(self._loop_id, config.utilisation_warning)
+        self._busy_above = config.utilisation_warning * self.max_size
 
         for _ in range(self.min_size):
             self._available.append(self._new_lease())
@@ -228,10 +229,16 @@ class EventLoopConnectionPool:
         return lease
 
     def _hand_out(self, lease: PooledConnectionManager) -> None:
-        lease.mark_in_use()
+        lease._in_use = True
         self._in_use.add(lease)
         self._borrows += 1
-        self._monitor.observe(len(self._in_use), self.max_size)
+        self._observe_utilisation()
+
+    def _observe_utilisation(self) -> None:
+        """Tell the monitor, where it could matter: above its threshold, or once alerted."""
+        in_use = len(self._in_use)
+        if in_use > self._busy_above or self._monitor.alerted:
+            self._monitor.observe(in_use, self.max_size)
 
     async def _wait(self, timeout: float) -> PooledConnectionManager:
         loop = self._loop
@@ -274,15 +281,18 @@ class EventLoopConnectionPool:
                 f"return_connection() takes the PooledConnectionManager that "
                 f"borrow_connection() returned, not {type(lease).__name__}"
             )
-        if lease.pool is not self:
+        if lease._pool is not self:
             raise LeaseError(
                 f"{lease!r} belongs to the pool of event loop {lease.loop_id}, not to "
                 f"this one (event loop {self._loop_id}); return it to the pool it came from"
             )
-        if lease not in self._in_use:
-            raise LeaseError(f"{lease!r} was already returned; return each lease exactly once")
-        self._in_use.remove(lease)
-        lease.mark_available()
+        try:
+            self._in_use.remove(lease)
+        except KeyError:
+            raise LeaseError(
+                f"{lease!r} was already returned; return each lease exactly once"
+            ) from None
+        lease._in_use = False
         if self._closed:
             if not self._in_use and self._drained is not None:
                 self._drained.set()
@@ -294,7 +304,7 @@ class EventLoopConnectionPool:
                 waiter.set_result(lease)
                 return
         self._available.append(lease)
-        self._monitor.observe(len(self._in_use), self.max_size)
+        self._observe_utilisation()
         if self._retired and not self._in_use:
             self._spawn(self._close_retired())
 

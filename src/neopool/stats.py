@@ -39,13 +39,15 @@ class UtilisationMonitor:
     per episode rather than one per borrow.
     """
 
-    __slots__ = ("_above", "_exhausted", "_loop_id", "_threshold")
+    __slots__ = ("_above", "_exhausted", "_loop_id", "_threshold", "alerted")
 
     def __init__(self, loop_id: str, threshold: float) -> None:
         self._loop_id = loop_id
         self._threshold = threshold
         self._above = False
         self._exhausted = False
+        #: Whether an alert is in force: then every change must be observed, to re-arm it.
+        self.alerted = False
 
     def observe(self, in_use: int, max_size: int) -> None:
         """Called after every borrow and return with the new figures."""
@@ -61,11 +63,12 @@ class UtilisationMonitor:
         self._above = above
         if in_use < max_size:
             self._exhausted = False
+        self.alerted = self._above or self._exhausted
 
     def exhausted(self, max_size: int, waiting: int) -> None:
         """Called when a borrower has to wait because every lease is out."""
         if not self._exhausted:
-            self._exhausted = True
+            self._exhausted = self.alerted = True
             logger.warning(
                 "neopool: pool exhausted on event loop %s: all %d leases in use, "
                 "%d borrower(s) waiting; consider raising pool_max_size",
