@@ -57,12 +57,16 @@ def targets(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any
                 ]
             )
     for label, figures in nets.items():
-        overhead = figures["ratios"]["pool_overhead_vs_raw_pct_mean"]
-        rows.append(
-            [f"overhead over raw shared driver <= 5% ({label})", f"{overhead}%", overhead <= 5]
-        )
-        vs_sem = figures["ratios"]["pooled_vs_semaphore_pct_mean"]
-        rows.append([f"vs Semaphore + shared driver <= +5% ({label})", f"{vs_sem}%", vs_sem <= 5])
+        # Judged on the paired median (a per-call cost, robust to the server's rare
+        # pauses); the difference of the means is shown beside it.
+        r = figures["ratios"]
+        for name, key in (
+            ("overhead over raw shared driver <= 5%", "pool_overhead_vs_raw"),
+            ("vs Semaphore + shared driver <= +5%", "pooled_vs_semaphore"),
+        ):
+            pct = r[f"{key}_pct_paired"]
+            measured = f"{pct}% ({r[f'{key}_us_paired']} µs; means: {r[f'{key}_pct_mean']}%)"
+            rows.append([f"{name} ({label})", measured, pct <= 5])
     no_io = nets.get("loopback", {}).get("no_io")
     if no_io:
         pair = no_io[NO_IO_USER_PATH]["us_per_pair_median"]
