@@ -33,6 +33,8 @@ RAW = "raw shared driver (the limit)"
 SEMAPHORE = "asyncio.Semaphore + shared driver"
 POOLED = "neopool: borrow, query, return"
 NEW = "new driver per query"
+#: Calls in a row of one variant, against a new driver per query (see one_query).
+VERSUS_BLOCK = 20
 
 
 # -- 1. no I/O -------------------------------------------------------------------
@@ -95,12 +97,13 @@ async def run_query(driver: AsyncDriver, database: str) -> None:
 
 
 async def interleaved(
-    variants: dict[str, Callable[[], Awaitable[None]]], rounds: int
+    variants: dict[str, Callable[[], Awaitable[None]]], rounds: int, block: int = 1
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each variant, run round by round in a new random order.
 
-    Each round runs every variant once, so drift hits them alike; the order is
-    drawn anew each round, so no variant always goes first or follows the same one.
+    Each round runs every variant ``block`` times in a row, so drift hits them
+    alike; the order is drawn anew each round, so no variant always goes first or
+    follows the same one.
     """
     names = list(variants)
     latencies: dict[str, list[float]] = {name: [] for name in names}
@@ -111,9 +114,10 @@ async def interleaved(
     for _ in range(rounds):
         names = order.sample(names, len(names))
         for name in names:
-            started = time.perf_counter()
-            await variants[name]()
-            latencies[name].append((time.perf_counter() - started) * 1000.0)
+            for _ in range(block):
+                started = time.perf_counter()
+                await variants[name]()
+                latencies[name].append((time.perf_counter() - started) * 1000.0)
     return latencies
 
 
@@ -122,9 +126,9 @@ async def one_query(target: Target, rounds: int) -> dict[str, Any]:
 
     1. Overhead: the raw shared driver (the physical limit), an ``asyncio.Semaphore``
        around it, and neopool. Fine differences (microseconds), so nothing else runs.
-    2. Against a new driver per query. Kept apart from the first: opening and closing
-       a driver every time leaves sockets to tear down and garbage to collect, which
-       would land on whichever variant ran next.
+    2. Against a new driver per query. Kept apart from the first, and run in blocks
+       of ``VERSUS_BLOCK`` calls: a new driver leaves the server a connection to tear
+       down after ``close()`` returns, and that work lands on whatever runs next.
     """
     config = target.config()
     shared = create_driver(config)  # the same settings the pool's driver gets
@@ -152,7 +156,11 @@ async def one_query(target: Target, rounds: int) -> dict[str, Any]:
 
     try:
         overhead = await interleaved({RAW: raw, SEMAPHORE: with_semaphore, POOLED: pooled}, rounds)
-        versus = await interleaved({POOLED: pooled, NEW: new_driver}, max(1, rounds // 3))
+        versus = await interleaved(
+            {POOLED: pooled, NEW: new_driver},
+            max(1, rounds // 3 // VERSUS_BLOCK),
+            block=VERSUS_BLOCK,
+        )
     finally:
         await shared.close()
     return {

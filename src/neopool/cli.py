@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +84,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the workers' pool metrics for Prometheus on http://127.0.0.1:PORT/metrics "
         "while the demo runs (0 picks a free port)",
     )
+    proxy = commands.add_parser(
+        "proxy",
+        help="a TCP proxy that adds network latency, in front of a Bolt server",
+        description=(
+            "Listen on 127.0.0.1 and forward every connection to UPSTREAM, delaying each "
+            "byte by half the round-trip time each way (and a new connection by one round "
+            "trip, as TCP's handshake would), so a server on this machine behaves like one "
+            "across a network. Prints 'listening on 127.0.0.1:PORT', then runs until "
+            "interrupted (Ctrl-C or SIGTERM)."
+        ),
+    )
+    proxy.add_argument(
+        "upstream", type=_host_port, metavar="UPSTREAM", help="HOST:PORT to forward to"
+    )
+    proxy.add_argument(
+        "--rtt-ms",
+        type=_non_negative_float,
+        default=0.0,
+        help="round-trip time to add, in ms (default: 0)",
+    )
+    proxy.add_argument(
+        "--port", type=int, default=0, help="port to listen on (default: 0, a free one)"
+    )
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+def run_proxy(upstream: tuple[str, int], rtt_ms: float, port: int) -> int:
+    """``neopool proxy``: serve until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from neopool.testing.proxy import TcpProxy
+    from neopool.testing.proxy_process import LISTENING
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with TcpProxy(*upstream, listen_port=port, rtt_ms=rtt_ms) as running:
+        print(f"{LISTENING}127.0.0.1:{running.port}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_port=args.metrics_port,
             )
         )
+    if args.command == "proxy":
+        return run_proxy(args.upstream, args.rtt_ms, args.port)
     parser.print_help()
     return 2
 

@@ -7,12 +7,13 @@ import socketserver
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from neo4j import AsyncGraphDatabase
 from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
-from neopool.testing import BoltTarget, TcpProxy
+from neopool.testing import BoltTarget, ProxyProcess, TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,3 +239,26 @@ def test_the_proxy_works_from_sync_code_and_stops_cleanly(echo_port_sync: int) -
     proxy.stop()  # twice is harmless
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(_round_trip(proxy.port, b"gone"))
+
+
+async def test_a_proxy_process_carries_bolt_with_latency_and_ends_with_its_block(
+    neopool_bolt: BoltTarget,
+) -> None:
+    address = urlsplit(neopool_bolt.uri)
+    with ProxyProcess(address.hostname or "127.0.0.1", address.port or 7687, rtt_ms=200) as proxy:
+        assert proxy.uri() == f"bolt://127.0.0.1:{proxy.port}"
+        started = time.perf_counter()
+        assert await _query(proxy.uri(), neopool_bolt) == 1
+        # set-up, Bolt handshake, HELLO/LOGON, the query: at least four round trips
+        assert time.perf_counter() - started >= 0.79
+        process = proxy._process
+        assert process is not None
+    assert process.poll() is not None  # the child is gone
+    with pytest.raises(ConnectionRefusedError):
+        await _round_trip(proxy.port, b"x")
+
+
+def test_a_proxy_process_that_cannot_listen_says_so(echo_port_sync: int) -> None:
+    taken = ProxyProcess("127.0.0.1", echo_port_sync, listen_port=echo_port_sync)
+    with pytest.raises(RuntimeError, match="did not start"):
+        taken.start()

@@ -3,7 +3,8 @@
 ``NEO4J_URI`` (with ``NEO4J_USERNAME``/``NEO4J_PASSWORD``/``NEO4J_DATABASE``)
 selects your Bolt server, ``NEOPOOL_DEMO_BROKER_URL`` (or ``CELERY_BROKER_URL``)
 your broker; otherwise ArcadeDB and Valkey are started on loopback for the run.
-With ``rtt_ms > 0`` the workers reach the Bolt server through the latency proxy.
+With ``rtt_ms > 0`` the workers reach the Bolt server through the latency proxy,
+run as a process of its own so that it shares no interpreter with what is timed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from neopool.config import Neo4jConnectionConfig
-from neopool.testing.proxy import TcpProxy
+from neopool.testing.proxy_process import ProxyProcess
 
 BROKER_ENVS = ("NEOPOOL_DEMO_BROKER_URL", "CELERY_BROKER_URL")
 
@@ -28,7 +29,7 @@ class Endpoints:
     broker_url: str
     bolt_description: str
     broker_description: str
-    proxy: TcpProxy | None
+    proxy: ProxyProcess | None
 
 
 @contextlib.contextmanager
@@ -61,7 +62,9 @@ def demo_servers(rtt_ms: float, say: Callable[[str], None]) -> Iterator[Endpoint
         if rtt_ms > 0:
             parts = urlsplit(config.uri)
             assert parts.hostname is not None
-            proxy = stack.enter_context(TcpProxy(parts.hostname, parts.port or 7687, rtt_ms=rtt_ms))
+            proxy = stack.enter_context(
+                ProxyProcess(parts.hostname, parts.port or 7687, rtt_ms=rtt_ms)
+            )
             # Through a proxy the routing driver would be sent around it: use bolt://.
             scheme = parts.scheme.replace("neo4j", "bolt")
             config = config.model_copy(update={"uri": proxy.uri(scheme)})

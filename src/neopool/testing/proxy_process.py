@@ -1,0 +1,99 @@
+"""The latency proxy in a process of its own, for measurements.
+
+:class:`~neopool.testing.TcpProxy` runs in a thread of the process that uses
+it, which is what fault tests want: they switch faults on and off in between
+two lines. A benchmark wants the opposite: the network it stands in for must
+not share the interpreter (and its GIL) with the code being timed, or every
+connection the proxy opens or tears down would show up as time spent by
+whatever ran next. :class:`ProxyProcess` runs ``neopool proxy`` as a child.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from neopool._service import Service
+
+#: Seconds to wait for the child to stop before killing it.
+_STOP_TIMEOUT = 10.0
+
+
+class ProxyProcess(Service):
+    """``neopool proxy HOST:PORT --rtt-ms N`` as a child process, listening on loopback."""
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        rtt_ms: float = 0.0,
+        listen_port: int = 0,
+    ) -> None:
+        if rtt_ms < 0:
+            raise ValueError(f"rtt_ms must be >= 0, not {rtt_ms!r}")
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.rtt_ms = rtt_ms
+        self.port = listen_port
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> ProxyProcess:
+        """Start the child; returns once it listens (its first line says where)."""
+        if self._process is not None:
+            return self
+        command = [
+            sys.executable,
+            "-m",
+            "neopool.cli",
+            "proxy",
+            f"{self.upstream_host}:{self.upstream_port}",
+            "--rtt-ms",
+            repr(self.rtt_ms),
+            "--port",
+            str(self.port),
+        ]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        first = process.stdout.readline()  # ends at once, empty, if the child failed
+        if not first.startswith(LISTENING):
+            process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"the proxy process did not start (exit code {process.returncode}); "
+                f"its error output is above"
+            )
+        self.port = int(first.rsplit(":", 1)[1])
+        self._process = process
+        return self
+
+    def uri(self, scheme: str = "bolt") -> str:
+        """``scheme://127.0.0.1:<port>``: give this to the driver instead of the server."""
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL if it does not end in time)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    end = stop
+
+    def __repr__(self) -> str:
+        state = f"pid {self._process.pid}" if self._process is not None else "stopped"
+        return (
+            f"<ProxyProcess 127.0.0.1:{self.port} -> {self.upstream_host}:{self.upstream_port} "
+            f"rtt={self.rtt_ms:g}ms {state}>"
+        )
+
+
+#: The first line ``neopool proxy`` prints, before ``127.0.0.1:<port>``.
+LISTENING = "listening on "
