@@ -93,6 +93,11 @@ def test_small_run_writes_results_without_errors(
     assert "neopool_stats" in done.stdout
 
 
+def _start_with_sigint_ignored() -> None:
+    """As a background job of a script starts: SIGINT ignored, so no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_ctrl_c_stops_worker_and_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "NEOPOOL_"))}
     env.pop("CELERY_BROKER_URL", None)
@@ -103,6 +108,7 @@ def test_ctrl_c_stops_worker_and_servers(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_start_with_sigint_ignored,  # the demo must handle Ctrl-C itself
     )
     try:
         deadline = time.monotonic() + 150

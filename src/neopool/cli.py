@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,11 +125,11 @@ def run_proxy(upstream: tuple[str, int], rtt_ms: float, port: int) -> int:
     from neopool.testing.proxy_process import LISTENING
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may be inherited ignored
+        signal.signal(sig, lambda *_: stop.set())
     with TcpProxy(*upstream, listen_port=port, rtt_ms=rtt_ms) as running:
         print(f"{LISTENING}127.0.0.1:{running.port}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+        stop.wait()
     return 0
 
 

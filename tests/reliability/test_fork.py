@@ -19,6 +19,8 @@ from neopool.testing import BoltTarget, TcpProxy, reset_registry
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    # Forking a process that has threads is the point: Celery prefork does it (3.12+ warns).
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
 ]
 
 

@@ -23,6 +23,11 @@ import pytest
 import neopool
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 
+# Forking a process that has threads is the point: Celery prefork does it (3.12+ warns).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
 
 async def one_query() -> int:
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:

@@ -256,7 +256,10 @@ def run_demo(options: DemoOptions) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
+    # Ctrl-C and SIGTERM both stop the run and clean up. SIGINT is set here too: a
+    # process that inherits it ignored (a background job of a script) would not get
+    # Python's KeyboardInterrupt otherwise.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.print(
             "[bold]neopool demo[/bold]: the same Celery ingestion task three ways "
@@ -268,7 +271,8 @@ def run_demo(options: DemoOptions) -> int:
         console.print("[yellow]interrupted: worker, proxy and servers were stopped[/yellow]")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     options.results = results
     written = report(results, options, console)
     for path in written:
