@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from neo4j import GraphDatabase
 
+from neopool.celery import cluster_stats
 from neopool.config import Neo4jConnectionConfig
 from neopool.database import quote_identifier
+from neopool.testing.worker_process import CeleryWorkerProcess
 
 #: Tasks per run, as the issue asks.
 TASKS = 200
@@ -35,3 +40,30 @@ def distinct_ids(config: Neo4jConnectionConfig, database: str | None, workspace:
             f"MATCH (n:{label}) RETURN count(DISTINCT n.entity_id) AS c", database_=database
         )
         return int(records[0]["c"])
+
+
+def only_worker(stats: dict[str, Any], worker: CeleryWorkerProcess) -> dict[str, Any]:
+    """The one worker's part of ``cluster_stats``: ``{pid: {loop id: stats}}``."""
+    assert list(stats) == [worker.nodename], stats
+    return dict(stats[worker.nodename])
+
+
+def settled_stats(
+    app: Any, worker: CeleryWorkerProcess, borrows: int, pids: set[str] | None = None
+) -> dict[str, Any]:
+    """The worker's stats once they count ``borrows`` borrows (in ``pids``, if given).
+
+    A prefork child publishes after each task (``task_postrun``), which runs
+    just after the task's result is stored: the last figures may trail it.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        stats = only_worker(cluster_stats(app), worker)
+        seen = sum(
+            s["borrows"]
+            for pid, loops in stats.items()
+            if pids is None or pid in pids
+            for s in loops.values()
+        )
+        if seen >= borrows or time.monotonic() > deadline:
+            return stats

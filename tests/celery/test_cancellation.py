@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
-from celery_helpers import TASKS, distinct_ids, graph_counts
+from celery_helpers import TASKS, distinct_ids, graph_counts, only_worker, settled_stats
 
 from neopool.celery import cluster_stats
 from neopool.testing import BoltTarget
@@ -56,12 +56,22 @@ def test_sigkill_of_a_prefork_child_mid_run_loses_and_duplicates_nothing(
     assert all(o["written"] == ENTITIES for o in outcomes)
     assert outcomes[20]["pid"] != victim  # re-run (acks_late) on another process
 
-    stats = cluster_stats(celery_app)[worker.nodename]
+    stats = only_worker(cluster_stats(celery_app), worker)
     assert str(victim) not in stats
     assert len(stats) == 2  # Celery replaced the child
-    replacements = [pid for pid in stats if int(pid) not in {o["pid"] for o in outcomes[:20]}]
+    replacements = {pid for pid in stats if int(pid) not in {o["pid"] for o in outcomes[:20]}}
     assert replacements, stats
-    assert any(loops for loops in (stats[pid] for pid in replacements)), stats  # it works
+
+    # The new child works, with a pool of its own. (On a fast machine the survivor may
+    # have run the whole batch alone.) Two leases held at once need both children.
+    started = f"neopool-test-started-{uuid.uuid4().hex}"
+    holds = [celery_app.send_task("neopool.testing.hold", args=[5.0, started]) for _ in range(2)]
+    holders = {str(wait_for_pid(celery_app, started)) for _ in range(2)}
+    assert holders == set(stats), (holders, stats)
+    for hold in holds:
+        hold.get(timeout=60)
+    stats = settled_stats(celery_app, worker, 1, replacements)
+    assert all(stats[pid] for pid in replacements), stats
 
     database = outcomes[0]["database"]
     config = neopool_bolt.config()

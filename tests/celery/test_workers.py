@@ -9,12 +9,11 @@ and a warm shutdown closes every pool on its own loop.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery_helpers import TASKS, graph_counts
+from celery_helpers import TASKS, graph_counts, only_worker, settled_stats
 
 from neopool.celery import cluster_stats
 from neopool.testing import BoltTarget
@@ -39,25 +38,6 @@ def send_batch(app: Any, workspace: str, *, sync_every: int = 0) -> list[Any]:
 
 def collect(results: list[Any], timeout: float = 120.0) -> list[dict[str, Any]]:
     return [result.get(timeout=timeout) for result in results]
-
-
-def only_worker(stats: dict[str, Any], worker: CeleryWorkerProcess) -> dict[str, Any]:
-    assert list(stats) == [worker.nodename], stats
-    return dict(stats[worker.nodename])
-
-
-def settled_stats(app: Any, worker: Any, borrows: int) -> dict[str, Any]:
-    """The worker's stats once they count ``borrows`` borrows.
-
-    A prefork child publishes after each task (``task_postrun``), which runs
-    just after the task's result is stored: the last figures may trail it.
-    """
-    deadline = time.monotonic() + 30
-    while True:
-        stats = only_worker(cluster_stats(app), worker)
-        seen = sum(s["borrows"] for loops in stats.values() for s in loops.values())
-        if seen >= borrows or time.monotonic() > deadline:
-            return stats
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 4), ("solo", 1)])
