@@ -35,6 +35,11 @@ POOLED = "neopool: borrow, query, return"
 NEW = "new driver per query"
 #: Calls in a row of one variant, against a new driver per query (see one_query).
 VERSUS_BLOCK = 20
+#: The two one-query experiments: their keys in the results, and their titles.
+EXPERIMENTS = {
+    "overhead": "what neopool adds",
+    "versus_new_driver": "against a new driver per query",
+}
 
 
 # -- 1. no I/O -------------------------------------------------------------------
@@ -255,10 +260,9 @@ def report(results: dict[str, Any]) -> None:
                     for name, f in figures["no_io"].items()
                 ],
             )
-        for experiment in ("overhead", "versus_new_driver"):
+        for experiment, title in EXPERIMENTS.items():
             table(
-                f"one query per task, {label}: {experiment.replace('_', ' ')} "
-                f"(ms, interleaved side by side)",
+                f"one query per task, {label}: {title} (ms, interleaved side by side)",
                 ["variant", "tasks", "mean", "p50", "p95", "p99"],
                 [
                     [name, f["tasks"], f["mean_ms"], f["p50_ms"], f["p95_ms"], f["p99_ms"]]

@@ -19,18 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS_DIR, table
+from micro import EXPERIMENTS, NEW, POOLED
 from neopool.demo.chart import bar_chart
 from neopool.demo.report import markdown_table, write_json
 
 HERE = Path(__file__).parent
 BENCHMARKS = ("micro", "scaling", "macro")
-POOLED = "neopool: borrow, query, return"
-NEW = "new driver per query"  # first in a panel: the baseline's colour, as in the Celery panels
 NO_IO_USER_PATH = "async with Neo4jConnectionFactory.borrow_connection()"
-EXPERIMENTS = {
-    "overhead": "what neopool adds",
-    "versus_new_driver": "against a new driver per query",
-}
 
 
 def run(name: str, extra: list[str]) -> None:
@@ -168,6 +163,7 @@ def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
         panels.append(
             (
                 f"one query per task, {label}: mean ms",
+                # the baseline first, in the baseline's colour, as in the Celery panels
                 {n: figures["versus_new_driver"][n]["mean_ms"] for n in (NEW, POOLED)},
             )
         )

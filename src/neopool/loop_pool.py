@@ -96,8 +96,7 @@ class EventLoopConnectionPool:
         self._drivers_created = 0
         self._wait_ms_total = 0.0
         self._max_wait_ms = 0.0
-        self._monitor = UtilisationMonitor(self._loop_id, config.utilisation_warning)
-        self._busy_above = config.utilisation_warning * self.max_size
+        self._monitor = UtilisationMonitor(self._loop_id, config.utilisation_warning, self.max_size)
 
         for _ in range(self.min_size):
             self._available.append(self._new_lease())
@@ -236,16 +235,16 @@ class EventLoopConnectionPool:
 
     def _observe_utilisation(self) -> None:
         """Tell the monitor, where it could matter: above its threshold, or once alerted."""
-        in_use = len(self._in_use)
-        if in_use > self._busy_above or self._monitor.alerted:
-            self._monitor.observe(in_use, self.max_size)
+        in_use, monitor = len(self._in_use), self._monitor
+        if in_use > monitor.busy_above or monitor.alerted:
+            monitor.observe(in_use)
 
     async def _wait(self, timeout: float) -> PooledConnectionManager:
         loop = self._loop
         assert loop is not None
         waiter: asyncio.Future[PooledConnectionManager] = loop.create_future()
         self._waiters.append(waiter)
-        self._monitor.exhausted(self.max_size, len(self._waiters))
+        self._monitor.exhausted(len(self._waiters))
         timer = loop.call_later(timeout, self._expire, waiter, timeout)
         started = time.perf_counter()
         try:

@@ -39,19 +39,26 @@ class UtilisationMonitor:
     per episode rather than one per borrow.
     """
 
-    __slots__ = ("_above", "_exhausted", "_loop_id", "_threshold", "alerted")
+    __slots__ = ("_above", "_exhausted", "_loop_id", "_max_size", "alerted", "busy_above")
 
-    def __init__(self, loop_id: str, threshold: float) -> None:
+    def __init__(self, loop_id: str, threshold: float, max_size: int) -> None:
         self._loop_id = loop_id
-        self._threshold = threshold
+        self._max_size = max_size
+        #: More leases in use than this is high utilisation.
+        self.busy_above = threshold * max_size
         self._above = False
         self._exhausted = False
         #: Whether an alert is in force: then every change must be observed, to re-arm it.
         self.alerted = False
 
-    def observe(self, in_use: int, max_size: int) -> None:
-        """Called after every borrow and return with the new figures."""
-        above = in_use > self._threshold * max_size
+    def observe(self, in_use: int) -> None:
+        """Called with the new figure after a borrow or return that could matter.
+
+        That is every one above ``busy_above`` or while :attr:`alerted`; below
+        the threshold and with no alert in force, nothing here would change.
+        """
+        max_size = self._max_size
+        above = in_use > self.busy_above
         if above and not self._above:
             logger.warning(
                 "neopool: high utilisation on event loop %s: %d of %d leases in use (%.0f%%)",
@@ -65,7 +72,7 @@ class UtilisationMonitor:
             self._exhausted = False
         self.alerted = self._above or self._exhausted
 
-    def exhausted(self, max_size: int, waiting: int) -> None:
+    def exhausted(self, waiting: int) -> None:
         """Called when a borrower has to wait because every lease is out."""
         if not self._exhausted:
             self._exhausted = self.alerted = True
@@ -73,7 +80,7 @@ class UtilisationMonitor:
                 "neopool: pool exhausted on event loop %s: all %d leases in use, "
                 "%d borrower(s) waiting; consider raising pool_max_size",
                 self._loop_id,
-                max_size,
+                self._max_size,
                 waiting,
             )
 

@@ -15,6 +15,8 @@ import sys
 
 from neopool._service import Service
 
+#: The first line ``neopool proxy`` prints, before ``127.0.0.1:<port>``.
+LISTENING = "listening on "
 #: Seconds to wait for the child to stop before killing it.
 _STOP_TIMEOUT = 10.0
 
@@ -59,6 +61,7 @@ class ProxyProcess(Service):
         if not first.startswith(LISTENING):
             process.kill()
             process.wait()
+            process.stdout.close()
             raise RuntimeError(
                 f"the proxy process did not start (exit code {process.returncode}); "
                 f"its error output is above"
@@ -93,7 +96,3 @@ class ProxyProcess(Service):
             f"<ProxyProcess 127.0.0.1:{self.port} -> {self.upstream_host}:{self.upstream_port} "
             f"rtt={self.rtt_ms:g}ms {state}>"
         )
-
-
-#: The first line ``neopool proxy`` prints, before ``127.0.0.1:<port>``.
-LISTENING = "listening on "
