@@ -10,6 +10,7 @@ The layers, from the outside in::
 ``Neo4jConnectionFactory.borrow_connection()`` wraps a borrow in ``async with``.
 """
 
+from neopool import _fork  # noqa: F401  (registers the fork hook)
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import (

@@ -21,7 +21,7 @@ class BorrowedConnection:
     has the driver checked before the next borrow.
     """
 
-    __slots__ = ("_lease", "_registry", "_timeout")
+    __slots__ = ("_entering", "_lease", "_registry", "_timeout")
 
     def __init__(
         self, timeout: float | None = None, *, registry: GlobalNeo4jConnectionPool | None = None
@@ -29,15 +29,20 @@ class BorrowedConnection:
         self._timeout = timeout
         self._registry = registry or GlobalNeo4jConnectionPool()
         self._lease: PooledConnectionManager | None = None
+        self._entering = False
 
     async def __aenter__(self) -> BorrowedConnection:
-        if self._lease is not None:
+        if self._lease is not None or self._entering:
             raise LeaseError(
-                "this BorrowedConnection already holds a lease; call "
+                "this BorrowedConnection already holds (or is taking) a lease; call "
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
         pool = self._registry.running_loop_pool("borrow_connection")
-        self._lease = await pool.borrow(self._timeout)
+        self._entering = True  # until the borrow ends: a second entry must not start one
+        try:
+            self._lease = await pool.borrow(self._timeout)
+        finally:
+            self._entering = False
         return self
 
     async def __aexit__(

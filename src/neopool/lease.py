@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import weakref
+from collections.abc import Callable
 from types import CodeType
 from typing import TYPE_CHECKING
 
@@ -26,17 +28,42 @@ _SKIPPED_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
 _skipped_code: dict[CodeType, bool] = {}
 _MAX_CLASSIFIED = 10_000
 
+#: Where a lease was borrowed: the code and line, formatted only when read.
+BorrowSite = tuple[CodeType, int]
+
+#: The weak references of leases out now. Held here, outside any pool, so a
+#: lease collected together with its pool and loop is still reported.
+outstanding: set[weakref.ref[PooledConnectionManager]] = set()
+
 
 class PooledConnectionManager:
-    """A lease on the driver of one event loop, handed out by its pool."""
+    """A lease on the driver of one event loop, handed out by its pool.
 
-    __slots__ = ("_borrow_site", "_in_use", "_pool", "lease_id")
+    While borrowed, the pool refers to it only weakly: a lease whose holder is
+    collected without returning it goes back to its pool (with a warning naming
+    where it was borrowed).
+    """
 
-    def __init__(self, pool: EventLoopConnectionPool, lease_id: int) -> None:
+    __slots__ = ("__weakref__", "_borrow_site", "_in_use", "_pool", "_ref", "lease_id")
+
+    def __init__(
+        self,
+        pool: EventLoopConnectionPool,
+        lease_id: int,
+        on_lost: Callable[[int], None] | None = None,
+    ) -> None:
         self._pool = pool
         self._in_use = False
-        self._borrow_site: tuple[CodeType, int] | None = None
+        self._borrow_site: BorrowSite | None = None
         self.lease_id = lease_id
+
+        def lost(ref: weakref.ref[PooledConnectionManager]) -> None:
+            if ref in outstanding:
+                outstanding.discard(ref)
+                if on_lost is not None:
+                    on_lost(lease_id)
+
+        self._ref = weakref.ref(self, lost)
 
     # -- state (changed by the pool only, in one synchronous step) -------------
     def mark_in_use(self) -> None:
@@ -92,23 +119,20 @@ class PooledConnectionManager:
                 f"instead of keeping a returned one"
             )
         self._pool._check_loop("use a lease")
-        return self._pool._current_driver()
-
-    def _record_borrow_site(self) -> None:
-        self._borrow_site = _caller_outside_package()
+        return self._pool.current_driver()
 
     def __repr__(self) -> str:
         state = "in use" if self._in_use else "available"
         return f"<PooledConnectionManager #{self.lease_id} of loop {self._pool.loop_id}, {state}>"
 
 
-def _caller_outside_package() -> tuple[CodeType, int] | None:
+def caller_outside_package() -> BorrowSite | None:
     """The first frame outside neopool (and asyncio): its code and line, formatted later.
 
     This runs on every borrow, so it keeps no frame (that would keep its locals
     alive) and builds no string; each code object is classified once.
     """
-    frame = sys._getframe(2)
+    frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         skipped = _skipped_code.get(code)

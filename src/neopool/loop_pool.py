@@ -1,29 +1,45 @@
 """One event loop's pool: its driver, its leases, and the borrowers waiting.
 
-Everything here runs on the pool's own loop. State changes happen in small
-synchronous methods (``_acquire_nowait``, ``_release``, ``_expire``), so there is
-no await between checking and changing state and a cancellation can never land
-half-way; only opening and closing the driver awaits.
+Everything here runs on the pool's own loop, except :meth:`terminate`, which is
+for a loop that can never run again. State changes happen in small synchronous
+methods, so there is no await between checking and changing state and a
+cancellation can never land half-way; only opening and closing drivers awaits.
+
+A pool moves OPEN -> CLOSING -> CLOSED. The move to CLOSING happens in one
+place, :meth:`_begin_close`: it stops lending, takes the waiters and drivers
+out, and tells the registry once. There are two ways to finish:
+
+* :meth:`close` drains leases and closes the drivers on the pool's own loop,
+  within a deadline, shielded from the caller's cancellation;
+* :meth:`terminate` releases the drivers' sockets without any I/O, for a loop
+  that can never run again.
+
+A close that fails, times out or is cancelled ends in :meth:`terminate`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import enum
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase
 from neo4j.exceptions import DriverError, ServiceUnavailable, SessionExpired
 
-from neopool._orphans import driver_is_closed, release_orphaned_driver
+from neopool._release import driver_is_closed, release_sockets
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
-from neopool.lease import PooledConnectionManager
-from neopool.stats import PoolStats, UtilisationMonitor
+from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
+from neopool.stats import PoolStats, UtilisationMonitor, report_leaks
 
 if TYPE_CHECKING:
     from neopool.config import Neo4jConnectionConfig
@@ -35,10 +51,30 @@ DriverFactory = Callable[["Neo4jConnectionConfig"], AsyncDriver]
 #: Errors after which the driver is checked before the next borrow.
 CONNECTIVITY_ERRORS = (ServiceUnavailable, SessionExpired, ConnectionError)
 
+#: How often the loop's hold on its pool is renewed (it only has to outlive idle spells).
+_ANCHOR_S = 86_400.0
+
 
 def create_driver(config: Neo4jConnectionConfig) -> AsyncDriver:
     """The driver neopool opens for each loop: the official one, as configured."""
     return AsyncGraphDatabase.driver(config.uri, auth=config.auth(), **config.driver_options())
+
+
+class PoolState(enum.Enum):
+    """Where a pool is in its life; it only ever moves forward."""
+
+    OPEN = "open"  #: lends
+    CLOSING = "closing"  #: lends no more; its drivers are being closed or released
+    CLOSED = "closed"  #: nothing left: drivers closed or their sockets released
+
+
+@dataclass
+class _Retired:
+    """A driver replaced after a connectivity error, closed once the leases of its time are back."""
+
+    driver: AsyncDriver
+    outstanding: set[int]
+    back: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EventLoopConnectionPool:
@@ -57,37 +93,41 @@ class EventLoopConnectionPool:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         driver_factory: DriverFactory = create_driver,
+        on_closing: Callable[[EventLoopConnectionPool], None] | None = None,
         on_closed: Callable[[EventLoopConnectionPool], None] | None = None,
     ) -> None:
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None  # bound to the loop of the first borrow
         self.config = config
         self.max_size = config.pool_max_size
         self.min_size = config.pool_min_size
-        self._loop = loop
-        self._loop_id = loop_id or (str(id(loop)) if loop is not None else "")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_id = loop_id or ""
         self._driver_factory = driver_factory
+        self._on_closing = on_closing
         self._on_closed = on_closed
-        self._thread = threading.current_thread().name
+        #: The thread that runs the loop; a loop whose thread ended while idle never runs again.
+        self.thread = threading.current_thread()
+        #: The process that made the pool; in a forked child the pool is inherited.
+        self.pid = os.getpid()
         #: ``time.monotonic()`` when the pool was made: its age tells a churned loop.
         self.created_at = time.monotonic()
+        self._state = PoolState.OPEN
+        self._anchor: asyncio.TimerHandle | None = None
 
         self._available: list[PooledConnectionManager] = []
-        self._in_use: set[PooledConnectionManager] = set()
+        #: Leases held by borrowers, weakly: one whose holder is collected comes back.
+        self._in_use: dict[int, weakref.ref[PooledConnectionManager]] = {}
+        self._borrow_sites: dict[int, BorrowSite | None] = {}
+        self._lost: list[int] = []
         self._waiters: deque[asyncio.Future[PooledConnectionManager]] = deque()
         self._lease_count = 0
 
         self._driver: AsyncDriver | None = None
+        self._opening: AsyncDriver | None = None
         self._driver_task: asyncio.Task[None] | None = None
         self._driver_suspect = False
-        self._retired: list[AsyncDriver] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._teardown: AsyncIterator[None] | None = None
-
-        self._closed = False
+        self._retired: list[_Retired] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._teardown: AsyncGenerator[None, None] | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
 
@@ -100,6 +140,11 @@ class EventLoopConnectionPool:
 
         for _ in range(self.min_size):
             self._available.append(self._new_lease())
+        if loop is None:
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+        if loop is not None:
+            self._bind(loop)
 
     # -- what it is --------------------------------------------------------------
     @property
@@ -113,9 +158,14 @@ class EventLoopConnectionPool:
         return self._loop
 
     @property
+    def state(self) -> PoolState:
+        """OPEN, CLOSING or CLOSED."""
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        """Whether the pool was closed and lends no more."""
-        return self._closed
+        """Whether the pool lends no more (closing or closed)."""
+        return self._state is not PoolState.OPEN
 
     @property
     def driver(self) -> AsyncDriver | None:
@@ -149,30 +199,28 @@ class EventLoopConnectionPool:
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool's figures (safe to call from any thread)."""
-        borrows = self._borrows
+        borrows, created = self._borrows, self._drivers_created
+        in_use, available = len(self._in_use), len(self._available)
         return PoolStats(
-            available=len(self._available),
-            in_use=len(self._in_use),
-            total=len(self._available) + len(self._in_use),
+            available=available,
+            in_use=in_use,
+            total=available + in_use,
             max_size=self.max_size,
             min_size=self.min_size,
             waiting=len(self._waiters),
             borrows=borrows,
             timeouts=self._timeouts,
-            drivers_created=self._drivers_created,
+            drivers_created=created,
             wait_ms_total=round(self._wait_ms_total, 3),
             max_wait_ms=round(self._max_wait_ms, 3),
-            reuse_ratio=round((borrows - self._drivers_created) / borrows, 4) if borrows else 0.0,
-            thread=self._thread,
-            closed=self._closed,
+            reuse_ratio=round(max(0, borrows - created) / borrows, 4) if borrows else 0.0,
+            thread=self.thread.name,
+            closed=self.closed,
         )
 
-    get_stats = stats
-
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
         return (
-            f"<EventLoopConnectionPool loop={self._loop_id} {state} "
+            f"<EventLoopConnectionPool loop={self._loop_id} {self._state.value} "
             f"in_use={len(self._in_use)} available={len(self._available)} "
             f"max={self.max_size} waiting={len(self._waiters)}>"
         )
@@ -187,7 +235,9 @@ class EventLoopConnectionPool:
         lease = self._acquire_nowait()
         if lease is None:
             lease = await self._wait(deadline)
-        lease._record_borrow_site()
+        site = caller_outside_package()
+        lease._borrow_site = site
+        self._borrow_sites[lease.lease_id] = site
         return lease
 
     borrow_connection = borrow
@@ -208,14 +258,14 @@ class EventLoopConnectionPool:
         """:meth:`return_connection` as the plain function it is: it never waits."""
         self._check_loop("return a connection")
         self._release(lease)
-        if isinstance(error, CONNECTIVITY_ERRORS) and not self._closed:
+        if isinstance(error, CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
             self._driver_suspect = True
 
-    release = return_connection
-
     def _acquire_nowait(self) -> PooledConnectionManager | None:
-        if self._closed:
+        if self._state is not PoolState.OPEN:
             raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
+        if self._lost:
+            self._reclaim_lost()
         if self._waiters:
             return None  # first come, first served: no barging past waiters
         if self._available:
@@ -229,7 +279,8 @@ class EventLoopConnectionPool:
 
     def _hand_out(self, lease: PooledConnectionManager) -> None:
         lease._in_use = True
-        self._in_use.add(lease)
+        self._in_use[lease.lease_id] = lease._ref
+        outstanding.add(lease._ref)
         self._borrows += 1
         self._observe_utilisation()
 
@@ -250,7 +301,7 @@ class EventLoopConnectionPool:
         try:
             return await waiter
         except asyncio.CancelledError:
-            self._forget(waiter)
+            self._withdraw(waiter)
             raise
         finally:
             timer.cancel()
@@ -266,7 +317,7 @@ class EventLoopConnectionPool:
         self._timeouts += 1
         waiter.set_exception(PoolTimeout(self._loop_id, self.max_size, waiting, timeout))
 
-    def _forget(self, waiter: asyncio.Future[PooledConnectionManager]) -> None:
+    def _withdraw(self, waiter: asyncio.Future[PooledConnectionManager]) -> None:
         """A waiting borrower was cancelled: pass on a lease it was just handed."""
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self._release(waiter.result())
@@ -285,17 +336,27 @@ class EventLoopConnectionPool:
                 f"{lease!r} belongs to the pool of event loop {lease.loop_id}, not to "
                 f"this one (event loop {self._loop_id}); return it to the pool it came from"
             )
-        try:
-            self._in_use.remove(lease)
-        except KeyError:
-            raise LeaseError(
-                f"{lease!r} was already returned; return each lease exactly once"
-            ) from None
+        ref = self._in_use.pop(lease.lease_id, None)
+        if ref is None:
+            raise LeaseError(f"{lease!r} was already returned; return each lease exactly once")
+        outstanding.discard(ref)
         lease._in_use = False
-        if self._closed:
-            if not self._in_use and self._drained is not None:
-                self._drained.set()
-            return
+        self._lease_came_back(lease.lease_id)
+        if self._state is PoolState.OPEN:
+            self._pass_on(lease)
+
+    def _lease_came_back(self, lease_id: int) -> None:
+        """Bookkeeping common to a returned and a lost lease."""
+        self._borrow_sites.pop(lease_id, None)
+        for retired in self._retired:
+            retired.outstanding.discard(lease_id)
+            if not retired.outstanding:
+                retired.back.set()
+        if not self._in_use and self._drained is not None:
+            self._drained.set()
+
+    def _pass_on(self, lease: PooledConnectionManager) -> None:
+        """Hand a free lease to the first live waiter, or shelve it."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -304,16 +365,45 @@ class EventLoopConnectionPool:
                 return
         self._available.append(lease)
         self._observe_utilisation()
-        if self._retired and not self._in_use:
-            self._spawn(self._close_retired())
 
     def _new_lease(self) -> PooledConnectionManager:
         self._lease_count += 1
-        return PooledConnectionManager(self, self._lease_count)
+        return PooledConnectionManager(self, self._lease_count, self._lease_lost)
+
+    # -- leases nobody returned ----------------------------------------------------
+    def _lease_lost(self, lease_id: int) -> None:
+        """A lease's holder was collected without returning it (a weakref callback).
+
+        It may run inside any allocation on any thread, so it only notes the id
+        and the pool's own loop reclaims it; where that loop can never run
+        again, it is reclaimed here (nothing else touches this pool any more).
+        """
+        self._lost.append(lease_id)
+        loop = self._loop
+        try:
+            if loop is None or loop.is_closed():
+                raise RuntimeError("the loop is closed")
+            loop.call_soon_threadsafe(self._reclaim_lost)
+        except RuntimeError:
+            self._reclaim_lost()
+
+    def _reclaim_lost(self) -> None:
+        lost, self._lost = self._lost, []
+        sites = []
+        for lease_id in lost:
+            if self._in_use.pop(lease_id, None) is None:
+                continue
+            sites.append(self._borrow_sites.get(lease_id))
+            self._lease_came_back(lease_id)
+            if self._state is PoolState.OPEN and self.on_own_loop():
+                self._pass_on(self._new_lease())
+        if sites:
+            self._monitor.leases_lost([_site_text(site) for site in sites])
 
     # -- the driver --------------------------------------------------------------
-    def _current_driver(self) -> AsyncDriver:
-        if self._closed:
+    def current_driver(self) -> AsyncDriver:
+        """The driver a lease uses now (only valid while the pool lends)."""
+        if self._state is not PoolState.OPEN:
             raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
         assert self._driver is not None, "a lease is only handed out once the driver is open"
         return self._driver
@@ -323,7 +413,7 @@ class EventLoopConnectionPool:
         self._check_loop("get the driver")
         if not self._driver_ready():
             await self._ensure_driver()
-        return self._current_driver()
+        return self.current_driver()
 
     def _driver_ready(self) -> bool:
         """Whether the driver can be lent as it is: open, unsuspected, not closed by a user."""
@@ -332,15 +422,23 @@ class EventLoopConnectionPool:
 
     async def _ensure_driver(self) -> None:
         """Open (or check) the driver once, however many borrowers ask at once."""
-        if self._closed:
+        if self._state is not PoolState.OPEN:
             raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
         task = self._driver_task
         if task is None:
             if self._teardown is None:
                 await self._watch_loop_teardown()
-            task = self._driver_task = asyncio.ensure_future(self._open_driver())
+            task = self._driver_task = self._spawn(self._open_driver())
             task.add_done_callback(self._driver_task_done)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and not _caller_cancelled():
+                # The pool was closed under the borrower, which did not ask to stop.
+                raise PoolClosed(
+                    f"the pool of event loop {self._loop_id} was closed while opening its driver"
+                ) from None
+            raise
 
     def _driver_task_done(self, task: asyncio.Task[None]) -> None:
         self._driver_task = None
@@ -349,7 +447,7 @@ class EventLoopConnectionPool:
 
     async def _open_driver(self) -> None:
         old = self._driver
-        if old is not None:
+        if old is not None and not driver_is_closed(old):
             try:
                 await asyncio.wait_for(old.verify_connectivity(), self.config.connection_timeout)
             except (*CONNECTIVITY_ERRORS, DriverError, OSError, asyncio.TimeoutError) as exc:
@@ -361,23 +459,38 @@ class EventLoopConnectionPool:
             else:
                 self._driver_suspect = False
                 return
-        driver = self._driver_factory(self.config)
+        driver = self._opening = self._driver_factory(self.config)
         try:
             await self._warm(driver)
         except BaseException:
+            self._opening = None
             await self._close_driver(driver)
             raise
-        if self._closed:
+        self._opening = None
+        if self._state is not PoolState.OPEN:
             await self._close_driver(driver)
             raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
         self._driver = driver
         self._drivers_created += 1
         self._driver_suspect = False
         if old is not None:
-            self._retired.append(old)
-            if not self._in_use:
-                self._spawn(self._close_retired())
+            self._retire(old)
         logger.debug("neopool: opened driver for event loop %s", self._loop_id)
+
+    def _retire(self, driver: AsyncDriver) -> None:
+        """Close a replaced driver once the leases out now are back, or after ``close_timeout``."""
+        retired = _Retired(driver, set(self._in_use))
+        if not retired.outstanding:
+            retired.back.set()
+        self._retired.append(retired)
+        self._spawn(self._close_retired(retired))
+
+    async def _close_retired(self, retired: _Retired) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(retired.back.wait(), self.config.close_timeout)
+        with contextlib.suppress(ValueError):
+            self._retired.remove(retired)
+        await self._close_driver(retired.driver)
 
     async def _warm(self, driver: AsyncDriver) -> None:
         """Verify the driver and open ``pool_min_size`` sockets side by side."""
@@ -391,25 +504,31 @@ class EventLoopConnectionPool:
                 raise result
 
     async def _close_driver(self, driver: AsyncDriver) -> None:
-        """Close a driver within ``close_timeout``; past that, drop its sockets."""
+        """Close a driver within ``close_timeout``; past that, release its sockets."""
         try:
             await asyncio.wait_for(driver.close(), self.config.close_timeout or None)
         except Exception as exc:  # a dead server must not stop a close
-            logger.debug("neopool: closing a driver failed (%r); dropping its sockets", exc)
-            release_orphaned_driver(driver)
+            logger.debug("neopool: closing a driver failed (%r); releasing its sockets", exc)
+            release_sockets(driver)
 
-    async def _close_retired(self) -> None:
-        retired, self._retired = self._retired, []
-        for driver in retired:
-            await self._close_driver(driver)
-
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task of the pool's own, outside any caller's context (so no call claims it)."""
         assert self._loop is not None
-        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task = contextvars.Context().run(self._loop.create_task, coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- the loop ------------------------------------------------------------------
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Belong to ``loop``: the loop holds the pool (the registry only refers to it)."""
+        self._loop = loop
+        self._loop_id = self._loop_id or str(id(loop))
+        self._monitor = UtilisationMonitor(
+            self._loop_id, self.config.utilisation_warning, self.max_size
+        )
+        self._anchor = loop.call_later(_ANCHOR_S, _renew_anchor, self)
+
     def _check_loop(self, action: str) -> None:
         try:
             running = asyncio.get_running_loop()
@@ -420,8 +539,8 @@ class EventLoopConnectionPool:
             ) from None
         if running is not self._loop:
             if self._loop is None:
-                self._loop = running
-                self._loop_id = self._loop_id or str(id(running))
+                self._bind(running)
+                self.thread = threading.current_thread()
                 return
             raise LeaseError(
                 f"cannot {action} on the pool of event loop {self._loop_id} from event "
@@ -429,6 +548,13 @@ class EventLoopConnectionPool:
                 f"them. Borrow from the running loop's own pool instead "
                 f"(GlobalNeo4jConnectionPool().borrow_connection())."
             )
+
+    def on_own_loop(self) -> bool:
+        """Whether the caller runs on this pool's loop (where its futures may be touched)."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     async def _watch_loop_teardown(self) -> None:
         """Close this pool when the loop shuts down its async generators.
@@ -441,70 +567,122 @@ class EventLoopConnectionPool:
         await sentinel.__anext__()  # first iteration registers it with the loop
         self._teardown = sentinel
 
-    # -- closing -----------------------------------------------------------------
-    async def close(self, timeout: float | None = None) -> None:
-        """Stop lending, wait up to ``timeout`` for borrowed leases, close the driver.
+    # -- ending --------------------------------------------------------------------
+    def _begin_close(self) -> bool:
+        """OPEN -> CLOSING, the one place it happens; ``False`` if it already had.
 
-        Waiting borrowers get :class:`PoolClosed` at once. Leases still out
-        after ``timeout`` (default ``close_timeout``) are reported as leaks with
-        where they were borrowed. Safe to call twice and to cancel: the close
-        itself runs to the end.
+        Stops lending, takes the waiters out (failing them where their loop can
+        still hear it) and tells the registry once.
+        """
+        if self._state is not PoolState.OPEN:
+            return False
+        self._state = PoolState.CLOSING
+        waiters, self._waiters = self._waiters, deque()
+        if self.on_own_loop():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(
+                        PoolClosed(
+                            f"the pool of event loop {self._loop_id} was closed while waiting"
+                        )
+                    )
+        if self._on_closing is not None:
+            self._on_closing(self)
+        return True
+
+    def _drivers(self) -> list[AsyncDriver]:
+        """Every driver still to end: current, being opened, retired."""
+        drivers = [self._driver, self._opening, *(r.driver for r in self._retired)]
+        return [driver for driver in drivers if driver is not None]
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop lending, wait for borrowed leases, close the drivers: all within ``timeout``.
+
+        ``timeout`` defaults to ``close_timeout``. Waiting borrowers get
+        :class:`PoolClosed` at once; leases still out when it is time to close
+        the drivers are reported with where they were borrowed. If the close
+        fails, runs out of time or is cancelled, the pool is terminated (its
+        sockets released without I/O). Safe to call twice and to cancel: the
+        close itself runs to the end, on the pool's loop.
+        """
+        task = self.start_close(timeout)
+        if task is not None and task is not asyncio.current_task():
+            await asyncio.shield(task)
+
+    def start_close(self, timeout: float | None = None) -> asyncio.Task[None] | None:
+        """:meth:`close` without waiting: the task that finishes it (``None`` once closed).
+
+        Must run on the pool's loop; a second call returns the first one's task.
         """
         self._check_loop("close the pool")
-        if self._close_task is None:
-            self._close_task = asyncio.ensure_future(
-                self._close(self.config.close_timeout if timeout is None else timeout)
+        budget = self.config.close_timeout if timeout is None else _check_timeout(timeout)
+        if self._close_task is None and self._state is not PoolState.CLOSED:
+            self._begin_close()
+            self._close_task = self._spawn(self._finish_close(budget))
+        return self._close_task
+
+    async def _finish_close(self, budget: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        try:
+            if self._in_use and budget > 0:
+                self._drained = asyncio.Event()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), budget / 2)
+            me = asyncio.current_task()
+            helpers = [task for task in self._tasks if task is not me]
+            for task in helpers:
+                task.cancel()
+            closes = [driver.close() for driver in self._drivers()]
+            await asyncio.wait_for(
+                asyncio.gather(*helpers, *closes, return_exceptions=True),
+                max(0.0, deadline - loop.time()),
             )
-        await asyncio.shield(self._close_task)
+        except BaseException as exc:
+            logger.debug("neopool: closing pool %s ended early (%r)", self._loop_id, exc)
+            self.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            self.terminate()  # every driver closed: this only records the end
 
-    aclose = close
+    def terminate(self) -> int:
+        """End the pool now, without awaiting: release its drivers' sockets; return how many.
 
-    async def _close(self, timeout: float) -> None:
-        self._stop_lending()
-        if self._in_use and timeout > 0:
-            self._drained = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout)
-        self._report_leaks()
-        if self._driver_task is not None:
-            self._driver_task.cancel()
-            await asyncio.gather(self._driver_task, return_exceptions=True)
-        for task in list(self._tasks):
-            await asyncio.gather(task, return_exceptions=True)
-        drivers = [d for d in (self._driver, *self._retired) if d is not None]
-        self._retired = []
-        for driver in drivers:
-            await self._close_driver(driver)
+        For a loop that can never run again (closed without teardown, its
+        thread gone, inherited through ``fork``), and as the end of a close that
+        failed. Sends nothing on any socket. Safe to call twice and from any
+        thread.
+        """
+        self._begin_close()
+        if self._state is PoolState.CLOSED:
+            return 0
+        self._state = PoolState.CLOSED
+        if not self.on_own_loop():
+            self._waiters = deque()  # futures of a loop that cannot run: setting them would fail
+        released = sum(release_sockets(driver) for driver in self._drivers())
+        self._opening, self._retired = None, []
+        if self._in_use and self.pid == os.getpid():
+            self._report_leaks()
+        if self._anchor is not None and self.on_own_loop():
+            self._anchor.cancel()
+        self._anchor = None
         self._finish_teardown()
-
-    def _stop_lending(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(
-                    PoolClosed(f"the pool of event loop {self._loop_id} was closed while waiting")
-                )
         if self._on_closed is not None:
             self._on_closed(self)
+        return released
 
     def _report_leaks(self) -> None:
-        for lease in self._in_use:
-            logger.warning(
-                "neopool: %r was never returned before its pool closed; it was "
-                "borrowed at %s. Return connections with 'async with' or in a finally block.",
-                lease,
-                lease.borrowed_at or "<unknown>",
-            )
+        if self._in_use:
+            sites = [_site_text(self._borrow_sites.get(i)) for i in self._in_use]
+            report_leaks(self._loop_id, sites)
 
     def _finish_teardown(self) -> None:
         """Finish the teardown sentinel here, so nothing is left for a finalizer."""
         sentinel, self._teardown = self._teardown, None
         if sentinel is None:
             return
-        closer = sentinel.aclose()  # type: ignore[attr-defined]
+        closer = sentinel.aclose()
         try:
             closer.send(None)
         except StopIteration:
@@ -514,36 +692,36 @@ class EventLoopConnectionPool:
         else:
             closer.close()
 
-    def abandon(self, *, report_leaks: bool = True) -> int:
-        """Release everything without awaiting, for a loop that can no longer run.
 
-        Used when the loop was closed without teardown, and in a forked child
-        (where nothing may be sent on the parent's sockets). Returns how many
-        sockets were released.
-        """
-        self._closed = True
-        self._waiters = deque()  # futures of a dead loop: setting them would schedule on it
-        if report_leaks:
-            self._report_leaks()
-        released = 0
-        for driver in (self._driver, *self._retired):
-            if driver is not None:
-                released += release_orphaned_driver(driver)
-        self._retired = []
-        self._finish_teardown()
-        return released
+def _renew_anchor(pool: EventLoopConnectionPool) -> None:
+    if pool.state is PoolState.OPEN and pool.loop is not None:
+        pool._anchor = pool.loop.call_later(_ANCHOR_S, _renew_anchor, pool)
+
+
+def _caller_cancelled() -> bool:
+    """Whether the running task itself was asked to stop (3.11+ can tell; 3.10 assumes not)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _site_text(site: BorrowSite | None) -> str:
+    if site is None:
+        return "<unknown>"
+    code, line = site
+    return f"{code.co_filename}:{line} in {code.co_name}"
 
 
 def _check_timeout(timeout: float) -> float:
-    """A borrow timeout, checked before any state changes (a bad one must not strand a waiter)."""
+    """A timeout, checked before any state changes (a bad one must not strand a waiter)."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise ValueError(f"timeout must be a number of seconds >= 0 or None, not {timeout!r}")
     return float(timeout)
 
 
-async def _teardown_sentinel(pool: EventLoopConnectionPool) -> AsyncIterator[None]:
+async def _teardown_sentinel(pool: EventLoopConnectionPool) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
-        if not pool.closed:  # the loop is shutting down: close while it still runs
-            await pool.close(timeout=0)
+        if pool.state is not PoolState.CLOSED:  # the loop is shutting down: close while it runs
+            await pool.close(timeout=pool.config.close_timeout)

@@ -1,29 +1,71 @@
-"""The process-wide registry: one pool per event loop.
+"""The process-wide registry: one pool per event loop, and the one place that ends pools.
 
-Pools are keyed by the loop object itself, not by ``id(loop)``: an id is reused
-once its loop is collected, and a new loop must never be handed a dead loop's
-pool. Holding the loop also means a loop that was closed without teardown is
-still here to be found, and its sockets released, the next time any loop asks
-for a pool.
+Pools are keyed by the loop object itself, not by ``id(loop)`` (an id is reused
+once its loop is collected), and weakly: the loop holds its pool, the registry
+only refers to it, so a loop the program dropped is collected with its pool
+and driver. A pool whose end has begun is held here until it is finished.
+
+How a pool ends depends on its loop, and :meth:`GlobalNeo4jConnectionPool.end_pool`
+is the one place that decides it (``close_all_pools``, sweeps of dead loops,
+Celery's hooks and the testing reset all go through it):
+
+=====================  ======================================================
+the pool's loop        how the pool ends
+=====================  ======================================================
+running here           ``close(timeout)``, awaited by the caller
+running elsewhere      ``close(timeout)`` on that loop; the caller waits at
+                       most ``timeout``
+idle, the runner's     ``close(timeout)`` run on it by the runner, bounded
+idle, someone else's   ``close`` queued for when it runs next; a sweep
+                       terminates it if the loop dies first
+closed, its thread     ``terminate()``: sockets released, nothing sent
+ended, or inherited
+through fork
+=====================  ======================================================
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import enum
 import logging
 import os
 import threading
 import time
+import weakref
 from typing import ClassVar
 
-from neopool._orphans import retire_inherited_loop
+from neopool import runner
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, create_driver
+from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, PoolState, create_driver
 from neopool.stats import LoopChurnMonitor, PoolStats
 
 logger = logging.getLogger("neopool")
+
+#: A pool's end under way: awaitable on the running loop, or a future from another thread.
+Ending = asyncio.Future[None] | concurrent.futures.Future[None]
+
+#: Seconds ``close_all_pools()`` takes at most when no config says otherwise.
+DEFAULT_CLOSE_TIMEOUT = 5.0
+
+
+class LoopState(enum.Enum):
+    """What a pool's loop can still do, as seen from the calling thread."""
+
+    CURRENT = "running in this thread"
+    RUNNING = "running in another thread"
+    IDLE = "idle"
+    CLOSED = "closed"
+    THREAD_ENDED = "idle, and its thread has ended"
+    INHERITED = "inherited through fork"
+
+    @property
+    def can_run(self) -> bool:
+        """Whether the loop may ever run again (if not, only terminate() is left)."""
+        return self in (LoopState.CURRENT, LoopState.RUNNING, LoopState.IDLE)
 
 
 class GlobalNeo4jConnectionPool:
@@ -31,15 +73,19 @@ class GlobalNeo4jConnectionPool:
 
     ``GlobalNeo4jConnectionPool()`` always returns the same object and never
     resets it. After ``fork`` the child starts with an empty registry; the
-    pools it inherited are released without a byte sent on their sockets, so the
-    parent's connections keep working.
+    pools it inherited are terminated without a byte sent on their sockets, so
+    the parent's connections keep working.
     """
 
     _instance: ClassVar[GlobalNeo4jConnectionPool | None] = None
     _instance_lock: ClassVar[threading.Lock] = threading.Lock()
 
     _lock: threading.Lock
-    _pools: dict[asyncio.AbstractEventLoop, EventLoopConnectionPool]
+    _pools: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, weakref.ref[EventLoopConnectionPool]
+    ]
+    _ending: set[EventLoopConnectionPool]
+    _ended_threads: weakref.WeakSet[threading.Thread]
     _config: Neo4jConnectionConfig | None
     _driver_factory: DriverFactory
     _pid: int
@@ -53,7 +99,9 @@ class GlobalNeo4jConnectionPool:
                 if instance is None:
                     instance = super().__new__(cls)
                     instance._lock = threading.Lock()
-                    instance._pools = {}
+                    instance._pools = weakref.WeakKeyDictionary()
+                    instance._ending = set()
+                    instance._ended_threads = weakref.WeakSet()
                     instance._config = None
                     instance._driver_factory = create_driver
                     instance._pid = os.getpid()
@@ -76,7 +124,7 @@ class GlobalNeo4jConnectionPool:
         registry = cls()
         with registry._lock:
             registry._config = config
-            live = len(registry._pools)
+        live = len(registry.pools())
         if live:
             logger.info(
                 "neopool: new configuration set; %d existing pool(s) keep the old one until closed",
@@ -115,62 +163,169 @@ class GlobalNeo4jConnectionPool:
     def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
         """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
         loop = _running_loop(action)
-        pool = self._pools.get(loop)
-        if pool is None or pool.closed:
+        ref = self._pools.get(loop)
+        pool = ref() if ref is not None else None
+        if pool is None or pool.state is not PoolState.OPEN:
             pool = self._create_pool(loop)
         return pool
 
     def _create_pool(self, loop: asyncio.AbstractEventLoop) -> EventLoopConnectionPool:
         config = self.get_config()
-        if self._pid != os.getpid():  # forked without our at-fork hook (should not happen)
-            self._after_fork_in_child()
         with self._lock:
-            dead = self._take_dead_pools()
-            pool = self._pools.get(loop)
-            if pool is None or pool.closed:
+            ref = self._pools.get(loop)
+            pool = ref() if ref is not None else None
+            if pool is None or pool.state is not PoolState.OPEN:
                 pool = EventLoopConnectionPool(
                     config,
                     str(id(loop)),
                     loop=loop,
                     driver_factory=self._driver_factory,
-                    on_closed=self._forget,
+                    on_closing=self._detach,
+                    on_closed=self._pool_closed,
                 )
-                self._pools[loop] = pool
-        for orphan in dead:
-            released = self._release_dead(orphan)
-            logger.info(
-                "neopool: event loop %s was closed without closing its pool; "
-                "released %d socket(s). Use asyncio.run, asyncio.Runner or neopool.run "
-                "so pools close gracefully.",
-                orphan.loop_id,
-                released,
-            )
+                self._pools[loop] = weakref.ref(pool)
+        if not runner.owns(loop):  # the runner closes its own loops when their threads end
+            _watch_thread_end(self)
+        self.sweep()
         return pool
 
-    def _take_dead_pools(self) -> list[EventLoopConnectionPool]:
-        """Remove pools whose loop is closed (caller holds the lock)."""
-        dead = [loop for loop in self._pools if loop.is_closed()]
-        return [self._pools.pop(loop) for loop in dead]
-
-    def _release_dead(self, pool: EventLoopConnectionPool) -> int:
-        """Release a pool whose loop was closed under it; return how many sockets."""
-        self._pool_ended(pool)
-        return pool.abandon()
-
-    def _forget(self, pool: EventLoopConnectionPool) -> None:
-        """A pool began to close (on its loop): it lends no more."""
+    def pools(self) -> list[EventLoopConnectionPool]:
+        """Every lending pool of this process (a snapshot)."""
         with self._lock:
-            if pool.loop is not None and self._pools.get(pool.loop) is pool:
-                del self._pools[pool.loop]
-        self._pool_ended(pool)
+            refs = list(self._pools.values())
+        return [pool for pool in (ref() for ref in refs) if pool is not None and not pool.closed]
 
-    def _pool_ended(self, pool: EventLoopConnectionPool) -> None:
+    def _detach(self, pool: EventLoopConnectionPool) -> None:
+        """A pool stops lending: it is no longer its loop's pool, and is held until it ends."""
+        with self._lock:
+            loop = pool.loop
+            if loop is not None:
+                ref = self._pools.get(loop)
+                if ref is not None and ref() is pool:
+                    del self._pools[loop]
+            if pool.state is not PoolState.CLOSED:
+                self._ending.add(pool)
+
+    def _pool_closed(self, pool: EventLoopConnectionPool) -> None:
+        with self._lock:
+            self._ending.discard(pool)
         self._churn.pool_ended(time.monotonic() - pool.created_at, pool.borrows)
 
-    def pools(self) -> list[EventLoopConnectionPool]:
-        """Every live pool of this process (a snapshot)."""
+    # -- how a pool ends -----------------------------------------------------------
+    def loop_state(self, pool: EventLoopConnectionPool) -> LoopState:
+        """What ``pool``'s loop can still do, seen from here."""
+        loop = pool.loop
+        if pool.pid != os.getpid():
+            return LoopState.INHERITED
+        if loop is None or loop.is_closed():
+            return LoopState.CLOSED
+        if pool.on_own_loop():
+            return LoopState.CURRENT
+        if loop.is_running():
+            return LoopState.RUNNING
+        if not pool.thread.is_alive() or pool.thread in self._ended_threads:
+            return LoopState.THREAD_ENDED
+        return LoopState.IDLE
+
+    def end_pool(self, pool: EventLoopConnectionPool, timeout: float) -> Ending | None:
+        """Begin ending ``pool`` the only way its loop allows; what to wait on, if anything.
+
+        The one dispatcher: every path that ends pools comes here.
+        """
+        if pool.state is PoolState.CLOSED:
+            return None
+        state = self.loop_state(pool)
+        loop = pool.loop
+        if not state.can_run or loop is None:
+            self._detach(pool)
+            released = pool.terminate()
+            if released and state is not LoopState.INHERITED:
+                logger.info(
+                    "neopool: event loop %s was %s without closing its pool; released %d "
+                    "socket(s) without I/O. Use asyncio.run, asyncio.Runner or neopool.run "
+                    "so pools close gracefully.",
+                    pool.loop_id,
+                    "left" if state is LoopState.THREAD_ENDED else state.value,
+                    released,
+                )
+            return None
+        self._detach(pool)
+        if state is LoopState.CURRENT:
+            return asyncio.ensure_future(pool.close(timeout))
+        if state is LoopState.IDLE:
+            ending = runner.run_on_idle_loop(loop, lambda: pool.close(timeout), timeout)
+            if ending is not None:
+                return ending
+        ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(_start_close, pool, timeout, ended)
+        except RuntimeError:  # it closed in the meantime
+            return self.end_pool(pool, timeout)
+        # An idle loop that is not ours closes its pool when it runs next: nothing to wait for.
+        return ended if state is LoopState.RUNNING else None
+
+    def sweep(self) -> int:
+        """Terminate the pools whose loops can never run again; return how many."""
+        if self._pid != os.getpid():
+            return 0  # a forked child before its fork hook ran: the hook does this
         with self._lock:
-            return list(self._pools.values())
+            refs = list(self._pools.values())
+            candidates = [*self._ending, *(ref() for ref in refs)]
+        ended = 0
+        for pool in candidates:
+            if pool is not None and not self.loop_state(pool).can_run:
+                self.end_pool(pool, 0)
+                ended += 1
+        return ended
+
+    def _begin_ending_all(self, timeout: float) -> list[Ending]:
+        with self._lock:
+            refs = list(self._pools.values())
+            candidates = {*self._ending, *(ref() for ref in refs)}
+        endings = []
+        for pool in candidates:
+            if pool is not None:
+                ending = self.end_pool(pool, timeout)
+                if ending is not None:
+                    endings.append(ending)
+        return endings
+
+    def _close_budget(self, timeout: float | None) -> float:
+        if timeout is not None:
+            return timeout
+        config = self._config
+        return config.close_timeout if config is not None else DEFAULT_CLOSE_TIMEOUT
+
+    async def close_all_pools(self, timeout: float | None = None) -> None:
+        """Close every pool, each as its loop allows, within ``timeout`` seconds in all.
+
+        ``timeout`` defaults to ``close_timeout``. The running loop's pool and
+        pools of loops running elsewhere are closed gracefully on their loops;
+        an idle loop of :func:`neopool.run` is run once to close its pool;
+        pools of closed or dead loops have their sockets released at once. A
+        close that does not finish in time ends in ``terminate()``. Borrowing
+        afterwards starts new pools.
+        """
+        budget = self._close_budget(timeout)
+        endings = self._begin_ending_all(budget)
+        waits = [e if isinstance(e, asyncio.Future) else asyncio.wrap_future(e) for e in endings]
+        if not waits:
+            return
+        done, _ = await asyncio.wait(waits, timeout=budget)
+        for future in done:
+            if not future.cancelled() and future.exception() is not None:
+                logger.warning("neopool: closing a pool failed: %r", future.exception())
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """:meth:`close_all_pools` for synchronous code (worker shutdown, test teardown).
+
+        Returns within ``timeout``. A pool of a loop running in this very thread
+        (called from async code) is only started closing: await
+        :meth:`close_all_pools` there instead.
+        """
+        budget = self._close_budget(timeout)
+        endings = [e for e in self._begin_ending_all(budget) if not isinstance(e, asyncio.Future)]
+        concurrent.futures.wait(endings, timeout=budget)
 
     # -- the note's borrow / return API ------------------------------------------
     async def borrow_connection(self, timeout: float | None = None) -> PooledConnectionManager:
@@ -190,54 +345,41 @@ class GlobalNeo4jConnectionPool:
 
     async def get_pool_stats(self) -> dict[str, PoolStats]:
         """``{loop id: stats}`` for every live event loop's pool in this process."""
-        with self._lock:
-            dead = self._take_dead_pools()
-            pools = list(self._pools.values())
-        for orphan in dead:
-            self._release_dead(orphan)
-        return {pool.loop_id: pool.stats() for pool in pools}
-
-    async def close_all_pools(self, timeout: float | None = None) -> None:
-        """Close every pool, each on its own loop, and empty the registry.
-
-        The running loop's pool is closed here. A pool whose loop runs in
-        another thread is closed on that loop and awaited; one whose loop is idle
-        closes the next time that loop runs (or at its teardown); one whose loop
-        is closed has its sockets released at once. Borrowing afterwards starts
-        new pools.
-        """
-        current = asyncio.get_running_loop()
-        with self._lock:
-            pools, self._pools = self._pools, {}
-        waits: list[asyncio.Future[None]] = []
-        for loop, pool in pools.items():
-            if loop is current:
-                waits.append(asyncio.ensure_future(pool.close(timeout)))
-            elif loop.is_closed():
-                self._release_dead(pool)
-            elif loop.is_running():
-                future = asyncio.run_coroutine_threadsafe(pool.close(timeout), loop)
-                waits.append(asyncio.wrap_future(future))
-            else:
-                loop.call_soon_threadsafe(_close_later, pool, timeout)
-        for result in await asyncio.gather(*waits, return_exceptions=True):
-            if isinstance(result, BaseException):
-                logger.warning("neopool: closing a pool failed: %r", result)
+        self.sweep()
+        return {pool.loop_id: pool.stats() for pool in self.pools()}
 
     # -- fork --------------------------------------------------------------------
-    def _after_fork_in_child(self) -> None:
-        """Start empty; release what was inherited without sending a byte."""
+    def after_fork_in_child(self) -> None:
+        """Start empty; terminate what was inherited, without sending a byte."""
         self._lock = threading.Lock()
-        inherited, self._pools = list(self._pools.values()), {}
         self._pid = os.getpid()
+        inherited = {*self._ending, *(ref() for ref in self._pools.values())}
+        self._pools = weakref.WeakKeyDictionary()
+        self._ending = set()
         for pool in inherited:
-            pool.abandon(report_leaks=False)
-            if pool.loop is not None:
-                retire_inherited_loop(pool.loop)
+            if pool is not None:
+                pool.terminate()
+
+    def before_fork(self) -> None:
+        self._lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._lock.release()
 
 
-def _close_later(pool: EventLoopConnectionPool, timeout: float | None) -> None:
-    pool._spawn(pool.close(timeout))
+def _start_close(
+    pool: EventLoopConnectionPool, timeout: float, ended: concurrent.futures.Future[None]
+) -> None:
+    """On the pool's loop: start its close; ``ended`` resolves when it has (however it ended)."""
+    try:
+        task = pool.start_close(timeout)
+    except BaseException as exc:
+        ended.set_exception(exc)
+        raise
+    if task is None or task.done():
+        ended.set_result(None)
+    else:
+        task.add_done_callback(lambda _task: ended.set_result(None))
 
 
 def _running_loop(action: str) -> asyncio.AbstractEventLoop:
@@ -250,28 +392,26 @@ def _running_loop(action: str) -> asyncio.AbstractEventLoop:
         ) from None
 
 
-def _before_fork() -> None:
-    registry = GlobalNeo4jConnectionPool._instance
-    if registry is not None:
-        registry._lock.acquire()
+class _ThreadWatch:
+    """Kept in a thread-local: collected when its thread ends, which sweeps that thread's loops."""
+
+    __slots__ = ("__weakref__",)
 
 
-def _after_fork_in_parent() -> None:
-    registry = GlobalNeo4jConnectionPool._instance
-    if registry is not None:
-        registry._lock.release()
+_watch = threading.local()
 
 
-def _after_fork_in_child() -> None:
-    GlobalNeo4jConnectionPool._instance_lock = threading.Lock()
-    registry = GlobalNeo4jConnectionPool._instance
-    if registry is not None:
-        registry._after_fork_in_child()
+def _watch_thread_end(registry: GlobalNeo4jConnectionPool) -> None:
+    if getattr(_watch, "token", None) is not None:
+        return
+    token = _watch.token = _ThreadWatch()
+    weakref.finalize(token, _thread_ended, registry, threading.current_thread())
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+def _thread_ended(registry: GlobalNeo4jConnectionPool, thread: threading.Thread) -> None:
+    """A thread that made pools is ending: its idle loops can never run again."""
+    try:
+        registry._ended_threads.add(thread)
+        registry.sweep()
+    except Exception:  # a finalizer must not raise
+        logger.debug("neopool: sweeping after thread %s ended failed", thread.name, exc_info=True)

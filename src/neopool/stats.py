@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TypedDict
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, TypedDict
 
 logger = logging.getLogger("neopool")
 
@@ -32,66 +35,222 @@ class PoolStats(TypedDict):
     closed: bool  #: whether the pool was closed
 
 
-class UtilisationMonitor:
-    """Logs once when a pool crosses its utilisation threshold or runs dry.
+class Say(NamedTuple):
+    """What :meth:`SayOnce.occurred` returns when a line is due: what to add to it."""
 
-    It re-arms only after utilisation falls back, so a busy pool logs one line
-    per episode rather than one per borrow.
+    #: Occurrences not logged since the previous line.
+    suppressed: int
+    #: Seconds since the previous line; ``None`` before the first one.
+    since_s: float | None
+
+    def note(self, what: str) -> str:
+        """`` (N more <what> since the last such warning T s ago were not logged)``, or ``""``."""
+        if not self.suppressed:
+            return ""
+        since = f" {self.since_s:.0f} s ago" if self.since_s is not None else ""
+        return (
+            f" ({self.suppressed} more {what} since the last such warning{since} were not logged)"
+        )
+
+
+class SayOnce:
+    """Rate limiter for the warning about one condition: say it once (contract rule 8).
+
+    Tell it each time the condition occurs (:meth:`occurred`) and each time it
+    clears (:meth:`cleared`). A line is due when an episode starts; the episode
+    lasts until the condition has stayed clear for :attr:`QUIET_S` seconds, so
+    a condition that flickers (a busy pool dipping below its threshold between
+    a return and the next borrow) is one episode, not one per flicker. And
+    whatever the episodes, there is at most one line per :attr:`INTERVAL_S`:
+    an episode that starts sooner is said once the interval has passed, if it
+    is still going on. Every occurrence not said is counted, and the next line
+    says how many there were.
+
+    Not thread-safe: use it from one event loop, or under a lock. The clock is
+    read only in :meth:`occurred` and in the first :meth:`cleared` after one.
     """
 
-    __slots__ = ("_above", "_exhausted", "_loop_id", "_max_size", "alerted", "busy_above")
+    #: At most one line per this many seconds.
+    INTERVAL_S = 60.0
+    #: The condition must stay clear this long for its episode to end.
+    QUIET_S = 10.0
 
-    def __init__(self, loop_id: str, threshold: float, max_size: int) -> None:
-        self._loop_id = loop_id
+    __slots__ = (
+        "_clear_since",
+        "_clock",
+        "_in_episode",
+        "_last_line_at",
+        "_reported",
+        "_suppressed",
+        "interval_s",
+        "occurrences",
+        "quiet_s",
+    )
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        interval_s: float | None = None,
+        quiet_s: float | None = None,
+    ) -> None:
+        self._clock = clock
+        self.interval_s = self.INTERVAL_S if interval_s is None else interval_s
+        self.quiet_s = self.QUIET_S if quiet_s is None else quiet_s
+        #: Occurrences ever counted, said or not.
+        self.occurrences = 0
+        self._suppressed = 0
+        self._last_line_at: float | None = None
+        self._in_episode = False
+        self._reported = False  # whether the current episode was said
+        self._clear_since: float | None = None
+
+    @property
+    def suppressed(self) -> int:
+        """Occurrences not said since the last line."""
+        return self._suppressed
+
+    def occurred(self, count: int = 1) -> Say | None:
+        """The condition occurred (``count`` times): a :class:`Say` if a line is due, else None."""
+        now = self._clock()
+        self.occurrences += count
+        clear_since, self._clear_since = self._clear_since, None
+        if not self._in_episode or (clear_since is not None and now - clear_since >= self.quiet_s):
+            self._in_episode, self._reported = True, False  # a new episode
+        last = self._last_line_at
+        if self._reported or (last is not None and now - last < self.interval_s):
+            self._suppressed += count
+            return None
+        self._reported = True
+        self._last_line_at = now
+        say = Say(self._suppressed, None if last is None else now - last)
+        self._suppressed = 0
+        return say
+
+    def cleared(self) -> None:
+        """The condition no longer holds: its episode ends if it stays so for the quiet period."""
+        if self._in_episode and self._clear_since is None:
+            self._clear_since = self._clock()
+
+
+class UtilisationMonitor:
+    """Logs when a pool crosses its utilisation threshold or runs dry: once per episode.
+
+    Each condition has its own :class:`SayOnce`: a busy pool whose utilisation
+    dips below the threshold between a return and the next borrow is one
+    episode, and logs one line, not one per borrow; and it logs at most one
+    line a minute per condition, saying how many crossings it did not log.
+    """
+
+    __slots__ = (
+        "_above",
+        "_busy",
+        "_dry",
+        "_exhausted",
+        "_lost",
+        "_max_size",
+        "alerted",
+        "busy_above",
+        "loop_id",
+    )
+
+    def __init__(
+        self,
+        loop_id: str,
+        threshold: float,
+        max_size: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        #: The loop id the warnings name (settable: a pool may learn its loop later).
+        self.loop_id = loop_id
         self._max_size = max_size
         #: More leases in use than this is high utilisation.
         self.busy_above = threshold * max_size
         self._above = False
         self._exhausted = False
-        #: Whether an alert is in force: then every change must be observed, to re-arm it.
+        self._busy = SayOnce(clock)
+        self._dry = SayOnce(clock)
+        self._lost = SayOnce(clock, quiet_s=0.0)  # events, not a state: the interval alone
+        #: Whether a condition holds: then every change must be observed, to see it clear.
         self.alerted = False
+
+    @property
+    def utilisation(self) -> SayOnce:
+        """The limiter of the high-utilisation warning (occurrences: threshold crossings)."""
+        return self._busy
+
+    @property
+    def exhaustion(self) -> SayOnce:
+        """The limiter of the exhaustion warning (occurrences: times the pool ran dry)."""
+        return self._dry
+
+    @property
+    def lost_leases(self) -> SayOnce:
+        """The limiter of the lost-lease warning (occurrences: leases)."""
+        return self._lost
 
     def observe(self, in_use: int) -> None:
         """Called with the new figure after a borrow or return that could matter.
 
         That is every one above ``busy_above`` or while :attr:`alerted`; below
         the threshold and with no alert in force, nothing here would change.
+        Only a crossing of the threshold reads the clock.
         """
-        max_size = self._max_size
         above = in_use > self.busy_above
-        if above and not self._above:
-            logger.warning(
-                "neopool: high utilisation on event loop %s: %d of %d leases in use (%.0f%%)",
-                self._loop_id,
-                in_use,
-                max_size,
-                100.0 * in_use / max_size,
-            )
-        self._above = above
-        if in_use < max_size:
+        if above != self._above:
+            self._above = above
+            if not above:
+                self._busy.cleared()
+            elif (say := self._busy.occurred()) is not None:
+                max_size = self._max_size
+                logger.warning(
+                    "neopool: high utilisation on event loop %s: %d of %d leases in use (%.0f%%)%s",
+                    self.loop_id,
+                    in_use,
+                    max_size,
+                    100.0 * in_use / max_size,
+                    say.note("crossings of the threshold"),
+                )
+        if self._exhausted and in_use < self._max_size:
             self._exhausted = False
-        self.alerted = self._above or self._exhausted
+            self._dry.cleared()
+        self.alerted = above or self._exhausted
 
     def exhausted(self, waiting: int) -> None:
         """Called when a borrower has to wait because every lease is out."""
-        if not self._exhausted:
-            self._exhausted = self.alerted = True
+        if self._exhausted:
+            return
+        self._exhausted = self.alerted = True
+        say = self._dry.occurred()
+        if say is not None:
             logger.warning(
                 "neopool: pool exhausted on event loop %s: all %d leases in use, "
-                "%d borrower(s) waiting; consider raising pool_max_size",
-                self._loop_id,
+                "%d borrower(s) waiting; consider raising pool_max_size%s",
+                self.loop_id,
                 self._max_size,
                 waiting,
+                say.note("times the pool ran dry"),
             )
+
+    def leases_lost(self, sites: Iterable[str | None]) -> None:
+        """Leases whose holders were garbage-collected unreturned came back: one line per batch.
+
+        :func:`report_lost_leases` for this pool, at most one line a minute: a
+        later line counts the leases not reported in between.
+        """
+        report_lost_leases(self.loop_id, sites, limiter=self._lost)
 
 
 class LoopChurnMonitor:
-    """Logs once per process when event loops keep being thrown away after a moment.
+    """Logs when event loops keep being thrown away after a moment: once per episode.
 
     A pool lives as long as its loop. Where every task gets a new loop
     (``asyncio.run`` in each Celery task, the design note's own mistake), every
     task opens a new driver and nothing is reused; the pool works, so nothing
-    else would say so.
+    else would say so. An episode is a run of churned pools; it ends when a
+    pool lives long enough (or serves enough borrows) and none churns for
+    :attr:`SayOnce.QUIET_S`. At most one line per :attr:`SayOnce.INTERVAL_S`.
     """
 
     #: A pool that closed younger than this, with at most ``FEW_BORROWS`` borrows, was churned.
@@ -100,29 +259,130 @@ class LoopChurnMonitor:
     #: Churned pools in a row, across the process, before the warning.
     IN_A_ROW = 10
 
-    __slots__ = ("_lock", "_streak", "_warned")
+    __slots__ = ("_lock", "_say", "_streak")
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._streak = 0
-        self._warned = False
+        self._say = SayOnce(clock)
+
+    @property
+    def limiter(self) -> SayOnce:
+        """The limiter of the churn warning (occurrences: churned pools in a streak)."""
+        return self._say
 
     def pool_ended(self, lifetime_s: float, borrows: int) -> None:
         """Called once for every pool that closed or was released with its dead loop."""
         churned = lifetime_s < self.SHORT_LIVED_S and borrows <= self.FEW_BORROWS
         with self._lock:
-            self._streak = self._streak + 1 if churned else 0
-            if self._warned or self._streak < self.IN_A_ROW:
+            if not churned:
+                self._streak = 0
+                self._say.cleared()
                 return
-            self._warned = True
+            self._streak += 1
+            if self._streak < self.IN_A_ROW:
+                return
+            say = self._say.occurred()
+        if say is None:
+            return
         logger.warning(
             "neopool: the last %d event loops each closed within %.0f s of opening their "
             "pool, after at most %d borrows: every new loop opens a new driver (TCP, Bolt "
             "handshake, authentication), so nothing is reused between them. If each task "
             "calls asyncio.run, run it with neopool.run() or as a neopool.celery.AsyncTask, "
-            "so one loop per thread serves every task. (Logged once per process; expected "
-            "in a test suite with a loop per test.)",
+            "so one loop per thread serves every task. (Logged at most once every %.0f s; "
+            "expected in a test suite with a loop per test.)%s",
             self.IN_A_ROW,
             self.SHORT_LIVED_S,
             self.FEW_BORROWS,
+            self._say.interval_s,
+            say.note("short-lived loops"),
         )
+
+
+#: Borrow sites named in one leak warning; the rest are counted.
+MAX_LEAK_SITES = 10
+_ADVICE = "Return connections with 'async with' or in a finally block."
+
+
+def report_leaks(
+    loop_id: str, sites: Iterable[str | None], *, limiter: SayOnce | None = None
+) -> None:
+    """Log the leases still out when their pool closed: one line, whatever their number.
+
+    ``sites`` has the ``borrowed_at`` of each leaked lease (empty or None where
+    unknown). The line gives the number of leases and each distinct borrow
+    site once, the most frequent first, with its count. Pass a ``limiter``
+    (one per process, say) to rate-limit reports across pools too.
+    """
+    _report(
+        loop_id,
+        sites,
+        limiter,
+        "was never returned before its pool closed; it was borrowed at",
+        "were never returned before their pool closed; they were borrowed at",
+    )
+
+
+def report_lost_leases(
+    loop_id: str, sites: Iterable[str | None], *, limiter: SayOnce | None = None
+) -> None:
+    """Log leases whose holders were garbage-collected without returning them: one line.
+
+    For leases already taken back into their pool; otherwise as
+    :func:`report_leaks`. :meth:`UtilisationMonitor.leases_lost` calls this
+    with the pool's own limiter.
+    """
+    _report(
+        loop_id,
+        sites,
+        limiter,
+        "was never returned: what held it was garbage-collected, and the lease is back in "
+        "its pool. It was borrowed at",
+        "were never returned: what held them was garbage-collected, and the leases are back "
+        "in their pool. They were borrowed at",
+    )
+
+
+def _report(
+    loop_id: str,
+    sites: Iterable[str | None],
+    limiter: SayOnce | None,
+    one: str,
+    many: str,
+) -> None:
+    counts = Counter(site or "<unknown>" for site in sites)
+    total = sum(counts.values())
+    if not total:
+        return
+    note = ""
+    if limiter is not None:
+        say = limiter.occurred(total)
+        limiter.cleared()  # a leak is an event: nothing goes on after it
+        if say is None:
+            return
+        note = say.note("leaked leases")
+    if total == 1:
+        logger.warning(
+            "neopool: a lease of event loop %s %s %s. %s%s",
+            loop_id,
+            one,
+            next(iter(counts)),
+            _ADVICE,
+            note,
+        )
+        return
+    ranked = counts.most_common()
+    named = "; ".join(f"{site} ({n}x)" for site, n in ranked[:MAX_LEAK_SITES])
+    if len(ranked) > MAX_LEAK_SITES:
+        rest = sum(n for _, n in ranked[MAX_LEAK_SITES:])
+        named += f"; and {rest} more from {len(ranked) - MAX_LEAK_SITES} other places"
+    logger.warning(
+        "neopool: %d leases of event loop %s %s %s. %s%s",
+        total,
+        loop_id,
+        many,
+        named,
+        _ADVICE,
+        note,
+    )

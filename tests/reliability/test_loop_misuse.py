@@ -142,7 +142,7 @@ def test_a_new_loop_with_the_id_of_a_dead_loop_gets_a_new_pool(
     asyncio.run(GlobalNeo4jConnectionPool().get_pool_stats())  # sweeps the last one
 
 
-def test_abandon_releases_the_sockets_of_a_pool_whose_loop_is_gone(
+def test_terminate_releases_the_sockets_of_a_pool_whose_loop_is_gone(
     config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
 ) -> None:
     loop = asyncio.new_event_loop()
@@ -157,10 +157,10 @@ def test_abandon_releases_the_sockets_of_a_pool_whose_loop_is_gone(
     loop.run_until_complete(use(pool))
     loop.close()
     assert neopool_proxy.active_connections >= 1
-    assert pool.abandon() >= 1
+    assert pool.terminate() >= 1
     assert pool.closed
     assert eventually(lambda: neopool_proxy.active_connections == 0)
-    assert pool.abandon() == 0  # twice is harmless
+    assert pool.terminate() == 0  # twice is harmless
     del pool, loop
     gc.collect()
 

@@ -49,18 +49,15 @@ def bolt_target_from_env() -> BoltTarget | None:
     )
 
 
-def reset_registry() -> None:
-    """Release every pool of the process, forget prepared databases and observed churn.
+def reset_registry(timeout: float = 5.0) -> None:
+    """End every pool of the process, forget the configuration, prepared databases and churn.
 
-    For use between tests, outside any running loop: pools whose loops are
-    not running are released without awaiting (their loops cannot run here).
+    For use between tests, from synchronous code: each pool ends as its loop
+    allows (:meth:`GlobalNeo4jConnectionPool.shutdown`), within ``timeout``.
     """
     registry = GlobalNeo4jConnectionPool()
+    registry.shutdown(timeout)
     with registry._lock:
-        pools, registry._pools = registry._pools, {}
         registry._config = None
         registry._churn = LoopChurnMonitor()
-    for pool in pools.values():
-        if pool.loop is None or not pool.loop.is_running():
-            pool.abandon(report_leaks=False)
     preparer.clear()

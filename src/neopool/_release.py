@@ -1,0 +1,96 @@
+"""Letting go of a driver's sockets without I/O, for a loop that can never run again.
+
+A driver is closed with ``await driver.close()`` on its own loop. When that loop
+can never run again (it was closed without teardown, its thread ended while it
+was idle, or it was inherited through ``fork``), nothing can be awaited any
+more. Its sockets are released here instead, synchronously and without sending
+a byte:
+
+* each transport's socket is found through the public transport API
+  (``get_extra_info("socket")``), which plain and TLS transports of asyncio and
+  uvloop all answer;
+* its descriptor is pointed at ``/dev/null`` with ``os.dup2``. This process's
+  reference to the connection ends at once (after ``fork`` the parent still
+  holds the socket, so nothing at all changes for it); the number stays
+  allocated to ``/dev/null`` until the transport object that owns it is
+  collected, so it can never be closed twice or reused under someone else.
+
+The driver has no public list of its connections; this is the one place that
+reads (never writes) the driver's private attributes to find them. A driver
+version that differs leaves its sockets to the garbage collector, never an
+exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from neo4j import AsyncDriver
+
+
+def _transports(driver: AsyncDriver) -> Iterator[asyncio.BaseTransport]:
+    pool = getattr(driver, "_pool", None)
+    connections: Any = getattr(pool, "connections", None) or {}
+    with contextlib.suppress(RuntimeError):  # changed size: best effort
+        for address in list(connections):
+            for connection in list(connections.get(address, ())):
+                writer = getattr(getattr(connection, "socket", None), "_writer", None)
+                transport = getattr(writer, "transport", None)
+                if isinstance(transport, asyncio.BaseTransport):
+                    yield transport
+
+
+def _descriptor(transport: asyncio.BaseTransport) -> int:
+    """The socket's file descriptor, through the public transport API; -1 if none."""
+    try:
+        sock = transport.get_extra_info("socket")
+        return int(sock.fileno()) if sock is not None else -1
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def driver_socket_count(driver: AsyncDriver) -> int:
+    """How many sockets the driver holds open (for tests and stats)."""
+    return sum(1 for transport in _transports(driver) if _descriptor(transport) >= 0)
+
+
+def driver_is_closed(driver: AsyncDriver) -> bool:
+    """Whether ``driver.close()`` was called (by anyone): it can open no session now."""
+    return bool(getattr(driver, "_closed", False))
+
+
+def release_sockets(driver: AsyncDriver) -> int:
+    """Release this process's hold on the driver's sockets, sending nothing; return how many."""
+    descriptors = {_descriptor(transport) for transport in _transports(driver)}
+    descriptors.discard(-1)
+    if not descriptors:
+        return 0
+    released = 0
+    null = os.open(os.devnull, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for fd in descriptors:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                continue
+            released += 1
+    finally:
+        os.close(null)
+    return released
+
+
+#: Loops this process inherited through ``fork``, kept so they are never closed
+#: here: closing a copied selector loop unregisters its descriptors from the
+#: epoll instance the child shares with its parent, which would deafen the
+#: parent's loop.
+_inherited_loops: list[asyncio.AbstractEventLoop] = []
+
+
+def keep_inherited_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """In a forked child: hold a parent's loop for good, so its destructor never runs."""
+    if not any(kept is loop for kept in _inherited_loops):
+        _inherited_loops.append(loop)  # no lock: this runs in a fork hook, one thread
