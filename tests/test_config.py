@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
+from neo4j import AsyncGraphDatabase
 
 from neopool import ConfigError, Neo4jConnectionConfig
 
@@ -120,7 +122,11 @@ def test_defaults_match_lightrag_and_the_note() -> None:
         ),
         (
             {"uri": "bolt://h", "max_connection_pool_size": 1, "pool_min_size": 2},
-            ["pool_min_size (2) exceeds max_connection_pool_size (1)"],
+            ["pool_max_size (10, the default) exceeds max_connection_pool_size (1)"],
+        ),
+        (
+            {"uri": "bolt://h", "prepare_timeout": 0},
+            ["prepare_timeout (NEOPOOL_PREPARE_TIMEOUT)"],
         ),
         ({"uri": "bolt://h", "pool_max_sise": 3}, ["pool_max_sise", "known settings"]),
         (
@@ -167,3 +173,153 @@ def test_config_is_immutable() -> None:
     config = Neo4jConnectionConfig(uri="bolt://h")
     with pytest.raises(Exception, match="frozen"):
         config.pool_max_size = 99  # type: ignore[misc]
+
+
+# -- the URI, as the driver will read it ---------------------------------------------------
+@pytest.mark.parametrize("uri", ["bolt://localhost:121969", "bolt://localhost:0", "bolt://h:65536"])
+def test_a_port_out_of_range_is_refused_at_construction(uri: str) -> None:
+    port = uri.rpartition(":")[2]
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig(uri=uri)
+    message = str(raised.value)
+    assert "uri (NEO4J_URI)" in message
+    assert f"port {port} is out of range" in message
+    assert "1 to 65535" in message
+
+
+@pytest.mark.parametrize(
+    "uri", ["bolt://localhost:abc", "bolt://h:7687:1", "bolt://h:+12", "neo4j://[::1]:x"]
+)
+def test_a_port_that_is_not_a_number_is_refused_at_construction(uri: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig(uri=uri)
+    message = str(raised.value)
+    assert "uri (NEO4J_URI)" in message
+    assert "is not a number" in message
+    assert "scheme://host:port" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "names"),
+    [
+        ("bolt://h:7687?policy=eu", ["has a query", "takes no routing context", "neo4j://"]),
+        ("bolt+s://h?policy", ["has a query", "bolt+s://"]),
+        ("neo4j://h?policy", ["routing context key 'policy' no value", "?key=value"]),
+        ("neo4j://h?region=a&region=b", ["routing context key 'region' twice"]),
+        ("neo4j://h?address=elsewhere:7687", ["'address'", "the driver sets itself"]),
+        ("neo4j://h?=eu", ["entry without a key"]),
+        ("neo4j://h:7687/graph", ["has a path ('/graph')", "NEO4J_DATABASE"]),
+        ("bolt://h#top", ["has a fragment", "remove it"]),
+        ("bolt://[::1]x", ["after the IPv6 address", "scheme://[address]:port"]),
+        ("bolt://[::1", ["cannot be parsed"]),
+        ("bolt://::1:7687", ["has no host", "brackets"]),
+        ("bolt://h:7687 x", ["whitespace"]),
+        ("bolt://lo\ncalhost", ["unprintable"]),
+    ],
+)
+def test_a_uri_part_the_driver_rejects_or_ignores_is_refused_at_construction(
+    uri: str, names: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig(uri=uri, password=SECRET)
+    message = str(raised.value)
+    assert "uri (NEO4J_URI)" in message
+    for name in names:
+        assert name in message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "bolt://h",
+        "bolt://h:1",
+        "bolt://h:65535/",
+        "bolt://h:7687?",
+        "bolt+ssc://[::1]:7687",
+        "neo4j://h:7687?policy=eu&region=west",
+        "neo4j+s://h/?policy=eu",
+    ],
+)
+def test_every_uri_form_the_driver_accepts_is_accepted(uri: str) -> None:
+    assert Neo4jConnectionConfig(uri=uri).uri == uri
+
+
+DRIVER_PROBES = [
+    "bolt://h:7687",
+    "bolt://h:7687?policy=eu",
+    "bolt://h:7687/db",
+    "bolt://h:7687#x",
+    "neo4j://h:7687?policy=eu",
+    "neo4j://h:7687?policy",
+    "neo4j://h:7687?a=1&a=2",
+    "neo4j://h:7687?address=x",
+    "neo4j://h:7687/db",
+    "neo4j://h:7687#x",
+    "bolt://[::1",
+]
+
+
+@pytest.mark.parametrize("uri", DRIVER_PROBES)
+async def test_a_uri_the_driver_refuses_or_warns_about_is_a_config_error(uri: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the driver deprecates paths and fragments (ignored)
+        try:
+            driver = AsyncGraphDatabase.driver(uri, auth=("neo4j", "x"))
+        except Exception:
+            driver = None
+    if driver is not None:
+        await driver.close()
+        Neo4jConnectionConfig(uri=uri)  # accepted by both
+    else:
+        with pytest.raises(ConfigError, match=r"uri \(NEO4J_URI\)"):
+            Neo4jConnectionConfig(uri=uri)
+
+
+# -- pool sizes ----------------------------------------------------------------------------
+def test_pool_max_size_above_max_connection_pool_size_is_refused_at_construction() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig(uri="bolt://h", max_connection_pool_size=5, pool_max_size=8)
+    message = str(raised.value)
+    assert "pool_max_size (8) exceeds max_connection_pool_size (5)" in message
+    assert "lower NEOPOOL_POOL_MAX_SIZE or raise NEO4J_MAX_CONNECTION_POOL_SIZE" in message
+
+
+def test_a_small_driver_pool_from_the_environment_says_the_lease_default_is_too_big(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NEO4J_URI", "bolt://h")
+    monkeypatch.setenv("NEO4J_MAX_CONNECTION_POOL_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"pool_max_size \(10, the default\) exceeds"):
+        Neo4jConnectionConfig()
+    monkeypatch.setenv("NEOPOOL_POOL_MAX_SIZE", "4")
+    assert Neo4jConnectionConfig().pool_max_size == 4  # as many leases as sockets is fine
+
+
+# -- strings the server cannot be sent -----------------------------------------------------
+def test_an_undecodable_workspace_in_the_environment_is_refused_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NEO4J_URI", "bolt://h")
+    monkeypatch.setenv("NEO4J_WORKSPACE", "team\udcff")  # the byte 0xff, via surrogateescape
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig()
+    message = str(raised.value)
+    assert "workspace (NEO4J_WORKSPACE): contains a lone surrogate (U+DCFF at index 4)" in message
+    assert "pass valid Unicode" in message
+
+
+@pytest.mark.parametrize("field", ["username", "database"])
+def test_a_lone_surrogate_in_a_name_is_refused_at_construction(field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field} \(NEO4J_{field.upper()}\): .*surrogate"):
+        Neo4jConnectionConfig(uri="bolt://h", **{field: "ab\ud800"})
+
+
+def test_a_lone_surrogate_in_the_password_is_refused_without_showing_it() -> None:
+    password = SECRET + "\ud800"
+    with pytest.raises(ConfigError) as raised:
+        Neo4jConnectionConfig(uri="bolt://h", password=password)
+    message = str(raised.value)
+    assert "password (NEO4J_PASSWORD): contains a lone surrogate" in message
+    assert SECRET not in message
+    assert "index" not in message  # not even where in the password it is

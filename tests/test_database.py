@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
+import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
+from neo4j import AsyncDriver, AsyncGraphDatabase
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
 from neopool.database import database_name_for, effective_workspace, preparer, quote_identifier
-from neopool.testing import BoltTarget
+from neopool.errors import InvalidName, PrepareTimeout
+from neopool.testing import BoltTarget, TcpProxy
 
 pytestmark = pytest.mark.usefixtures("neopool_registry")
 
@@ -35,6 +41,23 @@ def unique(prefix: str) -> str:
 async def prepare(workspace: str | None) -> str | None:
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:
         return await borrowed.prepare_database(workspace)
+
+
+def open_driver(config: Neo4jConnectionConfig) -> AsyncDriver:
+    return AsyncGraphDatabase.driver(config.uri, auth=config.auth(), **config.driver_options())
+
+
+@contextlib.asynccontextmanager
+async def driver_for(config: Neo4jConnectionConfig) -> AsyncIterator[AsyncDriver]:
+    driver = open_driver(config)
+    try:
+        yield driver
+    finally:
+        await driver.close()
+
+
+def prepared_for(workspace: str) -> list[str | None]:
+    return [database for key, database in preparer.prepared().items() if key[3] == workspace]
 
 
 async def test_the_second_call_runs_no_cypher_in_any_loop() -> None:
@@ -157,3 +180,148 @@ async def test_a_database_passed_in_is_used_unless_neo4j_database_is_set(
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:
         chosen = await borrowed.prepare_database(unique("env"), database="not-this-one")
     assert chosen == "neo4j"
+
+
+# -- bounded waits -------------------------------------------------------------------------
+async def test_a_waiter_gets_prepare_timeout_while_the_preparing_caller_is_stuck(
+    neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
+) -> None:
+    workspace = unique("stuck")
+    settings = {"uri": neopool_proxy.uri(), "database": "neo4j", "connection_timeout": 60.0}
+    patient = neopool_bolt.config(**settings, prepare_timeout=60.0)
+    hasty = neopool_bolt.config(**settings, prepare_timeout=0.5)
+    neopool_proxy.set_blackhole(True)  # accepts the driver's connection, never answers
+    async with driver_for(patient) as driver:
+        leader = asyncio.create_task(preparer.prepare(driver, patient, workspace))
+        waiter = asyncio.create_task(preparer.prepare(driver, hasty, workspace))
+        started = time.monotonic()
+        with pytest.raises(PrepareTimeout) as raised:
+            await waiter
+        waited = time.monotonic() - started
+
+        assert 0.45 <= waited < 5.0
+        assert isinstance(raised.value, TimeoutError)
+        message = str(raised.value)
+        assert f"workspace {workspace!r} was still being prepared by another caller" in message
+        assert "after 0.5s" in message
+        assert "raise prepare_timeout (NEOPOOL_PREPARE_TIMEOUT)" in message
+        assert not leader.done()  # the waiter left without cancelling the preparation
+
+        neopool_proxy.set_blackhole(False)
+        database = await asyncio.wait_for(leader, 30)
+        statements = preparer.statements_run
+        assert await preparer.prepare(driver, hasty, workspace) == database == "neo4j"
+        assert preparer.statements_run == statements
+
+
+async def test_a_preparation_the_server_never_answers_times_out_and_can_run_again(
+    neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
+) -> None:
+    workspace = unique("silent")
+    settings = {"uri": neopool_proxy.uri(), "database": "neo4j", "connection_timeout": 60.0}
+    hasty = neopool_bolt.config(**settings, prepare_timeout=0.5)
+    neopool_proxy.set_blackhole(True)
+    async with driver_for(hasty) as driver:
+        started = time.monotonic()
+        with pytest.raises(PrepareTimeout) as raised:
+            await preparer.prepare(driver, hasty, workspace)
+        assert 0.45 <= time.monotonic() - started < 5.0
+        message = str(raised.value)
+        assert f"preparing workspace {workspace!r} did not finish within 0.5s" in message
+        assert "NEOPOOL_PREPARE_TIMEOUT" in message
+        assert prepared_for(workspace) == []
+
+        neopool_proxy.set_blackhole(False)
+        patient = neopool_bolt.config(**settings)
+        assert await preparer.prepare(driver, patient, workspace) == "neo4j"
+    assert prepared_for(workspace) == ["neo4j"]
+
+
+def _claim_then_stop(
+    config: Neo4jConnectionConfig, workspace: str
+) -> tuple[asyncio.AbstractEventLoop, AsyncDriver, asyncio.Task[str | None]]:
+    """Start preparing on a new loop, then never run that loop again (a blocked thread)."""
+    loop = asyncio.new_event_loop()
+    driver = open_driver(config)
+    leader = loop.create_task(preparer.prepare(driver, config, workspace))
+    loop.call_soon(loop.stop)
+    loop.run_forever()  # exactly one step of the task: it claims the preparation
+    return loop, driver, leader
+
+
+def _end(
+    loop: asyncio.AbstractEventLoop, driver: AsyncDriver, leader: asyncio.Task[str | None]
+) -> None:
+    """What asyncio.run does at its end: cancel what is left, then close."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(driver.close())
+    loop.close()
+
+
+async def test_a_preparation_whose_loop_stopped_is_taken_over_after_its_prepare_timeout(
+    neopool_bolt: BoltTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    workspace = unique("orphaned")
+    stopped = await asyncio.to_thread(
+        _claim_then_stop, neopool_bolt.config(database="neo4j", prepare_timeout=0.5), workspace
+    )
+    patient = neopool_bolt.config(database="neo4j", prepare_timeout=60.0)
+    try:
+        async with driver_for(patient) as driver:
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="neopool"):
+                database = await preparer.prepare(driver, patient, workspace)
+            elapsed = time.monotonic() - started
+        assert not stopped[2].done()  # the first caller is still stuck
+    finally:
+        await asyncio.to_thread(_end, *stopped)
+
+    assert database == "neo4j"
+    assert elapsed < 5.0  # the stuck caller's 0.5 s, not this caller's 60 s
+    assert f"preparation of workspace {workspace!r} overran its prepare_timeout" in caplog.text
+    assert prepared_for(workspace) == ["neo4j"]  # the old caller's end did not undo it
+
+
+# -- names the server cannot be sent, and names in the log -------------------------------
+@pytest.mark.parametrize(
+    ("workspace", "database", "named"),
+    [
+        ("ws\ud800", None, "workspace 'ws\\ud800' contains a lone surrogate (U+D800 at index 2)"),
+        ("plain", "db\udcff", "database 'db\\udcff' contains a lone surrogate (U+DCFF at index 2)"),
+    ],
+)
+async def test_a_name_that_is_not_valid_unicode_is_refused_before_any_cypher(
+    workspace: str, database: str | None, named: str
+) -> None:
+    statements = preparer.statements_run
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        with pytest.raises(InvalidName) as raised:
+            await borrowed.prepare_database(workspace, database=database)
+    assert isinstance(raised.value, ValueError)
+    assert named in str(raised.value)
+    assert "pass valid Unicode" in str(raised.value)
+    assert preparer.statements_run == statements
+
+
+def test_lightrags_naming_rules_refuse_names_that_are_not_valid_unicode() -> None:
+    config = Neo4jConnectionConfig(uri="bolt://h")
+    with pytest.raises(InvalidName, match="lone surrogate"):
+        effective_workspace(config, "ws\ud800")
+    with pytest.raises(InvalidName, match="lone surrogate"):
+        database_name_for("ws\ud800")
+
+
+async def test_names_are_logged_quoted_and_cut_short(caplog: pytest.LogCaptureFixture) -> None:
+    workspace = unique("forged\nneopool: all good ") + "x" * 500
+    with caplog.at_level(logging.INFO, logger="neopool"):
+        await prepare(workspace)
+    messages = [record.getMessage() for record in caplog.records if record.name == "neopool"]
+    assert any("prepared in database" in message for message in messages)
+    for message in messages:
+        assert "\n" not in message  # a name cannot start a forged log line
+        assert "x" * 100 not in message
+    assert any(repr(workspace[:60]) in message for message in messages)
+    assert any(f"…({len(workspace)} characters)" in message for message in messages)

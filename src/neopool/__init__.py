@@ -15,11 +15,13 @@ from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import (
     ConfigError,
+    InvalidName,
     LeaseError,
     NeopoolError,
     NoRunningLoop,
     PoolClosed,
     PoolTimeout,
+    PrepareTimeout,
 )
 from neopool.factory import Neo4jConnectionFactory
 from neopool.lease import PooledConnectionManager
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigError",
     "EventLoopConnectionPool",
     "GlobalNeo4jConnectionPool",
+    "InvalidName",
     "LeaseError",
     "Neo4jConnectionConfig",
     "Neo4jConnectionFactory",
@@ -44,6 +47,7 @@ __all__ = [
     "PoolStats",
     "PoolTimeout",
     "PooledConnectionManager",
+    "PrepareTimeout",
     "__version__",
     "run",
 ]

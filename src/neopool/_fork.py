@@ -39,7 +39,7 @@ def _after_fork_in_child() -> None:
     if registry is not None:
         registry.after_fork_in_child()
     runner.after_fork_in_child()
-    preparer._after_fork_in_child()
+    preparer.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

@@ -63,8 +63,18 @@ def driver_is_closed(driver: AsyncDriver) -> bool:
     return bool(getattr(driver, "_closed", False))
 
 
-def release_sockets(driver: AsyncDriver) -> int:
-    """Release this process's hold on the driver's sockets, sending nothing; return how many."""
+def release_sockets(driver: AsyncDriver, *, loop_runs: bool = False) -> int:
+    """Release this process's hold on the driver's sockets, sending nothing; return how many.
+
+    ``loop_runs``: the caller is on the driver's loop (a close that failed or ran
+    out of time), so each transport is aborted the ordinary way instead.
+    """
+    if loop_runs:
+        transports = [t for t in _transports(driver) if not t.is_closing()]
+        for transport in transports:
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()
+        return len(transports)
     descriptors = {_descriptor(transport) for transport in _transports(driver)}
     descriptors.discard(-1)
     if not descriptors:

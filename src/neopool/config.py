@@ -8,15 +8,24 @@ validated at construction, so a typo fails where it is made, not inside a task.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from neopool.errors import ConfigError
 
 #: URI schemes the official driver accepts.
 DRIVER_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
+#: The routing-context key the driver fills in itself and refuses from the URI.
+_RESERVED_ROUTING_KEY = "address"
 
 
 def _env(name: str, default: Any = ..., **constraints: Any) -> Any:
@@ -111,6 +120,14 @@ class Neo4jConnectionConfig(BaseSettings):
         description="In-use fraction of pool_max_size above which a warning is logged.",
     )
 
+    # -- database preparation --------------------------------------------------
+    prepare_timeout: float = _env(
+        "NEOPOOL_PREPARE_TIMEOUT",
+        60.0,
+        gt=0,
+        description="Seconds prepare_database may take, waiting for another caller included.",
+    )
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -124,7 +141,14 @@ class Neo4jConnectionConfig(BaseSettings):
         uri = uri.strip()
         if not uri:
             raise ValueError("is empty")
-        parts = urlsplit(uri)
+        if any(char.isspace() or not char.isprintable() for char in uri):
+            raise ValueError(
+                "contains whitespace or unprintable characters; write it as scheme://host:port"
+            )
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 address
+            raise ValueError(f"cannot be parsed ({exc}); write it as scheme://host:port") from None
         if parts.scheme not in DRIVER_SCHEMES:
             raise ValueError(
                 f"scheme {parts.scheme or '(none)'!r} is not one the Neo4j driver knows; "
@@ -136,8 +160,32 @@ class Neo4jConnectionConfig(BaseSettings):
                 "(NEO4J_USERNAME/NEO4J_PASSWORD) instead"
             )
         if not parts.hostname:
-            raise ValueError("has no host; write it as scheme://host:port")
+            raise ValueError(
+                "has no host; write it as scheme://host:port (an IPv6 address in brackets)"
+            )
+        _check_port(parts.netloc)
+        if parts.path not in ("", "/"):
+            raise ValueError(
+                f"has a path ({_clip(parts.path)!r}), which the driver ignores; remove it "
+                f"(to choose a database, set database / NEO4J_DATABASE)"
+            )
+        if parts.fragment:
+            raise ValueError("has a fragment ('#...'), which the driver ignores; remove it")
+        _check_routing_context(parts)
         return uri
+
+    @field_validator("username", "password", "database", "workspace")
+    @classmethod
+    def _check_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        """Bolt sends strings as UTF-8: a lone surrogate would fail deep inside the driver."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str):
+            problem = utf8_problem(text)
+            if problem is not None:
+                if info.field_name == "password":
+                    problem = "contains a lone surrogate, which is not valid Unicode"
+                raise ValueError(f"{problem}; {SURROGATE_FIX}")
+        return value
 
     @field_validator("database", "workspace", mode="before")
     @classmethod
@@ -154,11 +202,14 @@ class Neo4jConnectionConfig(BaseSettings):
                 f"({self.pool_max_size}); lower NEOPOOL_POOL_MIN_SIZE or raise "
                 f"NEOPOOL_POOL_MAX_SIZE"
             )
-        if self.pool_min_size > self.max_connection_pool_size:
+        if self.pool_max_size > self.max_connection_pool_size:
+            default = "" if "pool_max_size" in self.model_fields_set else ", the default"
             raise ValueError(
-                f"pool_min_size ({self.pool_min_size}) exceeds max_connection_pool_size "
-                f"({self.max_connection_pool_size}); the driver cannot keep that many "
-                f"sockets warm"
+                f"pool_max_size ({self.pool_max_size}{default}) exceeds "
+                f"max_connection_pool_size ({self.max_connection_pool_size}): borrowers "
+                f"beyond {self.max_connection_pool_size} would get a lease, then time out "
+                f"waiting for a socket of the driver; lower NEOPOOL_POOL_MAX_SIZE or raise "
+                f"NEO4J_MAX_CONNECTION_POOL_SIZE"
             )
         return self
 
@@ -190,6 +241,81 @@ def env_name(field: str) -> str:
     info = Neo4jConnectionConfig.model_fields.get(field)
     alias = info.validation_alias if info is not None else None
     return alias if isinstance(alias, str) else field.upper()
+
+
+#: How to fix a string with lone surrogates; shared with the checks of workspace names.
+SURROGATE_FIX = (
+    "pass valid Unicode (lone surrogates come from bytes that were not UTF-8, "
+    "e.g. an environment variable or file name decoded with surrogateescape)"
+)
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot be sent to the server (Bolt strings are UTF-8), or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"contains a lone surrogate (U+{ord(text[exc.start]):04X} at index {exc.start}), "
+            f"which is not valid Unicode"
+        )
+    return None
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_port(netloc: str) -> None:
+    """The port as the driver reads it: empty (7687) or a number from 1 to 65535.
+
+    The driver keeps a port it cannot read as text (the first connect fails)
+    and silently replaces port 0 with 7687, so both are refused here.
+    """
+    if netloc.startswith("["):
+        _, _, rest = netloc.rpartition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(
+                f"has {_clip(rest)!r} after the IPv6 address; write it as scheme://[address]:port"
+            )
+        port = rest[1:]
+    else:
+        port = netloc.partition(":")[2]
+    if not port:
+        return
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(
+            f"port {_clip(port)!r} is not a number; write it as scheme://host:port "
+            f"with a port from 1 to 65535 (Neo4j listens on 7687)"
+        )
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"port {int(port)} is out of range; use a port from 1 to 65535 (Neo4j listens on 7687)"
+        )
+
+
+def _check_routing_context(parts: SplitResult) -> None:
+    """A query is a routing context: neo4j:// takes one, bolt:// does not."""
+    if not parts.query:
+        return
+    if parts.scheme.startswith("bolt"):
+        raise ValueError(
+            f"has a query ('?...'), but {parts.scheme}:// connects to one server and "
+            f"takes no routing context; remove it, or use neo4j:// for a routing context"
+        )
+    seen: set[str] = set()
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if not key:
+            raise ValueError("has a routing context entry without a key; write ?key=value")
+        if key in seen:
+            raise ValueError(f"gives routing context key {_clip(key)!r} twice; give it once")
+        if not value:
+            raise ValueError(f"gives routing context key {_clip(key)!r} no value; write ?key=value")
+        if key == _RESERVED_ROUTING_KEY:
+            raise ValueError(
+                f"gives routing context key {key!r}, which the driver sets itself; remove it"
+            )
+        seen.add(key)
 
 
 def _describe(exc: ValidationError) -> str:

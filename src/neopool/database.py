@@ -8,7 +8,9 @@ an index on ``entity_id`` is ensured for the workspace label.
 
 The result is cached process-wide: the second call, from any event loop or
 thread, runs no Cypher. Concurrent first calls run the preparation once and
-all get its result. Workspace strings never reach Cypher unquoted.
+all get its result. Every call is bounded by ``prepare_timeout``, waiting for
+another caller included; a caller that is past its own bound (its loop blocked
+or closed) is taken over. Workspace strings never reach Cypher unquoted.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import re
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from neo4j import AsyncDriver
 from neo4j.exceptions import AuthError, ClientError, DatabaseError
 
-from neopool.config import Neo4jConnectionConfig
+from neopool.config import SURROGATE_FIX, Neo4jConnectionConfig, utf8_problem
+from neopool.errors import InvalidName, PrepareTimeout
 
 logger = logging.getLogger("neopool")
 
@@ -32,20 +36,41 @@ DEFAULT_WORKSPACE = "base"
 SYSTEM_DATABASE = "system"
 _DATABASE_NOT_FOUND = "Neo.ClientError.Database.DatabaseNotFound"
 
+#: Characters of a name that logs and errors show; the rest is only counted.
+SHOWN_CHARACTERS = 60
+
 CacheKey = tuple[str, str, str, str]
+
+
+def shown(name: str | None) -> str:
+    """A name as logs and errors show it: quoted like ``repr``, so control
+    characters cannot forge log lines, and cut short, so a huge name cannot flood them."""
+    if name is None:
+        return "(default)"
+    if len(name) <= SHOWN_CHARACTERS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARACTERS]!r}…({len(name)} characters)"
+
+
+def checked_name(name: str, what: str = "workspace") -> str:
+    """``name`` itself, if the server can be sent it; else :class:`InvalidName`."""
+    problem = utf8_problem(name)
+    if problem is not None:
+        raise InvalidName(f"{what} {shown(name)} {problem}; {SURROGATE_FIX}")
+    return name
 
 
 def effective_workspace(config: Neo4jConnectionConfig, workspace: str | None) -> str:
     """LightRAG's rule: ``NEO4J_WORKSPACE`` wins, then the argument, then ``base``."""
     for candidate in (config.workspace, workspace):
         if candidate is not None and str(candidate).strip():
-            return str(candidate).strip()
+            return checked_name(str(candidate).strip())
     return DEFAULT_WORKSPACE
 
 
 def database_name_for(workspace: str) -> str:
     """The database LightRAG derives from a name: anything unusual becomes ``-``."""
-    return re.sub(r"[^a-zA-Z0-9-]", "-", workspace)
+    return re.sub(r"[^a-zA-Z0-9-]", "-", checked_name(workspace))
 
 
 def quote_identifier(name: str) -> str:
@@ -54,7 +79,20 @@ def quote_identifier(name: str) -> str:
 
 
 class _Abandoned(Exception):
-    """The caller running a preparation was cancelled; another one takes over."""
+    """The caller running a preparation was cancelled or overran; another one takes over."""
+
+
+@dataclass(eq=False)
+class _Preparation:
+    """One caller's run of a preparation, which concurrent callers wait for."""
+
+    #: When its caller gives up (``time.monotonic()``); a run still going after it is stuck.
+    deadline: float
+    #: Running from the start, so a waiter that gives up can never cancel it for the others.
+    future: concurrent.futures.Future[str | None] = field(default_factory=concurrent.futures.Future)
+
+    def __post_init__(self) -> None:
+        self.future.set_running_or_notify_cancel()
 
 
 class DatabasePreparer:
@@ -63,7 +101,7 @@ class DatabasePreparer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._prepared: dict[CacheKey, str | None] = {}
-        self._running: dict[CacheKey, concurrent.futures.Future[str | None]] = {}
+        self._running: dict[CacheKey, _Preparation] = {}
         #: Cypher statements run so far (the cache's effect, in one number).
         self.statements_run = 0
 
@@ -79,52 +117,121 @@ class DatabasePreparer:
         The database is ``NEO4J_DATABASE`` if set, else ``database`` if given,
         else a name derived from the workspace. Returns the database actually
         used, or ``None`` where the server's default database had to be used and
-        its name could not be learned.
+        its name could not be learned. Raises :class:`PrepareTimeout` after
+        ``prepare_timeout`` seconds, and :class:`InvalidName` (before any
+        Cypher) for a name the server cannot be sent.
         """
         workspace = effective_workspace(config, workspace)
+        if database is not None:
+            checked_name(database, "database")
         target = config.database or database or database_name_for(workspace)
         key: CacheKey = (*config.server_key, target, workspace)
+        deadline = time.monotonic() + config.prepare_timeout
         while True:
+            overran = False
             with self._lock:
                 if key in self._prepared:
                     return self._prepared[key]
                 running = self._running.get(key)
+                if running is not None and running.deadline <= time.monotonic():
+                    # Its caller is past its own bound, so its loop is blocked or gone.
+                    running.future.set_exception(_Abandoned())  # its waiters come back here
+                    running, overran = None, True
                 if running is None:
-                    mine: concurrent.futures.Future[str | None] = concurrent.futures.Future()
-                    self._running[key] = mine
+                    mine = self._running[key] = _Preparation(deadline)
             if running is None:
-                return await self._lead(key, mine, driver, target, workspace)
+                if overran:
+                    logger.warning(
+                        "neopool: the preparation of workspace %s overran its prepare_timeout "
+                        "(its event loop may be blocked or closed); preparing it again",
+                        shown(workspace),
+                    )
+                return await self._lead(key, mine, driver, target, workspace, config)
             try:
-                return await asyncio.shield(asyncio.wrap_future(running))
+                return await self._follow(running, deadline, workspace, config)
             except _Abandoned:
                 continue
 
     async def _lead(
         self,
         key: CacheKey,
-        future: concurrent.futures.Future[str | None],
+        mine: _Preparation,
         driver: AsyncDriver,
         target: str,
         workspace: str,
+        config: Neo4jConnectionConfig,
     ) -> str | None:
         try:
-            database = await self._prepare(driver, target, workspace)
+            database = await asyncio.wait_for(
+                self._prepare(driver, target, workspace), mine.deadline - time.monotonic()
+            )
+        except asyncio.TimeoutError:
+            error = _timeout(
+                f"preparing workspace {shown(workspace)} did not finish within "
+                f"{config.prepare_timeout:g}s: the server did not answer in time",
+                workspace,
+                config,
+            )
+            self._finish(key, mine, error=error)
+            raise error from None
         except BaseException as exc:
-            with self._lock:
-                self._running.pop(key, None)
-            future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
+            self._finish(key, mine, error=exc if isinstance(exc, Exception) else _Abandoned())
             raise
-        with self._lock:
-            self._prepared[key] = database
-            self._running.pop(key, None)
-        future.set_result(database)
+        self._finish(key, mine, result=database)
         return database
+
+    def _finish(
+        self,
+        key: CacheKey,
+        mine: _Preparation,
+        *,
+        result: str | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        """Record the outcome; tell the waiters, unless another caller took them over."""
+        with self._lock:
+            if self._running.get(key) is mine:
+                del self._running[key]
+            if error is None:
+                self._prepared[key] = result
+            if mine.future.done():
+                return
+            if error is None:
+                mine.future.set_result(result)
+            else:
+                mine.future.set_exception(error)
+
+    async def _follow(
+        self,
+        running: _Preparation,
+        deadline: float,
+        workspace: str,
+        config: Neo4jConnectionConfig,
+    ) -> str | None:
+        """Wait for another caller's preparation until our deadline or its own."""
+        waiting = asyncio.wrap_future(running.future)
+        try:
+            timeout = min(deadline, running.deadline) - time.monotonic()
+            await asyncio.wait({waiting}, timeout=max(timeout, 0.0))
+        finally:
+            waiting.cancel()  # stops only this wait: a running future cannot be cancelled
+        if not waiting.cancelled():
+            return waiting.result()  # its database, or its error, or _Abandoned
+        if running.deadline < deadline:
+            raise _Abandoned()  # it overran its own bound first: take over
+        raise _timeout(
+            f"workspace {shown(workspace)} was still being prepared by another caller "
+            f"after {config.prepare_timeout:g}s (its event loop may be blocked, or the "
+            f"server slow)",
+            workspace,
+            config,
+        )
 
     async def _prepare(self, driver: AsyncDriver, target: str, workspace: str) -> str | None:
         database = await self._open_or_create(driver, target)
         await self._ensure_index(driver, database, workspace)
         logger.info(
-            "neopool: workspace %r prepared in database %r", workspace, database or "(default)"
+            "neopool: workspace %s prepared in database %s", shown(workspace), shown(database)
         )
         return database
 
@@ -141,15 +248,15 @@ class DatabasePreparer:
             await self._administer(
                 driver, f"CREATE DATABASE {quote_identifier(target)} IF NOT EXISTS WAIT"
             )
-            logger.info("neopool: created database %r", target)
+            logger.info("neopool: created database %s", shown(target))
             return target
         except AuthError:
             raise
         except (ClientError, DatabaseError) as exc:
             logger.warning(
-                "neopool: database %r does not exist and this server cannot create it (%s); "
+                "neopool: database %s does not exist and this server cannot create it (%s); "
                 "using the default database. Set NEO4J_DATABASE to choose one.",
-                target,
+                shown(target),
                 exc.code,
             )
         return await self._default_database(driver)
@@ -177,7 +284,9 @@ class DatabasePreparer:
         except AuthError:
             raise
         except (ClientError, DatabaseError) as exc:
-            logger.warning("neopool: could not index entity_id for %r: %s", workspace, exc.code)
+            logger.warning(
+                "neopool: could not index entity_id for %s: %s", shown(workspace), exc.code
+            )
 
     async def _administer(self, driver: AsyncDriver, query: str) -> list[dict[str, Any]]:
         """Run an administration command where Neo4j expects it: the system database."""
@@ -207,14 +316,20 @@ class DatabasePreparer:
         with self._lock:
             self._prepared.clear()
 
-    def _after_fork_in_child(self) -> None:
+    def after_fork_in_child(self) -> None:
         # Preparations running in the parent's threads will never finish here.
         self._lock = threading.Lock()
         self._running = {}
 
 
+def _timeout(problem: str, workspace: str, config: Neo4jConnectionConfig) -> PrepareTimeout:
+    return PrepareTimeout(
+        f"{problem}. Check that the server is reachable and answering, or raise "
+        f"prepare_timeout (NEOPOOL_PREPARE_TIMEOUT).",
+        workspace,
+        config.prepare_timeout,
+    )
+
+
 #: The process-wide cache used by :meth:`BorrowedConnection.prepare_database`.
 preparer = DatabasePreparer()
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: preparer._after_fork_in_child())

@@ -37,6 +37,31 @@ class PoolTimeout(NeopoolError, TimeoutError):
         )
 
 
+class PrepareTimeout(NeopoolError, TimeoutError):
+    """``prepare_database`` did not finish within ``prepare_timeout``.
+
+    Raised to the caller running the preparation and to callers waiting for
+    another one; nothing is cached, so a later call prepares again.
+    """
+
+    def __init__(self, message: str, workspace: str, timeout: float) -> None:
+        self.workspace = workspace
+        self.timeout = timeout
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[PrepareTimeout], tuple[str, str, float]]:
+        return (type(self), (str(self), self.workspace, self.timeout))
+
+
+class InvalidName(NeopoolError, ValueError):
+    """A workspace or database name cannot be sent to the server.
+
+    Raised by ``prepare_database`` before any Cypher runs, for example for a
+    name with lone surrogates (bytes that were not UTF-8, decoded with
+    ``surrogateescape``).
+    """
+
+
 class PoolClosed(NeopoolError):
     """The pool was closed; it hands out no more leases."""
 

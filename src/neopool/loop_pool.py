@@ -509,7 +509,7 @@ class EventLoopConnectionPool:
             await asyncio.wait_for(driver.close(), self.config.close_timeout or None)
         except Exception as exc:  # a dead server must not stop a close
             logger.debug("neopool: closing a driver failed (%r); releasing its sockets", exc)
-            release_sockets(driver)
+            release_sockets(driver, loop_runs=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task of the pool's own, outside any caller's context (so no call claims it)."""
@@ -633,11 +633,17 @@ class EventLoopConnectionPool:
             helpers = [task for task in self._tasks if task is not me]
             for task in helpers:
                 task.cancel()
-            closes = [driver.close() for driver in self._drivers()]
-            await asyncio.wait_for(
-                asyncio.gather(*helpers, *closes, return_exceptions=True),
-                max(0.0, deadline - loop.time()),
-            )
+            closes = [self._spawn(driver.close()) for driver in self._drivers()]
+            if helpers or closes:
+                _, pending = await asyncio.wait(
+                    [*helpers, *closes], timeout=max(0.0, deadline - loop.time())
+                )
+                if pending:
+                    for task in pending:
+                        task.cancel()
+                    raise asyncio.TimeoutError(f"{len(pending)} driver close(s) still running")
+                for task in closes:
+                    task.result()  # a driver that failed to close is released below
         except BaseException as exc:
             logger.debug("neopool: closing pool %s ended early (%r)", self._loop_id, exc)
             self.terminate()
@@ -660,7 +666,8 @@ class EventLoopConnectionPool:
         self._state = PoolState.CLOSED
         if not self.on_own_loop():
             self._waiters = deque()  # futures of a loop that cannot run: setting them would fail
-        released = sum(release_sockets(driver) for driver in self._drivers())
+        on_loop = self.on_own_loop()
+        released = sum(release_sockets(driver, loop_runs=on_loop) for driver in self._drivers())
         self._opening, self._retired = None, []
         if self._in_use and self.pid == os.getpid():
             self._report_leaks()
