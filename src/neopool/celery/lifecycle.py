@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
-from neopool.celery.stats import (
-    StatsPublisher,
-    prepare_publish_dir,
-    publish_dir,
-    register_command,
-    remove_publish_dir,
-)
+from neopool.celery.stats import PublishDir, StatsPublisher, register_command
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import NeopoolError
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.runner import close_all_loops
 
 logger = logging.getLogger("neopool")
+
+#: Seconds a worker (or worker process) shutdown spends on neopool at most.
+SHUTDOWN_TIMEOUT = 10.0
 
 #: Celery pools whose tasks share one thread between many greenlets.
 GREEN_POOLS = ("gevent", "eventlet")
@@ -53,6 +51,9 @@ class _WorkerLifecycle:
         self.config = config
         self.main_pid: int | None = None
         self.publisher: StatsPublisher | None = None
+        #: Where prefork children publish their stats: created at worker_init by the
+        #: main process, inherited by the children it forks (see neopool.celery.stats).
+        self.publish_dir: PublishDir | None = None
 
     # -- main process ------------------------------------------------------------
     def on_worker_init(self, sender: Any = None, **_: Any) -> None:
@@ -69,24 +70,28 @@ class _WorkerLifecycle:
             raise SystemExit(str(error))  # Celery logs and ignores an Exception here
         self._configure()
         self.main_pid = os.getpid()
-        prepare_publish_dir(self.main_pid)
+        try:
+            self.publish_dir = PublishDir.create()
+        except OSError as exc:
+            logger.warning("neopool: prefork pool stats will not be published: %s", exc)
 
     def on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         if sender is not None and getattr(sender, "app", self.app) is not self.app:
             return
         self._close_all("worker")
-        if self.main_pid == os.getpid():
-            remove_publish_dir(self.main_pid)
+        if self.main_pid == os.getpid() and self.publish_dir is not None:
+            try:
+                self.publish_dir.remove()
+            except OSError as exc:
+                logger.warning("neopool: could not remove %s: %s", self.publish_dir.path, exc)
 
     # -- each process that runs tasks ----------------------------------------------
     def on_worker_process_init(self, **_: Any) -> None:
         if self.main_pid is None or os.getpid() == self.main_pid:
             return  # solo sends it in the main process: nothing was forked
-        self._configure()
-        registry = GlobalNeo4jConnectionPool()
-        for pool in registry.pools():  # at-fork hooks emptied it; make sure
-            pool.abandon(report_leaks=False)
-        self.publisher = StatsPublisher(publish_dir(self.main_pid))
+        self._configure()  # the fork hook already emptied the registry (neopool._fork)
+        if self.publish_dir is not None:
+            self.publisher = StatsPublisher(self.publish_dir)
         self._publish()
 
     def on_task_postrun(self, **_: Any) -> None:
@@ -99,15 +104,20 @@ class _WorkerLifecycle:
 
     # -- helpers -----------------------------------------------------------------
     def _close_all(self, what: str) -> None:
-        """Close every persistent loop (and so its pool, on that loop); log what is left."""
-        closed = close_all_loops()
-        left = [pool for pool in GlobalNeo4jConnectionPool().pools() if not pool.closed]
+        """Close every persistent loop (so its pool closes on it), then end any other pool.
+
+        Bounded: the whole shutdown takes at most ``SHUTDOWN_TIMEOUT`` seconds.
+        """
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+        closed = close_all_loops(SHUTDOWN_TIMEOUT)
+        registry = GlobalNeo4jConnectionPool()
+        registry.shutdown(max(0.0, deadline - time.monotonic()))
         logger.info(
             "neopool: %s %d shut down: closed %d event loop(s); %d pool(s) left open",
             what,
             os.getpid(),
             closed,
-            len(left),
+            len(registry.pools()),
         )
 
     def _configure(self) -> None:

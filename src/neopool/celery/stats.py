@@ -4,25 +4,50 @@ Remote-control commands run in the worker's main process. Under the threads
 and solo pools that is where the pools live, so the command reads them
 directly. Under prefork they live in the child processes, which the main
 process cannot see into; so each child *publishes* its stats: after every task
-(Celery's ``task_postrun``, in the child) it writes ``<pid>.json`` into a
-directory private to its parent worker, ``<tmp>/neopool-celery-<uid>/<parent
-pid>/``, atomically (write, then rename). The command reads the files of the
-children that are alive now; files of children that died are ignored and
-removed. A file is a few hundred bytes written once per task, far below the
-cost of the task's own broker round trips, and it needs no extra connection.
+(Celery's ``task_postrun``, in the child) it writes ``<pid>.json`` into its
+worker's :class:`PublishDir`, atomically (write, then rename). The command
+reads the files of the children that are alive now; files of children that
+died are ignored and removed. A file is a few hundred bytes written once per
+task, far below the cost of the task's own broker round trips, and it needs no
+extra connection.
+
+The directory follows the lifecycle contract's rule 7 ("files are ours or
+untouched"). The worker's main process creates it at ``worker_init`` with
+:func:`tempfile.mkdtemp` (an unpredictable name, mode 0700) and keeps it in
+memory; prefork children are forked from that process and so inherit it. No
+path is derived from a pid or a uid, and none is read from the environment.
+Before every use the path is checked with :func:`os.lstat`, opened with
+``O_NOFOLLOW | O_DIRECTORY`` and checked again on the open descriptor: it must
+be a real directory, owned by this user, mode 0700, and the very directory
+(device and inode) that was created. Anything else is refused: the operation
+raises :class:`UnsafeStatsDir` (an :class:`OSError`) after logging the reason
+once, and nothing in it is read, written or removed. Inside the directory,
+everything goes through its descriptor (``dir_fd``): a file is written under a
+temporary name created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (mode 0600) and
+renamed over the final name; a file is read only if it opens with
+``O_NOFOLLOW`` and is a regular file owned by this user; and only files with
+neopool's names that are regular files owned by this user are ever removed. At
+shutdown the main process removes those files and the directory itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from neopool.errors import NeopoolError
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import PoolStats
+
+logger = logging.getLogger("neopool")
 
 #: ``{loop id: stats}`` of one process.
 ProcessStats = dict[str, PoolStats]
@@ -31,83 +56,242 @@ ClusterStats = dict[str, dict[str, ProcessStats]]
 
 COMMAND = "neopool_stats"
 
+#: Prefix of the directory's (otherwise random) name.
+DIR_PREFIX = "neopool-celery-"
+#: The only permissions the directory may have.
+DIR_MODE = 0o700
+#: A published file larger than this is not read.
+MAX_FILE_BYTES = 1 << 20
+
+_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
+_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+_DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+#: ``O_NOFOLLOW``, ``O_DIRECTORY``, ``*at()`` calls and uids: POSIX (Linux, macOS).
+SUPPORTED = bool(_NOFOLLOW and _DIRECTORY and hasattr(os, "geteuid")) and (
+    os.open in os.supports_dir_fd
+)
+
+_PUBLISHED = re.compile(r"([0-9]+)\.json")
+_TEMPORARY = re.compile(r"\.([0-9]+)\.json\.tmp")
+
+
+class UnsafeStatsDir(NeopoolError, OSError):
+    """The stats directory is not the private one neopool created: nothing is done in it."""
+
 
 def process_stats() -> ProcessStats:
     """``{loop id: stats}`` of this process's live pools (no loop needed)."""
     return {pool.loop_id: pool.stats() for pool in GlobalNeo4jConnectionPool().pools()}
 
 
-def publish_dir(parent_pid: int) -> Path:
-    """Where the children of worker ``parent_pid`` publish their stats."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"neopool-celery-{uid}" / str(parent_pid)
+def _euid() -> int:
+    return os.geteuid()
+
+
+def _is_own_file(st: os.stat_result) -> bool:
+    """A regular file (not a link, FIFO, device...) owned by this user."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == _euid()
+
+
+class PublishDir:
+    """The private directory where one worker's prefork children publish their stats.
+
+    Create it with :meth:`create` in the worker's main process; its children
+    inherit the object through fork. Every use verifies the path again (see
+    the module's docstring) and refuses it with :class:`UnsafeStatsDir` if it
+    is not, any longer, the directory that was created.
+    """
+
+    __slots__ = ("_refused", "device", "inode", "path")
+
+    def __init__(self, path: Path, device: int, inode: int) -> None:
+        self.path = path
+        self.device = device
+        self.inode = inode
+        self._refused: str | None = None
+
+    @classmethod
+    def create(cls) -> PublishDir:
+        """A new directory: unpredictable name in the temp directory, mode 0700, ours."""
+        if not SUPPORTED:
+            raise UnsafeStatsDir("publishing pool stats needs O_NOFOLLOW and dir_fd (POSIX)")
+        path = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        fd = os.open(path, _DIR_FLAGS)
+        try:
+            os.fchmod(fd, DIR_MODE)  # mkdtemp made it 0700 less the umask
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        directory = cls(path, st.st_dev, st.st_ino)
+        directory._verify(st)
+        return directory
+
+    def refusal(self, st: os.stat_result) -> str | None:
+        """Why the directory whose stat is ``st`` must not be used (``None``: it is fine)."""
+        if stat.S_ISLNK(st.st_mode):
+            return "is a symbolic link"
+        if not stat.S_ISDIR(st.st_mode):
+            return "is not a directory"
+        if st.st_uid != _euid():
+            return f"is owned by uid {st.st_uid}, not {_euid()}"
+        if stat.S_IMODE(st.st_mode) != DIR_MODE:
+            return f"has mode {stat.S_IMODE(st.st_mode):#o}, not {DIR_MODE:#o}"
+        if (st.st_dev, st.st_ino) != (self.device, self.inode):
+            return "is not the directory neopool created (it was replaced)"
+        return None
+
+    def _verify(self, st: os.stat_result) -> None:
+        reason = self.refusal(st)
+        if reason is None:
+            self._refused = None
+            return
+        message = f"refusing the pool-stats directory {self.path}: it {reason}"
+        if reason != self._refused:  # once per episode, not once per task
+            self._refused = reason
+            logger.warning("neopool: %s; prefork pool stats are not published", message)
+        raise UnsafeStatsDir(message)
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[int]:
+        """A descriptor of the directory, verified before and after opening it.
+
+        Raises :class:`UnsafeStatsDir` if it is not the directory :meth:`create`
+        made, and :class:`FileNotFoundError` if it is gone.
+        """
+        self._verify(os.lstat(self.path))
+        try:
+            fd = os.open(self.path, _DIR_FLAGS)
+        except OSError:  # replaced by a link or a file since the lstat, say so
+            self._verify(os.lstat(self.path))
+            raise
+        try:
+            self._verify(os.fstat(fd))
+            yield fd
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Remove the files neopool wrote here, then the directory; follow nothing.
+
+        A directory that is already gone is fine. Entries neopool did not write
+        are left alone (and then the directory stays too: ``OSError``).
+        """
+        try:
+            with self.opened() as dir_fd:
+                for name in os.listdir(dir_fd):
+                    if _PUBLISHED.fullmatch(name) or _TEMPORARY.fullmatch(name):
+                        _remove_own(name, dir_fd)
+        except FileNotFoundError:
+            return
+        os.rmdir(self.path)  # never follows a link: a link here fails with ENOTDIR
+
+    def __repr__(self) -> str:
+        return f"PublishDir({str(self.path)!r})"
+
+
+def _remove_own(name: str, dir_fd: int) -> None:
+    """Unlink ``name`` if it is a regular file of ours (unlink never follows a link)."""
+    with contextlib.suppress(OSError):
+        if _is_own_file(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)):
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def _create_exclusive(name: str, dir_fd: int) -> int:
+    """Create ``name`` anew (0600), never opening anything that already exists."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:  # left by an earlier process with this pid that was killed
+        os.unlink(name, dir_fd=dir_fd)
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def _read_own(name: str, dir_fd: int) -> ProcessStats | None:
+    """The stats in ``name``, if it is a regular file of ours holding a JSON object."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=dir_fd)
+    except OSError:  # gone, or a symbolic link (ELOOP)
+        return None
+    with os.fdopen(fd, "rb") as file:
+        if not _is_own_file(os.fstat(file.fileno())):
+            logger.debug("neopool: ignoring %s in the pool-stats directory", name)
+            return None
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        return None
+    try:
+        stats = json.loads(data)
+    except ValueError:
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 class StatsPublisher:
     """Writes this child's stats where its parent worker reads them."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: PublishDir) -> None:
+        pid = os.getpid()
         self.directory = directory
-        self.path = directory / f"{os.getpid()}.json"
-        self._tmp = directory / f".{os.getpid()}.json.tmp"
+        self.name = f"{pid}.json"
+        self._tmp = f".{pid}.json.tmp"
+
+    @property
+    def path(self) -> Path:
+        """Where this child's stats are."""
+        return self.directory.path / self.name
 
     def publish(self) -> None:
-        """Write the current stats (atomically: readers never see half a file)."""
-        payload = json.dumps(process_stats())
-        self._tmp.write_text(payload)
-        os.replace(self._tmp, self.path)
+        """Write the current stats (atomically: readers never see half a file).
+
+        Raises :class:`UnsafeStatsDir` (nothing written) if the directory is not
+        the one the worker created, :class:`OSError` if the write fails.
+        """
+        payload = json.dumps(process_stats()).encode()
+        with self.directory.opened() as dir_fd:
+            fd = _create_exclusive(self._tmp, dir_fd)
+            with os.fdopen(fd, "wb") as file:
+                file.write(payload)
+            os.replace(self._tmp, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
     def withdraw(self) -> None:
         """Remove this child's file (it is shutting down)."""
-        for path in (self.path, self._tmp):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        with contextlib.suppress(OSError), self.directory.opened() as dir_fd:
+            for name in (self.name, self._tmp):
+                _remove_own(name, dir_fd)
 
 
-def prepare_publish_dir(parent_pid: int) -> Path:
-    """Create (empty) the directory of a worker that is starting."""
-    directory = publish_dir(parent_pid)
-    remove_publish_dir(parent_pid)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return directory
+def read_children(directory: PublishDir, live_pids: list[int]) -> dict[str, ProcessStats]:
+    """``{"<pid>": stats}`` published in ``directory`` by the live children ``live_pids``.
 
-
-def remove_publish_dir(parent_pid: int) -> None:
-    """Remove a worker's directory and everything its children wrote."""
-    directory = publish_dir(parent_pid)
-    if directory.is_dir():
-        for path in directory.iterdir():
-            with contextlib.suppress(OSError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            directory.rmdir()
-
-
-def read_children(parent_pid: int, live_pids: list[int]) -> dict[str, ProcessStats]:
-    """``{"<pid>": stats}`` published by the live children of ``parent_pid``."""
-    directory = publish_dir(parent_pid)
-    found: dict[str, ProcessStats] = {}
-    if not directory.is_dir():
-        return found
+    Raises :class:`UnsafeStatsDir` if the directory is not the one the worker created.
+    """
     live = {str(pid) for pid in live_pids}
-    for path in directory.glob("*.json"):
-        pid = path.stem
-        if pid not in live:
-            with contextlib.suppress(OSError):
-                path.unlink()  # a child that died; Celery has replaced it
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            found[pid] = json.loads(path.read_text())
+    found: dict[str, ProcessStats] = {}
+    with directory.opened() as dir_fd:
+        for name in os.listdir(dir_fd):
+            match = _PUBLISHED.fullmatch(name) or _TEMPORARY.fullmatch(name)
+            if match is None:
+                continue  # not a name neopool writes: leave it alone
+            pid = match.group(1)
+            if pid not in live:
+                _remove_own(name, dir_fd)  # a child that died; Celery has replaced it
+            elif name.endswith(".json"):
+                stats = _read_own(name, dir_fd)
+                if stats is not None:
+                    found[pid] = stats
     for pid in live:  # a child that has not published yet still counts
         found.setdefault(pid, {})
     return found
 
 
-def worker_stats(pool: Any) -> dict[str, ProcessStats]:
+def worker_stats(pool: Any, directory: PublishDir | None = None) -> dict[str, ProcessStats]:
     """What the ``neopool_stats`` command replies for this worker.
 
-    ``pool`` is the worker's Celery task pool. Prefork children's published
-    stats, plus this process's own pools (the only ones under threads/solo).
+    ``pool`` is the worker's Celery task pool, ``directory`` where its prefork
+    children publish. Their published stats, plus this process's own pools
+    (the only ones under threads/solo).
     """
     me = os.getpid()
     info: dict[str, Any] = {}
@@ -118,8 +302,20 @@ def worker_stats(pool: Any) -> dict[str, ProcessStats]:
     own = process_stats()
     if own or not children:
         result[str(me)] = own
-    result.update(read_children(me, children))
+    published: dict[str, ProcessStats] = {str(pid): {} for pid in children}
+    if children and directory is not None:
+        try:
+            published = read_children(directory, children)
+        except OSError as exc:  # refused (already logged) or gone
+            logger.debug("neopool: could not read published pool stats: %s", exc)
+    result.update(published)
     return result
+
+
+def _publish_dir_of(app: Any) -> PublishDir | None:
+    """The directory the worker of ``app`` created (set by :mod:`neopool.celery.lifecycle`)."""
+    directory = getattr(getattr(app, "_neopool_lifecycle", None), "publish_dir", None)
+    return directory if isinstance(directory, PublishDir) else None
 
 
 def register_command() -> None:
@@ -132,7 +328,8 @@ def register_command() -> None:
     @inspect_command(name=COMMAND)  # type: ignore[untyped-decorator]
     def neopool_stats(state: Any) -> dict[str, ProcessStats]:
         """Pool stats of every event loop of every process of this worker."""
-        return worker_stats(state.consumer.pool)
+        consumer = state.consumer
+        return worker_stats(consumer.pool, _publish_dir_of(consumer.app))
 
 
 def cluster_stats(app: Any, timeout: float = 2.0) -> ClusterStats:
