@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Listen on 127.0.0.1 and forward every connection to UPSTREAM, delaying each "
             "byte by half the round-trip time each way (and a new connection by one round "
             "trip, as TCP's handshake would), so a server on this machine behaves like one "
-            "across a network. Prints 'listening on 127.0.0.1:PORT', then runs until "
-            "interrupted (Ctrl-C or SIGTERM)."
+            "across a network. With --tls-cert it terminates TLS (clients connect with "
+            "bolt+ssc://, or bolt:// trusting the certificate's CA) and forwards plaintext. "
+            "Prints 'listening on 127.0.0.1:PORT', then runs until interrupted (Ctrl-C or "
+            "SIGTERM)."
         ),
     )
     proxy.add_argument(
@@ -106,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument(
         "--port", type=int, default=0, help="port to listen on (default: 0, a free one)"
     )
+    proxy.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="terminate TLS with this certificate chain (PEM file; default: plain TCP)",
+    )
+    proxy.add_argument(
+        "--tls-key",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="the certificate's private key (PEM file; default: in the --tls-cert file)",
+    )
     return parser
 
 
@@ -116,18 +132,26 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_proxy(upstream: tuple[str, int], rtt_ms: float, port: int) -> int:
+def run_proxy(
+    upstream: tuple[str, int],
+    rtt_ms: float,
+    port: int,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> int:
     """``neopool proxy``: serve until SIGTERM or Ctrl-C."""
     import signal
     import threading
 
     from neopool.testing.proxy import TcpProxy
     from neopool.testing.proxy_process import LISTENING
+    from neopool.testing.tls import server_context
 
+    tls = server_context(tls_cert, tls_key) if tls_cert is not None else None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may be inherited ignored
         signal.signal(sig, lambda *_: stop.set())
-    with TcpProxy(*upstream, listen_port=port, rtt_ms=rtt_ms) as running:
+    with TcpProxy(*upstream, listen_port=port, rtt_ms=rtt_ms, tls=tls) as running:
         print(f"{LISTENING}127.0.0.1:{running.port}", flush=True)
         stop.wait()
     return 0
@@ -151,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     if args.command == "proxy":
-        return run_proxy(args.upstream, args.rtt_ms, args.port)
+        if args.tls_key is not None and args.tls_cert is None:
+            parser.error("proxy: --tls-key needs --tls-cert")
+        return run_proxy(args.upstream, args.rtt_ms, args.port, args.tls_cert, args.tls_key)
     parser.print_help()
     return 2
 

@@ -1,18 +1,28 @@
 """pytest fixtures with real servers: ``pytest_plugins = ["neopool.testing.plugin"]``.
 
-=========================  =======  ===================================================
-fixture                    scope    what it gives
-=========================  =======  ===================================================
-``neopool_bolt``           session  a :class:`BoltTarget` (embedded ArcadeDB, or Neo4j
-                                    from ``NEOPOOL_TEST_NEO4J_URI``/``_USER``/``_PASSWORD``)
-``neopool_broker_url``     session  a Celery broker URL (embedded Valkey, or
-                                    ``NEOPOOL_TEST_BROKER_URL``)
-``neopool_config``         test     a config for ``neopool_bolt`` with default settings
-``neopool_registry``       test     the global registry, configured for ``neopool_bolt``
-                                    and emptied again after the test
-``neopool_proxy``          test     a :class:`TcpProxy` in front of ``neopool_bolt``
-                                    (``proxy.uri()`` is where the driver connects)
-=========================  =======  ===================================================
+==============================  =======  ===================================================
+fixture                         scope    what it gives
+==============================  =======  ===================================================
+``neopool_bolt``                session  a :class:`BoltTarget` (embedded ArcadeDB, or Neo4j
+                                         from ``NEOPOOL_TEST_NEO4J_URI``/``_USER``/``_PASSWORD``)
+``neopool_broker_url``          session  a Celery broker URL (embedded Valkey, or
+                                         ``NEOPOOL_TEST_BROKER_URL``)
+``neopool_config``              test     a config for ``neopool_bolt`` with default settings
+``neopool_registry``            test     the global registry, configured for ``neopool_bolt``
+                                         and emptied again after the test
+``neopool_proxy``               test     a :class:`TcpProxy` in front of ``neopool_bolt``
+                                         (``proxy.uri()`` is where the driver connects)
+``neopool_tls_certificates``    session  a :class:`TlsCertificates`: a throwaway CA and a
+                                         certificate for 127.0.0.1/localhost, PEM files in a
+                                         private temp dir (``.ca_path``, ``.cert_path``,
+                                         ``.key_path``), removed after the session
+``neopool_tls_proxy``           test     a :class:`TlsProxy` in front of ``neopool_bolt``: it
+                                         terminates TLS and forwards plaintext, with every
+                                         fault of :class:`TcpProxy`. ``proxy.uri()`` is
+                                         ``bolt+ssc://`` (``proxy.uri("neo4j+ssc")`` too);
+                                         ``proxy.uri("bolt")`` with ``**proxy.driver_options()``
+                                         verifies against ``proxy.ca_path``
+==============================  =======  ===================================================
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import pytest
 from neopool.config import Neo4jConnectionConfig
 from neopool.embedded.arcadedb import BoltServer
 from neopool.registry import GlobalNeo4jConnectionPool
-from neopool.testing.proxy import TcpProxy
+from neopool.testing.proxy import TcpProxy, TlsProxy
 from neopool.testing.targets import BoltTarget, bolt_target_from_env, reset_registry
+from neopool.testing.tls import TlsCertificates
 
 
 @pytest.fixture(scope="session")
@@ -80,4 +91,29 @@ def neopool_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
     """
     address = urlsplit(neopool_bolt.uri)
     with TcpProxy(address.hostname or "127.0.0.1", address.port or 7687) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def neopool_tls_certificates() -> Iterator[TlsCertificates]:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost (needs trustme)."""
+    pytest.importorskip("trustme", reason="TLS fixtures need trustme (the dev extra)")
+    with TlsCertificates() as certificates:
+        yield certificates
+
+
+@pytest.fixture
+def neopool_tls_proxy(
+    neopool_bolt: BoltTarget, neopool_tls_certificates: TlsCertificates
+) -> Iterator[TlsProxy]:
+    """A TLS-terminating proxy in front of the session's Bolt server.
+
+    Connect with ``neopool_bolt.config(uri=neopool_tls_proxy.uri())`` (``bolt+ssc://``,
+    any certificate accepted), or verify: ``AsyncGraphDatabase.driver(proxy.uri("bolt"),
+    auth=..., **proxy.driver_options())`` trusts only the CA at ``proxy.ca_path``.
+    """
+    address = urlsplit(neopool_bolt.uri)
+    with TlsProxy(
+        address.hostname or "127.0.0.1", address.port or 7687, neopool_tls_certificates
+    ) as proxy:
         yield proxy

@@ -12,6 +12,13 @@ through it, and a test's loop never has to run it.
 ...     proxy.set_latency(200)      # 100 ms each way
 ...     proxy.cut_all()             # every connection dies now
 ...     proxy.set_blackhole(True)   # accepts, never answers
+
+Given a server-side ``ssl.SSLContext`` (``tls=``), the proxy terminates TLS
+and forwards plaintext, so a plain Bolt server can be reached over
+``bolt+ssc://``, ``neo4j+ssc://`` or ``bolt://`` with ``encrypted=True``; every
+fault above still applies, to the TLS records (handshake included) as on a
+real network. :class:`TlsProxy` does that with certificates of a throwaway CA
+(:class:`~neopool.testing.tls.TlsCertificates`).
 """
 
 from __future__ import annotations
@@ -19,18 +26,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from neo4j import Address
 
 from neopool._service import Service
+from neopool.testing.tls import TlsCertificates
 
 #: Bytes read per chunk, and bytes a direction may hold in flight before it stops reading.
 _CHUNK = 64 * 1024
 _MAX_IN_FLIGHT = 8 * 1024 * 1024
 #: How long start() and stop() wait for the proxy's thread.
 _THREAD_TIMEOUT = 10.0
+
+
+class _Source(Protocol):
+    """Where a pump reads: a stream reader, or the client-facing side of a TLS session."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class _Sink(Protocol):
+    """Where a pump delivers: a stream writer, or the client-facing side of a TLS session."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -44,6 +72,7 @@ class _Connection:
     bytes_up: int = 0
     bytes_down: int = 0
     open: bool = True
+    tls: _TlsEnd | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def abort(self) -> None:
@@ -112,6 +141,100 @@ class _DelayLine:
         return due, chunk
 
 
+class _TlsEnd:
+    """The server's end of one TLS session, in memory, in front of the plaintext upstream.
+
+    The pumps take it for the upstream: the upward pump writes the client's
+    ciphertext into it once the network delay is over, the downward pump reads
+    the ciphertext for the client out of it before the delay. So latency,
+    blackhole and cut act on TLS records, the handshake's included, where a
+    real network would put them: between the client and the TLS endpoint.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        upstream_reader: asyncio.StreamReader,
+        upstream: asyncio.StreamWriter,
+        on_handshake: Callable[[], None],
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._session = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._upstream_reader = upstream_reader
+        self._upstream = upstream
+        self._on_handshake = on_handshake
+        self.handshaken = asyncio.Event()
+        self._readable = asyncio.Event()  # ciphertext waits for the client, or the session ended
+        self._room = asyncio.Event()  # what waits for the client is below _MAX_IN_FLIGHT
+        self._room.set()
+        self._ended = False
+
+    # -- the upward side: ciphertext in, plaintext to the upstream ---------------------
+    def write(self, data: bytes) -> None:
+        """Take the client's ciphertext; raises :class:`ssl.SSLError` if the session fails."""
+        self._incoming.write(data)
+        try:
+            if not self.handshaken.is_set():
+                self._session.do_handshake()
+                self.handshaken.set()
+                self._on_handshake()
+            while plaintext := self._session.read(_CHUNK):
+                self._upstream.write(plaintext)
+            self._end()  # an empty read: the client said close_notify
+        except ssl.SSLWantReadError:
+            pass  # the rest of a record, or of the handshake, is still on its way
+        except ssl.SSLError:  # a failed handshake, a bad record, close_notify (ZeroReturn)
+            self._end()
+            raise
+        finally:
+            self._produced()  # handshake replies and alerts go to the client
+
+    async def drain(self) -> None:
+        await self._upstream.drain()
+
+    # -- the downward side: the upstream's plaintext in, ciphertext out ----------------
+    async def encrypt(self) -> None:
+        """Task: the upstream's plaintext into the session until either side ends."""
+        await self.handshaken.wait()
+        try:
+            while not self._ended:
+                await self._room.wait()
+                plaintext = await self._upstream_reader.read(_CHUNK)
+                if not plaintext:
+                    with contextlib.suppress(ssl.SSLError):
+                        self._session.unwrap()  # close_notify; the client's reply is not awaited
+                    break
+                self._session.write(plaintext)
+                self._produced()
+        except OSError:  # the upstream failed, or the session (ssl.SSLError is an OSError)
+            pass
+        finally:
+            self._end()
+
+    async def read(self, n: int = -1) -> bytes:
+        """Ciphertext for the client; ``b""`` once the session ended and all was read."""
+        while not self._outgoing.pending:
+            if self._ended:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._outgoing.read(n)
+        if self._outgoing.pending < _MAX_IN_FLIGHT:
+            self._room.set()
+        return data
+
+    def _produced(self) -> None:
+        if self._outgoing.pending:
+            self._readable.set()
+            if self._outgoing.pending >= _MAX_IN_FLIGHT:
+                self._room.clear()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._readable.set()
+
+
 class TcpProxy(Service):
     """A real TCP proxy written with asyncio, running its own event loop in a daemon thread,
     so sync code, tests in any loop, and subprocesses can all go through it.
@@ -120,6 +243,13 @@ class TcpProxy(Service):
     :meth:`set_latency`, :meth:`cut_all`, :meth:`set_blackhole`. Bytes are
     counted per connection (:meth:`connection_stats`). It listens on loopback
     only.
+
+    ``tls``: a server-side context (``ssl.Purpose.CLIENT_AUTH``, certificate
+    loaded) makes the proxy terminate TLS and forward plaintext upstream. The
+    faults then act on the encrypted bytes, the TLS handshake's included (so
+    latency charges its round trips, and a blackhole stalls it), and the byte
+    counts are of ciphertext, as on the wire; :attr:`tls_handshakes` counts
+    the sessions that were set up.
     """
 
     def __init__(
@@ -130,9 +260,16 @@ class TcpProxy(Service):
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
         rtt_ms: float = 0.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if listen_host not in ("127.0.0.1", "localhost"):
             raise ValueError(f"TcpProxy listens on loopback only, not on {listen_host!r}")
+        if tls is not None and tls.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError(
+                "tls must be a server-side context, e.g. "
+                "ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) with load_cert_chain()"
+            )
+        self.tls = tls
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.host = "127.0.0.1"
@@ -148,6 +285,7 @@ class TcpProxy(Service):
         self._connections: list[_Connection] = []
         self._ids = itertools.count(1)
         self._opened = 0
+        self._handshakes = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> TcpProxy:
@@ -215,20 +353,37 @@ class TcpProxy(Service):
     end = stop
 
     def __repr__(self) -> str:
-        faults = []
+        faults = ["tls"] if self.tls is not None else []
         if self._delay:
             faults.append(f"rtt={self._delay * 2000:g}ms")
         if self._blackholed:
             faults.append("blackhole")
         return (
-            f"<TcpProxy 127.0.0.1:{self.port} -> {self.upstream_host}:{self.upstream_port}"
+            f"<{type(self).__name__} 127.0.0.1:{self.port} -> "
+            f"{self.upstream_host}:{self.upstream_port}"
             f"{' ' + ' '.join(faults) if faults else ''} active={self.active_connections}>"
         )
 
     # -- where clients connect ---------------------------------------------------------
-    def uri(self, scheme: str = "bolt") -> str:
-        """``scheme://127.0.0.1:<port>``: give this to the driver instead of the server."""
+    def uri(self, scheme: str | None = None) -> str:
+        """``scheme://127.0.0.1:<port>``: give this to the driver instead of the server.
+
+        The scheme defaults to ``bolt``, or to ``bolt+ssc`` (encrypted, any
+        certificate accepted) when the proxy terminates TLS.
+        """
+        if scheme is None:
+            scheme = "bolt" if self.tls is None else "bolt+ssc"
         return f"{scheme}://127.0.0.1:{self.port}"
+
+    def resolver(self) -> Callable[[Address], list[Address]]:
+        """A driver ``resolver=`` that sends every address the driver meets to this proxy.
+
+        With a ``neo4j://`` scheme the driver connects where the server's routing
+        table says, and a server names its own address there, which leads the
+        driver around the proxy: ``AsyncGraphDatabase.driver(proxy.uri("neo4j+ssc"),
+        auth=..., resolver=proxy.resolver())`` keeps every connection going through.
+        """
+        return lambda address: [Address(("127.0.0.1", self.port))]
 
     # -- faults ------------------------------------------------------------------------
     def set_latency(self, rtt_ms: float) -> None:
@@ -285,6 +440,11 @@ class TcpProxy(Service):
         return self._opened
 
     @property
+    def tls_handshakes(self) -> int:
+        """TLS sessions set up since start (always 0 without ``tls``)."""
+        return self._handshakes
+
+    @property
     def active_connections(self) -> int:
         """Connections open now."""
         return sum(1 for conn in list(self._connections) if conn.open)
@@ -300,7 +460,8 @@ class TcpProxy(Service):
         return sum(c.bytes_down for c in list(self._connections))
 
     def connection_stats(self) -> list[dict[str, int | float]]:
-        """Per connection: ``id``, ``bytes_up``, ``bytes_down``, ``open`` (0/1), ``opened_at``.
+        """Per connection: ``id``, ``bytes_up``, ``bytes_down``, ``open`` (0/1), ``opened_at``,
+        ``tls`` (1 once its TLS handshake completed, else 0).
 
         ``opened_at`` is ``time.monotonic()`` at accept. Closed connections stay
         listed, so a test can see what every connection carried.
@@ -312,6 +473,7 @@ class TcpProxy(Service):
                 "bytes_down": conn.bytes_down,
                 "open": int(conn.open),
                 "opened_at": conn.opened_at,
+                "tls": int(conn.tls is not None and conn.tls.handshaken.is_set()),
             }
             for conn in list(self._connections)
         ]
@@ -351,19 +513,28 @@ class TcpProxy(Service):
         if not conn.open:
             upstream.transport.abort()
             return
+        source: _Source = upstream_reader
+        sink: _Sink = upstream
+        if self.tls is not None:  # the client's bytes are TLS; the upstream's are plain
+            conn.tls = _TlsEnd(self.tls, upstream_reader, upstream, self._handshake_done)
+            source = sink = conn.tls
+            conn.tasks.add(asyncio.ensure_future(conn.tls.encrypt()))
         up = asyncio.ensure_future(
-            self._pump(conn, client_reader, upstream, upward=True, sent_from=established)
+            self._pump(conn, client_reader, sink, upward=True, sent_from=established)
         )
-        down = asyncio.ensure_future(self._pump(conn, upstream_reader, conn.client, upward=False))
+        down = asyncio.ensure_future(self._pump(conn, source, conn.client, upward=False))
         conn.tasks.update((up, down))
         # One direction ending ends the connection: Bolt never half-closes.
         await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
 
+    def _handshake_done(self) -> None:
+        self._handshakes += 1
+
     async def _pump(
         self,
         conn: _Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: _Source,
+        writer: _Sink,
         *,
         upward: bool,
         sent_from: float = 0.0,
@@ -392,7 +563,7 @@ class TcpProxy(Service):
         self,
         conn: _Connection,
         line: _DelayLine,
-        writer: asyncio.StreamWriter,
+        writer: _Sink,
         *,
         upward: bool,
     ) -> None:
@@ -411,9 +582,49 @@ class TcpProxy(Service):
             try:
                 writer.write(chunk)
                 await writer.drain()
-            except OSError:
+            except OSError:  # ssl.SSLError too: a failed TLS session ends the connection
                 return
             if upward:
                 conn.bytes_up += len(chunk)
             else:
                 conn.bytes_down += len(chunk)
+
+
+class TlsProxy(TcpProxy):
+    """A :class:`TcpProxy` that terminates TLS with the server certificate of ``certificates``.
+
+    The upstream still gets plaintext. :meth:`uri` defaults to ``bolt+ssc://``
+    (encrypted, any certificate); a driver that verifies uses ``bolt://`` (or
+    ``neo4j://``) with :meth:`driver_options`, which trust :attr:`ca_path`.
+    ``certificates`` must be started, and outlive the proxy.
+    """
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        certificates: TlsCertificates,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        rtt_ms: float = 0.0,
+    ) -> None:
+        super().__init__(
+            upstream_host,
+            upstream_port,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            rtt_ms=rtt_ms,
+            tls=certificates.server_context(),
+        )
+        self.certificates = certificates
+
+    @property
+    def ca_path(self) -> Path:
+        """The PEM file of the CA that signed the proxy's certificate."""
+        return self.certificates.ca_path
+
+    def driver_options(self) -> dict[str, Any]:
+        """``encrypted=True`` and ``trusted_certificates=TrustCustomCAs(ca_path)``, for
+        ``bolt://`` and ``neo4j://`` (the ``+s``/``+ssc`` schemes refuse them)."""
+        return self.certificates.driver_options()

@@ -10,6 +10,7 @@ whatever ran next. :class:`ProxyProcess` runs ``neopool proxy`` as a child.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,12 @@ _STOP_TIMEOUT = 10.0
 
 
 class ProxyProcess(Service):
-    """``neopool proxy HOST:PORT --rtt-ms N`` as a child process, listening on loopback."""
+    """``neopool proxy HOST:PORT --rtt-ms N`` as a child process, listening on loopback.
+
+    ``tls_cert`` (and ``tls_key``, unless the key is in the same file): PEM
+    files to terminate TLS with, e.g. ``TlsCertificates().cert_path`` / ``.key_path``;
+    the upstream still gets plaintext.
+    """
 
     def __init__(
         self,
@@ -31,9 +37,15 @@ class ProxyProcess(Service):
         *,
         rtt_ms: float = 0.0,
         listen_port: int = 0,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if rtt_ms < 0:
             raise ValueError(f"rtt_ms must be >= 0, not {rtt_ms!r}")
+        if tls_key is not None and tls_cert is None:
+            raise ValueError("tls_key needs tls_cert")
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.rtt_ms = rtt_ms
@@ -55,6 +67,10 @@ class ProxyProcess(Service):
             "--port",
             str(self.port),
         ]
+        if self.tls_cert is not None:
+            command += ["--tls-cert", os.fspath(self.tls_cert)]
+        if self.tls_key is not None:
+            command += ["--tls-key", os.fspath(self.tls_key)]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         first = process.stdout.readline()  # ends at once, empty, if the child failed
@@ -70,8 +86,13 @@ class ProxyProcess(Service):
         self._process = process
         return self
 
-    def uri(self, scheme: str = "bolt") -> str:
-        """``scheme://127.0.0.1:<port>``: give this to the driver instead of the server."""
+    def uri(self, scheme: str | None = None) -> str:
+        """``scheme://127.0.0.1:<port>``: give this to the driver instead of the server.
+
+        The scheme defaults to ``bolt``, or to ``bolt+ssc`` when the child terminates TLS.
+        """
+        if scheme is None:
+            scheme = "bolt" if self.tls_cert is None else "bolt+ssc"
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -94,5 +115,5 @@ class ProxyProcess(Service):
         state = f"pid {self._process.pid}" if self._process is not None else "stopped"
         return (
             f"<ProxyProcess 127.0.0.1:{self.port} -> {self.upstream_host}:{self.upstream_port} "
-            f"rtt={self.rtt_ms:g}ms {state}>"
+            f"rtt={self.rtt_ms:g}ms{' tls' if self.tls_cert is not None else ''} {state}>"
         )
