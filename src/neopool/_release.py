@@ -39,8 +39,10 @@ def _transports(driver: AsyncDriver) -> Iterator[asyncio.BaseTransport]:
         for address in list(connections):
             for connection in list(connections.get(address, ())):
                 writer = getattr(getattr(connection, "socket", None), "_writer", None)
-                transport = getattr(writer, "transport", None)
-                if isinstance(transport, asyncio.BaseTransport):
+                transport: Any = getattr(writer, "transport", None)
+                # By what it answers, not its class: uvloop's transports (plain and
+                # TLS) implement asyncio's transport API without subclassing it.
+                if callable(getattr(transport, "get_extra_info", None)):
                     yield transport
 
 
@@ -72,8 +74,9 @@ def release_sockets(driver: AsyncDriver, *, loop_runs: bool = False) -> int:
     if loop_runs:
         transports = [t for t in _transports(driver) if not t.is_closing()]
         for transport in transports:
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.abort()
+            abort = getattr(transport, "abort", None)
+            if callable(abort):
+                abort()
         return len(transports)
     descriptors = {_descriptor(transport) for transport in _transports(driver)}
     descriptors.discard(-1)

@@ -110,7 +110,10 @@ class Neo4jConnectionConfig(BaseSettings):
         "NEOPOOL_CLOSE_TIMEOUT",
         5.0,
         ge=0,
-        description="Seconds close waits for leases to come back and the driver to close.",
+        description=(
+            "Seconds a pool's close may take in all (leases coming back, then the driver "
+            "closing); past that its sockets are released."
+        ),
     )
     utilisation_warning: float = _env(
         "NEOPOOL_UTILISATION_WARNING",

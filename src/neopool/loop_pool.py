@@ -462,14 +462,13 @@ class EventLoopConnectionPool:
         driver = self._opening = self._driver_factory(self.config)
         try:
             await self._warm(driver)
+            if self._state is not PoolState.OPEN:
+                raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
         except BaseException:
-            self._opening = None
             await self._close_driver(driver)
+            self._opening = None  # only now: a close cut short leaves it to terminate
             raise
         self._opening = None
-        if self._state is not PoolState.OPEN:
-            await self._close_driver(driver)
-            raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
         self._driver = driver
         self._drivers_created += 1
         self._driver_suspect = False
@@ -488,9 +487,9 @@ class EventLoopConnectionPool:
     async def _close_retired(self, retired: _Retired) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(retired.back.wait(), self.config.close_timeout)
-        with contextlib.suppress(ValueError):
-            self._retired.remove(retired)
         await self._close_driver(retired.driver)
+        with contextlib.suppress(ValueError):  # only now: a close cut short leaves it to terminate
+            self._retired.remove(retired)
 
     async def _warm(self, driver: AsyncDriver) -> None:
         """Verify the driver and open ``pool_min_size`` sockets side by side."""
@@ -607,7 +606,9 @@ class EventLoopConnectionPool:
         """
         task = self.start_close(timeout)
         if task is not None and task is not asyncio.current_task():
-            await asyncio.shield(task)
+            # Wait for it without taking its end as ours: a close task that was cancelled
+            # ended the pool (in terminate), and only this caller's own cancellation raises.
+            await asyncio.wait([task])
 
     def start_close(self, timeout: float | None = None) -> asyncio.Task[None] | None:
         """:meth:`close` without waiting: the task that finishes it (``None`` once closed).
@@ -664,14 +665,16 @@ class EventLoopConnectionPool:
         if self._state is PoolState.CLOSED:
             return 0
         self._state = PoolState.CLOSED
-        if not self.on_own_loop():
+        # On its own loop, in its own process, transports can be aborted the ordinary
+        # way; anywhere else (a dead loop, a forked child) nothing may touch the loop.
+        on_loop = self.pid == os.getpid() and self.on_own_loop()
+        if not on_loop:
             self._waiters = deque()  # futures of a loop that cannot run: setting them would fail
-        on_loop = self.on_own_loop()
         released = sum(release_sockets(driver, loop_runs=on_loop) for driver in self._drivers())
         self._opening, self._retired = None, []
         if self._in_use and self.pid == os.getpid():
             self._report_leaks()
-        if self._anchor is not None and self.on_own_loop():
+        if self._anchor is not None and on_loop:
             self._anchor.cancel()
         self._anchor = None
         self._finish_teardown()

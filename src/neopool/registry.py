@@ -373,9 +373,9 @@ def _start_close(
     """On the pool's loop: start its close; ``ended`` resolves when it has (however it ended)."""
     try:
         task = pool.start_close(timeout)
-    except BaseException as exc:
+    except Exception as exc:  # reported to the waiting caller, not to the loop's handler
         ended.set_exception(exc)
-        raise
+        return
     if task is None or task.done():
         ended.set_result(None)
     else:

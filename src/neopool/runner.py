@@ -375,7 +375,7 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
         return 0
 
 
-def _close_all_until(deadline: float) -> int:
+def _close_all_until(deadline: float, *, wait_for_busy: bool = True) -> int:
     with _all_lock:
         states = list(_all.values())
     closed = 0
@@ -388,7 +388,8 @@ def _close_all_until(deadline: float) -> int:
         else:
             busy.append(state)
     for state in busy:
-        if state.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        wait = max(0.0, deadline - time.monotonic()) if wait_for_busy else 0.0
+        if state.lock.acquire(timeout=wait):
             closed += _close_and_release(state, deadline)
         else:
             state.close_requested = True
@@ -451,7 +452,8 @@ def _sweep_pools() -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    close_all_loops(timeout=5.0)
+    """Close idle loops at exit; a loop still running in a daemon thread is not waited for."""
+    _close_all_until(time.monotonic() + DEFAULT_CLOSE_TIMEOUT, wait_for_busy=False)
 
 
 def after_fork_in_child() -> None:
