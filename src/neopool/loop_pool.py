@@ -348,6 +348,8 @@ class EventLoopConnectionPool:
     def _lease_came_back(self, lease_id: int) -> None:
         """Bookkeeping common to a returned and a lost lease."""
         self._borrow_sites.pop(lease_id, None)
+        if not (self._retired or self._drained is not None) or not self.on_own_loop():
+            return  # nothing waits, or a lost lease of a dead loop: nothing can
         for retired in self._retired:
             retired.outstanding.discard(lease_id)
             if not retired.outstanding:
