@@ -1,3 +1,52 @@
-"""The suite runs on real servers: see neopool.testing.plugin for the fixtures."""
+"""The suite runs on real servers: see neopool.testing.plugin for the fixtures.
+
+Shared here: ``configure`` (the registry set up for one test, reset after it) and
+``unraisable`` (no exception may escape a finalizer). Helpers every package
+imports are plain modules on the test path: ``polling`` and ``user_code``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig
+from neopool.testing import BoltTarget
 
 pytest_plugins = ["neopool.testing.plugin"]
+
+
+@pytest.fixture
+def configure(
+    neopool_registry: GlobalNeo4jConnectionPool, neopool_bolt: BoltTarget
+) -> Callable[..., Neo4jConnectionConfig]:
+    """Configure the registry with ``neopool_bolt.config(**settings)`` for this test only.
+
+    ``neopool_registry`` empties the registry and forgets the configuration and
+    the driver factory after the test, whatever it set.
+    """
+
+    def configure(**settings: Any) -> Neo4jConnectionConfig:
+        config = neopool_bolt.config(**settings)
+        GlobalNeo4jConnectionPool.set_config(config)
+        return config
+
+    return configure
+
+
+@pytest.fixture
+def unraisable() -> Iterator[list[Any]]:
+    """Every exception that escapes a finalizer during the test (there must be none)."""
+    seen: list[Any] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda info: seen.append((info.exc_type, info.exc_value, info.object))
+    try:
+        yield seen
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert not seen, f"exceptions escaped finalizers: {seen}"

@@ -183,6 +183,7 @@ async def test_a_database_passed_in_is_used_unless_neo4j_database_is_set(
 
 
 # -- bounded waits -------------------------------------------------------------------------
+@pytest.mark.timing
 async def test_a_waiter_gets_prepare_timeout_while_the_preparing_caller_is_stuck(
     neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
 ) -> None:
@@ -214,6 +215,7 @@ async def test_a_waiter_gets_prepare_timeout_while_the_preparing_caller_is_stuck
         assert preparer.statements_run == statements
 
 
+@pytest.mark.timing
 async def test_a_preparation_the_server_never_answers_times_out_and_can_run_again(
     neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
 ) -> None:
@@ -261,6 +263,7 @@ def _end(
     loop.close()
 
 
+@pytest.mark.timing
 async def test_a_preparation_whose_loop_stopped_is_taken_over_after_its_prepare_timeout(
     neopool_bolt: BoltTarget, caplog: pytest.LogCaptureFixture
 ) -> None:

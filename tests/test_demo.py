@@ -35,7 +35,15 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--tasks", "--workers", "--rtt-ms", "--json", "--no-chart", "--metrics-port"):
+    for option in (
+        "--tasks",
+        "--workers",
+        "--in-flight",
+        "--rtt-ms",
+        "--json",
+        "--no-chart",
+        "--metrics-port",
+    ):
         assert option in text
     assert "Ctrl-C" in text
 
@@ -61,7 +69,7 @@ def test_small_run_writes_results_without_errors(
     }
     out = tmp_path / "demo.json"
     done = subprocess.run(
-        [*DEMO, "--tasks", "20", "--no-chart", "--json", str(out)],
+        [*DEMO, "--tasks", "20", "--in-flight", "4", "--no-chart", "--json", str(out)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -77,6 +85,7 @@ def test_small_run_writes_results_without_errors(
         "new driver per task",
         "neopool + asyncio.run per task",
         "neopool + persistent runner",
+        "neopool + process loop (threads pool)",
     ]
     for figures in modes.values():
         assert set(figures) >= MODE_KEYS
@@ -89,6 +98,13 @@ def test_small_run_writes_results_without_errors(
     # The persistent runner opens one driver per worker process (at most), whatever the tasks.
     assert modes["neopool + persistent runner"]["drivers_created"] <= 2
     assert modes["neopool + persistent runner"]["connections_opened"] <= 2 * 4
+    # The process loop: one driver for the whole worker, sockets bounded by tasks in flight.
+    process_loop = modes["neopool + process loop (threads pool)"]
+    assert process_loop["drivers_created"] == 1
+    assert process_loop["connections_opened"] <= 4 + 2
+    assert settings["workers"]["neopool + process loop (threads pool)"] == (
+        "threads -c 4, process loop"
+    )
     assert not (tmp_path / "demo.png").exists()
     assert "neopool_stats" in done.stdout
 

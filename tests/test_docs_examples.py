@@ -28,7 +28,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from neopool.testing import BoltTarget
+from polling import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -175,11 +175,10 @@ def _celery_worker(module: str, cwd: Path, env: dict[str, str]) -> Iterator[None
             cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while "ready." not in log.read_text():
-            assert worker.poll() is None, f"the worker exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the worker did not start:\n{log.read_text()}"
-            time.sleep(0.2)
+        # Ready, or gone: either ends the wait.
+        eventually(lambda: "ready." in log.read_text() or worker.poll() is not None, timeout=60)
+        assert worker.poll() is None, f"the worker exited:\n{log.read_text()}"
+        assert "ready." in log.read_text(), f"the worker did not start:\n{log.read_text()}"
         yield
     finally:
         worker.send_signal(signal.SIGTERM)  # warm shutdown: pools close on their loops

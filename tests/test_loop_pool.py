@@ -19,9 +19,10 @@ from neopool import (
     PooledConnectionManager,
     PoolTimeout,
 )
-from neopool._release import driver_socket_count
+from neopool._release import driver_is_closed, driver_socket_count
 from neopool.loop_pool import create_driver
 from neopool.testing import BoltTarget
+from polling import eventually_async
 
 
 @pytest.fixture
@@ -41,15 +42,6 @@ async def pool(
     pool = make_pool()
     yield pool
     await pool.close(timeout=0)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let other tasks run until ``condition`` holds (no wall-clock sleeps)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 async def test_leases_are_bounded_by_pool_max_size(pool: EventLoopConnectionPool) -> None:
@@ -94,7 +86,7 @@ async def test_waiters_are_served_first_in_first_out(pool: EventLoopConnectionPo
     tasks = []
     for number in range(6):
         tasks.append(asyncio.create_task(borrower(number)))
-        await until(lambda n=number: pool.waiting == n + 1)
+        assert await eventually_async(lambda n=number: pool.waiting == n + 1)
     for lease in held:
         await pool.return_connection(lease)
     await asyncio.gather(*tasks)
@@ -105,7 +97,7 @@ async def test_waiters_are_served_first_in_first_out(pool: EventLoopConnectionPo
 async def test_a_newcomer_does_not_barge_past_waiters(pool: EventLoopConnectionPool) -> None:
     held = [await pool.borrow(), await pool.borrow()]
     waiter = asyncio.create_task(pool.borrow())
-    await until(lambda: pool.waiting == 1)
+    assert await eventually_async(lambda: pool.waiting == 1)
     await pool.return_connection(held[0])  # handed straight to the waiter
     with pytest.raises(PoolTimeout):
         await pool.borrow(timeout=0.01)
@@ -119,7 +111,7 @@ async def test_timeout_names_the_loop_the_limit_and_the_waiters(
 ) -> None:
     held = [await pool.borrow(), await pool.borrow()]
     others = [asyncio.create_task(pool.borrow(timeout=5)) for _ in range(2)]
-    await until(lambda: pool.waiting == 2)
+    assert await eventually_async(lambda: pool.waiting == 2)
     with pytest.raises(PoolTimeout) as raised:
         await pool.borrow(timeout=0.02)
     message = str(raised.value)
@@ -139,7 +131,7 @@ async def test_timeout_names_the_loop_the_limit_and_the_waiters(
 async def test_cancelling_a_waiter_loses_no_lease(pool: EventLoopConnectionPool) -> None:
     held = [await pool.borrow(), await pool.borrow()]
     waiter = asyncio.create_task(pool.borrow())
-    await until(lambda: pool.waiting == 1)
+    assert await eventually_async(lambda: pool.waiting == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -154,9 +146,9 @@ async def test_a_lease_handed_over_as_its_waiter_is_cancelled_is_passed_on(
 ) -> None:
     held = [await pool.borrow(), await pool.borrow()]
     doomed = asyncio.create_task(pool.borrow())
-    await until(lambda: pool.waiting == 1)
+    assert await eventually_async(lambda: pool.waiting == 1)
     next_in_line = asyncio.create_task(pool.borrow())
-    await until(lambda: pool.waiting == 2)
+    assert await eventually_async(lambda: pool.waiting == 2)
     await pool.return_connection(held[0])  # resolves doomed's future...
     doomed.cancel()  # ...but it is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
@@ -239,18 +231,22 @@ async def test_closing_wakes_every_waiter_with_pool_closed(
 ) -> None:
     held = [await pool.borrow(), await pool.borrow()]
     waiters = [asyncio.create_task(pool.borrow()) for _ in range(3)]
-    await until(lambda: pool.waiting == 3)
+    assert await eventually_async(lambda: pool.waiting == 3)
     closing = asyncio.create_task(pool.close(timeout=5))
     for waiter in waiters:
         with pytest.raises(PoolClosed):
             await waiter
     with pytest.raises(PoolClosed):
         await pool.borrow()
+    driver = pool.driver
+    assert driver is not None
     for lease in held:  # close waits for borrowed leases, then closes the driver
         await pool.return_connection(lease)
     await closing
     assert pool.closed
-    assert pool.in_use == 0
+    assert (pool.in_use, pool.waiting) == (0, 0)
+    assert driver_is_closed(driver)  # by driver.close(): gracefully, once the leases were back
+    assert driver_socket_count(driver) == 0
 
 
 async def test_a_leak_is_reported_with_where_it_was_borrowed(
@@ -286,9 +282,7 @@ async def test_a_wrong_password_fails_fast_with_the_drivers_auth_error_once(
         opened.append(driver)
         return driver
 
-    config = Neo4jConnectionConfig(
-        uri=neopool_bolt.uri, username=neopool_bolt.username, password="wrong-password"
-    )
+    config = neopool_bolt.config(password="wrong-password")
     pool = EventLoopConnectionPool(config, "auth", driver_factory=counting_factory)
     results = await asyncio.gather(*(pool.borrow() for _ in range(5)), return_exceptions=True)
     assert all(isinstance(result, AuthError) for result in results)
@@ -345,7 +339,7 @@ async def test_high_utilisation_and_exhaustion_are_logged_once_per_episode(
         for _ in range(2):  # two bursts back to back: one episode, said once
             leases = [await pool.borrow() for _ in range(5)]
             waiter = asyncio.create_task(pool.borrow())
-            await until(lambda: pool.waiting == 1)
+            assert await eventually_async(lambda: pool.waiting == 1)
             for lease in leases:
                 await pool.return_connection(lease)
             await pool.return_connection(await waiter)

@@ -6,9 +6,10 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from neopool import (
 )
 from neopool.metrics import NeopoolCollector, cluster_source, register, serve, unregister
 from neopool.testing import BoltTarget
+from polling import eventually, eventually_async
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
@@ -61,14 +63,9 @@ async def test_scrape_shows_each_loop_pool(neopool_registry: GlobalNeo4jConnecti
 
 
 async def test_timeouts_and_wait_seconds_are_counted(
-    neopool_config: Neo4jConnectionConfig,
+    configure: Callable[..., Neo4jConnectionConfig],
 ) -> None:
-    from neopool.testing import reset_registry
-
-    reset_registry()
-    GlobalNeo4jConnectionPool.set_config(
-        neopool_config.model_copy(update={"pool_max_size": 1, "pool_min_size": 0})
-    )
+    configure(pool_max_size=1, pool_min_size=0)
     registry = CollectorRegistry()
     collector = NeopoolCollector()
     registry.register(collector)
@@ -78,7 +75,8 @@ async def test_timeouts_and_wait_seconds_are_counted(
         with pytest.raises(PoolTimeout):
             await pool.borrow_connection(timeout=0.05)
         waiter = asyncio.ensure_future(pool.borrow_connection(timeout=5))
-        await asyncio.sleep(0.05)
+        assert await eventually_async(lambda: held.pool.waiting == 1)
+        await asyncio.sleep(0.05)  # the waiter waits a while: a time to count
         labels = {
             "worker": "",
             "pid": str(os.getpid()),
@@ -98,7 +96,6 @@ async def test_timeouts_and_wait_seconds_are_counted(
         assert longest >= 0.045
     finally:
         registry.unregister(collector)
-        reset_registry()
 
 
 def test_register_is_idempotent_and_empty_without_pools() -> None:
@@ -146,12 +143,14 @@ def test_cluster_source_reports_prefork_children(
         for result in results:
             result.get(timeout=60)
         # A child publishes after each task (task_postrun), just after its result is stored.
-        deadline = time.monotonic() + 30
-        while True:
-            families = {f.name: f for f in registry.collect()}
-            borrows = families["neopool_pool_borrows"].samples
-            if sum(s.value for s in borrows) == 6 or time.monotonic() > deadline:
-                break
+        families: dict[str, Any] = {}
+
+        def six_borrows_published() -> bool:
+            families.clear()
+            families.update((f.name, f) for f in registry.collect())
+            return sum(s.value for s in families["neopool_pool_borrows"].samples) == 6
+
+        eventually(six_borrows_published, timeout=30)
     borrows = families["neopool_pool_borrows"].samples
     assert sum(s.value for s in borrows) == 6
     assert {s.labels["worker"] for s in borrows} == {f"{queue}@localhost"}

@@ -20,7 +20,10 @@ from neopool import (
     Neo4jConnectionFactory,
     PooledConnectionManager,
 )
+from neopool._release import driver_is_closed, driver_socket_count
+from neopool.loop_pool import PoolState
 from neopool.testing import BoltTarget
+from polling import eventually_async
 
 workspace = "note_examples"
 pytestmark = pytest.mark.usefixtures("neopool_registry")
@@ -212,10 +215,17 @@ def test_the_worker_lifecycle_snippets(neopool_bolt: BoltTarget) -> None:
         (pool,) = GlobalNeo4jConnectionPool().pools()
         assert (pool.stats()["drivers_created"], pool.stats()["borrows"]) == (1, 3)
 
+        driver = pool.driver
+        assert driver is not None
         cleanup_worker_neo4j_config()
         assert GlobalNeo4jConnectionPool().pools() == []
         worker_loop.run_until_complete(asyncio.sleep(0))  # the idle loop runs its close
         assert pool.closed
+        # ... to the end, on that loop: the driver closed by driver.close(), no socket left.
+        closed = eventually_async(lambda: pool.state is PoolState.CLOSED)
+        assert worker_loop.run_until_complete(closed)
+        assert driver_is_closed(driver)
+        assert driver_socket_count(driver) == 0
     finally:
         worker_loop.run_until_complete(worker_loop.shutdown_asyncgens())
         worker_loop.close()

@@ -8,30 +8,26 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
 
 import pytest
 
 import neopool
 from neopool import (
     GlobalNeo4jConnectionPool,
+    Neo4jConnectionConfig,
     Neo4jConnectionFactory,
     NoRunningLoop,
     PoolStats,
 )
+from neopool._release import driver_is_closed
 from neopool.runner import close_thread_loop
 from neopool.stats import LoopChurnMonitor
-from neopool.testing import BoltTarget
+from user_code import Runner, one_query
 
 
 def open_descriptors() -> int:
     return len(os.listdir(f"/proc/{os.getpid()}/fd"))
-
-
-async def one_query() -> int:
-    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-        driver = await borrowed.get_driver()
-        records, _, _ = await driver.execute_query("RETURN 1 AS one", database_="neo4j")
-        return int(records[0]["one"])
 
 
 def test_constructing_the_registry_again_never_resets_it(
@@ -139,34 +135,23 @@ def test_asyncio_runner_closes_the_pool_gracefully_before_its_loop(
         pools.append(await neopool_registry.get_pool())
         await one_query()
 
-    with asyncio.Runner() if hasattr(asyncio, "Runner") else _runner() as runner:
+    with Runner() as runner:
         runner.run(remember_pool())
         runner.run(remember_pool())  # same loop: same pool, same driver
         assert pools[0] is pools[1]
         assert pools[0].stats()["drivers_created"] == 1
+        driver = pools[0].driver
+        assert driver is not None
+        assert not driver_is_closed(driver)
     assert pools[0].closed
+    assert driver_is_closed(driver)  # by driver.close(), on the loop, before the loop closed
     assert neopool_registry.pools() == []
 
 
-class _runner:
-    """asyncio.Runner for Python 3.10, which lacks it."""
-
-    def __enter__(self) -> _runner:
-        self.loop = asyncio.new_event_loop()
-        return self
-
-    def run(self, coroutine: object) -> object:
-        return self.loop.run_until_complete(coroutine)  # type: ignore[arg-type]
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
-
-
 def test_eight_threads_with_twenty_borrowers_each_share_nothing_and_lose_nothing(
-    neopool_bolt: BoltTarget,
+    configure: Callable[..., Neo4jConnectionConfig],
 ) -> None:
-    GlobalNeo4jConnectionPool.set_config(neopool_bolt.config(pool_max_size=3, pool_min_size=1))
+    configure(pool_max_size=3, pool_min_size=1)
     results: dict[str, tuple[list[int], PoolStats]] = {}
     errors: list[BaseException] = []
 
@@ -248,17 +233,22 @@ def test_close_all_pools_closes_pools_of_running_loops_on_their_own_loop(
 
     thread = threading.Thread(target=worker)
     thread.start()
-    started.wait(30)
+    assert started.wait(30)
     (pool,) = neopool_registry.pools()
+    driver = pool.driver
+    assert driver is not None
 
     async def shutdown() -> None:
         await neopool_registry.close_all_pools()
 
     asyncio.run(shutdown())
     assert pool.closed
+    assert driver_is_closed(driver)  # by driver.close() on its loop, not released without I/O
     assert neopool_registry.pools() == []
+    assert holder["loop"].is_running()  # the loop itself lives on
     holder["loop"].call_soon_threadsafe(stop.set)
     thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_get_pool_outside_a_running_loop_is_a_clear_error() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,7 +23,6 @@ from neopool.stats import (
     report_leaks,
     report_lost_leases,
 )
-from neopool.testing import reset_registry
 
 INTERVAL = SayOnce.INTERVAL_S
 QUIET = SayOnce.QUIET_S
@@ -393,17 +393,12 @@ async def _keep_busy(workers: int, seconds: float) -> tuple[int, float]:
     return pool.stats()["borrows"], sum(samples) / len(samples)
 
 
+@pytest.mark.timing  # 100 borrows within its 2 s of load
 async def test_a_pool_kept_above_its_threshold_warns_once(
-    neopool_config: Neo4jConnectionConfig, warnings: pytest.LogCaptureFixture
+    configure: Callable[..., Neo4jConnectionConfig], warnings: pytest.LogCaptureFixture
 ) -> None:
-    reset_registry()
-    GlobalNeo4jConnectionPool.set_config(
-        neopool_config.model_copy(update={"pool_max_size": 10, "utilisation_warning": 0.8})
-    )
-    try:
-        borrows, utilisation = await _keep_busy(workers=9, seconds=2.0)
-    finally:
-        reset_registry()
+    configure(pool_max_size=10, utilisation_warning=0.8)
+    borrows, utilisation = await _keep_busy(workers=9, seconds=2.0)
     assert utilisation >= 0.85  # 9 of 10 held, but for the moment between return and borrow
     assert borrows >= 100  # each one crossed the threshold: it used to be a line each
     assert 1 <= len(lines(warnings, "high utilisation")) <= 2

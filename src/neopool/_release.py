@@ -26,10 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from typing import Any
 
 from neo4j import AsyncDriver
+
+
+def driver_transports(driver: AsyncDriver) -> list[asyncio.BaseTransport]:
+    """The transports of the driver's connections now (the driver forgets them as it closes)."""
+    return list(_transports(driver))
 
 
 def _transports(driver: AsyncDriver) -> Iterator[asyncio.BaseTransport]:
@@ -56,8 +62,19 @@ def _descriptor(transport: asyncio.BaseTransport) -> int:
 
 
 def driver_socket_count(driver: AsyncDriver) -> int:
-    """How many sockets the driver holds open (for tests and stats)."""
-    return sum(1 for transport in _transports(driver) if _descriptor(transport) >= 0)
+    """How many sockets the driver holds open (for tests and stats).
+
+    A released one is not counted: its descriptor now points at ``/dev/null``.
+    """
+    return sum(1 for transport in _transports(driver) if _is_socket(_descriptor(transport)))
+
+
+def _is_socket(fd: int) -> bool:
+    """Whether ``fd`` is an open socket (not closed, not released to ``/dev/null``)."""
+    try:
+        return fd >= 0 and stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def driver_is_closed(driver: AsyncDriver) -> bool:
@@ -65,21 +82,57 @@ def driver_is_closed(driver: AsyncDriver) -> bool:
     return bool(getattr(driver, "_closed", False))
 
 
-def release_sockets(driver: AsyncDriver, *, loop_runs: bool = False) -> int:
-    """Release this process's hold on the driver's sockets, sending nothing; return how many.
+async def close_driver(driver: AsyncDriver) -> None:
+    """``await driver.close()``, returning once its sockets are closed too.
 
-    ``loop_runs``: the caller is on the driver's loop (a close that failed or ran
-    out of time), so each transport is aborted the ordinary way instead.
+    The driver closes a socket "in the background" (``writer.close()``, not
+    awaited). A plain TCP transport is gone one loop iteration later, but a TLS
+    transport first exchanges ``close_notify`` with the server, which takes a
+    round trip on the loop: a loop closed in between (``asyncio.run`` right after
+    its teardown closed the pool) leaves the TCP transport under the TLS one
+    unclosed, for the garbage collector and a ``ResourceWarning``. So this waits
+    until every transport the driver had says its socket is closed. Cancelled
+    (its close ran out of time), it aborts what is still open, then re-raises.
     """
-    if loop_runs:
-        transports = [t for t in _transports(driver) if not t.is_closing()]
-        for transport in transports:
+    transports = driver_transports(driver)
+    await driver.close()
+    open_ = [transport for transport in transports if _descriptor(transport) >= 0]
+    try:
+        while open_:  # no public event says a socket closed: look again shortly
+            await asyncio.sleep(_SETTLE_POLL_S)
+            open_ = [transport for transport in open_ if _descriptor(transport) >= 0]
+    except asyncio.CancelledError:
+        for transport in open_:
             abort = getattr(transport, "abort", None)
             if callable(abort):
                 abort()
-        return len(transports)
-    descriptors = {_descriptor(transport) for transport in _transports(driver)}
-    descriptors.discard(-1)
+        raise
+
+
+#: How often :func:`close_driver` looks whether the closed driver's sockets are closed.
+_SETTLE_POLL_S = 0.002
+
+
+def release_sockets(driver: AsyncDriver, *, loop_runs: bool = False) -> int:
+    """Release this process's hold on the driver's sockets, sending nothing; return how many."""
+    return release_transports(driver_transports(driver), loop_runs=loop_runs)
+
+
+def release_transports(transports: list[asyncio.BaseTransport], *, loop_runs: bool = False) -> int:
+    """Release the sockets under ``transports`` without I/O; return how many were open.
+
+    ``loop_runs``: the caller is on the transports' loop (a close that failed or
+    ran out of time), so each transport is aborted the ordinary way instead.
+    """
+    if loop_runs:
+        open_ = [t for t in transports if not t.is_closing() or _descriptor(t) >= 0]
+        for transport in open_:
+            abort = getattr(transport, "abort", None)
+            if callable(abort):
+                abort()
+        return len(open_)
+    descriptors = {_descriptor(transport) for transport in transports}
+    descriptors = {fd for fd in descriptors if _is_socket(fd)}
     if not descriptors:
         return 0
     released = 0

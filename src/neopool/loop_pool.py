@@ -34,9 +34,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase
-from neo4j.exceptions import DriverError, ServiceUnavailable, SessionExpired
+from neo4j.exceptions import AuthError, DriverError, ServiceUnavailable, SessionExpired
 
-from neopool._release import driver_is_closed, release_sockets
+from neopool._release import (
+    close_driver,
+    driver_is_closed,
+    driver_transports,
+    release_transports,
+)
+from neopool.credentials import credential_rejected, track
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
 from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
 from neopool.stats import PoolStats, UtilisationMonitor, report_leaks
@@ -56,8 +62,16 @@ _ANCHOR_S = 86_400.0
 
 
 def create_driver(config: Neo4jConnectionConfig) -> AsyncDriver:
-    """The driver neopool opens for each loop: the official one, as configured."""
-    return AsyncGraphDatabase.driver(config.uri, auth=config.auth(), **config.driver_options())
+    """The driver neopool opens for each loop: the official one, as configured.
+
+    With a credentials provider, each driver gets an auth manager of its own
+    (:meth:`Neo4jConnectionConfig.driver_auth`), which a borrower's ``AuthError``
+    makes ask the provider again (:func:`neopool.credentials.credential_rejected`).
+    """
+    auth = config.driver_auth()
+    driver = AsyncGraphDatabase.driver(config.uri, auth=auth, **config.driver_options())
+    track(driver, auth)
+    return driver
 
 
 class PoolState(enum.Enum):
@@ -126,6 +140,8 @@ class EventLoopConnectionPool:
         self._driver_task: asyncio.Task[None] | None = None
         self._driver_suspect = False
         self._retired: list[_Retired] = []
+        #: Transports of drivers being closed: terminate() releases any still open.
+        self._closing: list[asyncio.BaseTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._teardown: AsyncGenerator[None, None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -248,7 +264,8 @@ class EventLoopConnectionPool:
         """Give a lease back. Nothing here awaits, so a cancellation cannot lose it.
 
         Pass the exception the borrower ended with, if any: after a
-        connectivity error the driver is checked before the next borrow.
+        connectivity error the driver is checked before the next borrow; after
+        an ``AuthError`` a credentials provider is asked again.
         """
         self.return_nowait(lease, error)
 
@@ -256,10 +273,19 @@ class EventLoopConnectionPool:
         self, lease: PooledConnectionManager, error: BaseException | None = None
     ) -> None:
         """:meth:`return_connection` as the plain function it is: it never waits."""
+        if isinstance(error, GeneratorExit) and not self.on_own_loop():
+            # The holder's coroutine is being closed away from the loop (its task was
+            # collected, or its loop closed): it comes back the way a lost lease does.
+            if lease._ref in outstanding:
+                outstanding.discard(lease._ref)
+                self._lease_lost(lease.lease_id)
+            return
         self._check_loop("return a connection")
         self._release(lease)
         if isinstance(error, CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
             self._driver_suspect = True
+        elif isinstance(error, AuthError):
+            credential_rejected(self._driver)  # a refused logon: the driver's manager never hears
 
     def _acquire_nowait(self) -> PooledConnectionManager | None:
         if self._state is not PoolState.OPEN:
@@ -466,6 +492,10 @@ class EventLoopConnectionPool:
             await self._warm(driver)
             if self._state is not PoolState.OPEN:
                 raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
+        except GeneratorExit:
+            # Finalized by the garbage collector, its loop gone: an await here would run on
+            # whatever loop the collecting thread runs. The driver is terminate()'s to release.
+            raise
         except BaseException:
             await self._close_driver(driver)
             self._opening = None  # only now: a close cut short leaves it to terminate
@@ -494,23 +524,42 @@ class EventLoopConnectionPool:
             self._retired.remove(retired)
 
     async def _warm(self, driver: AsyncDriver) -> None:
-        """Verify the driver and open ``pool_min_size`` sockets side by side."""
-        checks = [driver.verify_connectivity() for _ in range(max(1, self.min_size))]
-        results = await asyncio.wait_for(
-            asyncio.gather(*checks, return_exceptions=True),
-            self.config.connection_timeout + self.config.connection_acquisition_timeout,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        """Verify the driver and open ``pool_min_size`` sockets side by side.
+
+        Every check is awaited to its end, even when this is cancelled, so no
+        error is left unretrieved and no half-open socket unaccounted for.
+        """
+        checks = [self._spawn(driver.verify_connectivity()) for _ in range(max(1, self.min_size))]
+        limit = self.config.connection_timeout + self.config.connection_acquisition_timeout
+        try:
+            _, pending = await asyncio.wait(checks, timeout=limit)
+        except GeneratorExit:
+            raise  # finalized by the garbage collector, its loop gone: nothing may be awaited
+        except BaseException:
+            await _cancel_and_wait(checks)
+            raise
+        await _cancel_and_wait(checks)
+        for check in checks:
+            error = None if check.cancelled() else check.exception()
+            if error is not None:
+                raise error
+        if pending:
+            raise asyncio.TimeoutError(f"the driver did not connect within {limit:g}s")
 
     async def _close_driver(self, driver: AsyncDriver) -> None:
-        """Close a driver within ``close_timeout``; past that, release its sockets."""
+        """Close a driver within ``close_timeout``; past that, release its sockets.
+
+        Its transports are noted first: the driver forgets its connections as it
+        closes them, and a loop that stops half-way leaves them to terminate().
+        """
+        transports = driver_transports(driver)
+        self._closing.extend(transports)
         try:
-            await asyncio.wait_for(driver.close(), self.config.close_timeout or None)
+            closing = self._spawn(close_driver(driver))  # one of ours: never left unstarted
+            await asyncio.wait_for(closing, self.config.close_timeout or None)
         except Exception as exc:  # a dead server must not stop a close
             logger.debug("neopool: closing a driver failed (%r); releasing its sockets", exc)
-            release_sockets(driver, loop_runs=True)
+            release_transports(transports, loop_runs=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task of the pool's own, outside any caller's context (so no call claims it)."""
@@ -613,7 +662,7 @@ class EventLoopConnectionPool:
             await asyncio.wait([task])
 
     def start_close(self, timeout: float | None = None) -> asyncio.Task[None] | None:
-        """:meth:`close` without waiting: the task that finishes it (``None`` once closed).
+        """:meth:`close` without waiting: the task that finishes it (``None`` if never needed).
 
         Must run on the pool's loop; a second call returns the first one's task.
         """
@@ -636,7 +685,7 @@ class EventLoopConnectionPool:
             helpers = [task for task in self._tasks if task is not me]
             for task in helpers:
                 task.cancel()
-            closes = [self._spawn(driver.close()) for driver in self._drivers()]
+            closes = [self._spawn(self._close_driver(driver)) for driver in self._drivers()]
             if helpers or closes:
                 _, pending = await asyncio.wait(
                     [*helpers, *closes], timeout=max(0.0, deadline - loop.time())
@@ -672,8 +721,13 @@ class EventLoopConnectionPool:
         on_loop = self.pid == os.getpid() and self.on_own_loop()
         if not on_loop:
             self._waiters = deque()  # futures of a loop that cannot run: setting them would fail
-        released = sum(release_sockets(driver, loop_runs=on_loop) for driver in self._drivers())
-        self._opening, self._retired = None, []
+        if not on_loop and self.pid == os.getpid():
+            self._close_stranded_tasks()
+        transports = {id(t): t for t in self._closing}
+        for driver in self._drivers():
+            transports.update((id(t), t) for t in driver_transports(driver))
+        released = release_transports(list(transports.values()), loop_runs=on_loop)
+        self._opening, self._retired, self._closing = None, [], []
         if self._in_use and self.pid == os.getpid():
             self._report_leaks()
         if self._anchor is not None and on_loop:
@@ -683,6 +737,38 @@ class EventLoopConnectionPool:
         if self._on_closed is not None:
             self._on_closed(self)
         return released
+
+    def _close_stranded_tasks(self) -> None:
+        """Close the coroutines of this pool's tasks left pending on a loop that cannot run.
+
+        Otherwise the garbage collector closes them later, wherever it runs, and
+        the driver's cleanup inside them fails there and is printed as an
+        exception ignored in a finalizer. Closed here, in a thread that runs no
+        loop, whatever their cleanup raises is caught.
+        """
+        coroutines = [task.get_coro() for task in self._tasks if not task.done()]
+        self._tasks = set()
+        if not coroutines:
+            return
+
+        def close_them() -> None:
+            for coroutine in coroutines:
+                try:
+                    coroutine.close()
+                except BaseException as exc:  # their cleanup cannot reach a dead loop
+                    logger.debug("neopool: closing a stranded task raised %r", exc)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            close_them()
+            return
+        closer = threading.Thread(target=close_them, name="neopool-release", daemon=True)
+        try:
+            closer.start()
+        except RuntimeError:  # the interpreter is shutting down: no new thread
+            return
+        closer.join(1.0)
 
     def _report_leaks(self) -> None:
         if self._in_use:
@@ -703,6 +789,13 @@ class EventLoopConnectionPool:
             pass  # it is the one running this close: it ends by itself
         else:
             closer.close()
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` (a no-op for those done) and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
 
 
 def _renew_anchor(pool: EventLoopConnectionPool) -> None:

@@ -8,13 +8,14 @@ import json
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
-from neopool.testing import BoltTarget, TcpProxy, reset_registry
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
+from neopool._release import driver_is_closed, driver_socket_count
+from neopool.testing import TcpProxy
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -26,22 +27,18 @@ pytestmark = [
 
 @pytest.fixture
 def parent_loop(
-    neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
+    configure: Callable[..., Neo4jConnectionConfig], neopool_proxy: TcpProxy
 ) -> Iterator[asyncio.AbstractEventLoop]:
     """A parent that already holds a warm pool on a loop that stays open, like a Celery master."""
-    reset_registry()
-    GlobalNeo4jConnectionPool.set_config(
-        neopool_bolt.config(
-            uri=neopool_proxy.uri(), database="neo4j", pool_min_size=2, pool_max_size=4
-        )
-    )
+    configure(uri=neopool_proxy.uri(), database="neo4j", pool_min_size=2, pool_max_size=4)
     loop = asyncio.new_event_loop()
-    assert loop.run_until_complete(_query(5)) == 5
-    yield loop
-    loop.run_until_complete(GlobalNeo4jConnectionPool().close_all_pools())
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
-    reset_registry()
+    try:
+        assert loop.run_until_complete(_query(5)) == 5
+        yield loop
+        loop.run_until_complete(GlobalNeo4jConnectionPool().close_all_pools())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 async def _query(value: int) -> int:
@@ -57,9 +54,19 @@ async def _query(value: int) -> int:
 def _child_work() -> dict[str, Any]:
     """What a forked worker does first: look at the registry, then borrow on a new loop."""
     report: dict[str, Any] = {"pools_at_start": len(GlobalNeo4jConnectionPool().pools())}
-    report["value"] = asyncio.run(_query(42))
+    drivers = []
+
+    async def query_and_keep_the_driver() -> int:
+        value = await _query(42)
+        drivers.append((await GlobalNeo4jConnectionPool().get_pool()).driver)
+        return value
+
+    report["value"] = asyncio.run(query_and_keep_the_driver())
     gc.collect()  # any finalizer of an inherited driver or socket runs now, inside the child
     report["pools_at_end"] = len(GlobalNeo4jConnectionPool().pools())
+    (driver,) = drivers
+    report["own_driver_closed"] = driver_is_closed(driver)
+    report["own_driver_sockets"] = driver_socket_count(driver)
     return report
 
 
@@ -116,7 +123,9 @@ def test_a_forked_child_starts_empty_and_never_writes_on_an_inherited_socket(
 
     assert report["pools_at_start"] == 0  # the registry is empty in the child
     assert report["value"] == 42  # and borrowing works there, on sockets of its own
-    assert report["pools_at_end"] == 0  # asyncio.run closed the child's pool
+    assert report["pools_at_end"] == 0  # asyncio.run closed the child's pool:
+    assert report["own_driver_closed"]  # its driver, by driver.close()
+    assert report["own_driver_sockets"] == 0
     after = {s["id"]: s for s in neopool_proxy.connection_stats()}
     for conn_id, bytes_up in inherited.items():
         assert after[conn_id]["bytes_up"] == bytes_up, "the child wrote on a parent's socket"
@@ -130,10 +139,9 @@ def test_a_forked_child_starts_empty_and_never_writes_on_an_inherited_socket(
 
 
 def test_fork_while_another_thread_runs_a_pool_does_not_deadlock_the_child(
-    neopool_bolt: BoltTarget, neopool_proxy: TcpProxy
+    configure: Callable[..., Neo4jConnectionConfig], neopool_proxy: TcpProxy
 ) -> None:
-    reset_registry()
-    GlobalNeo4jConnectionPool.set_config(neopool_bolt.config(uri=neopool_proxy.uri()))
+    configure(uri=neopool_proxy.uri())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -149,4 +157,3 @@ def test_fork_while_another_thread_runs_a_pool_does_not_deadlock_the_child(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
-        reset_registry()

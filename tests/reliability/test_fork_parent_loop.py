@@ -13,15 +13,17 @@ import asyncio
 import concurrent.futures
 import gc
 import os
-import queue
+import selectors
+import sys
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 import neopool
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
+from neopool import GlobalNeo4jConnectionPool
+from polling import eventually
+from user_code import WorkerThread, one_query
 
 # Forking a process that has threads is the point: Celery prefork does it (3.12+ warns).
 pytestmark = pytest.mark.filterwarnings(
@@ -29,16 +31,16 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-async def one_query() -> int:
-    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-        driver = await borrowed.get_driver()
-        records, _, _ = await driver.execute_query("RETURN 1 AS one", database_="neo4j")
-        return int(records[0]["one"])
+async def wait_for_another_thread(
+    done_elsewhere: concurrent.futures.Future[int], waiting: threading.Event
+) -> int:
+    """Only the loop's wake-up pipe can end this wait.
 
-
-async def wait_for_another_thread(done_elsewhere: concurrent.futures.Future[int]) -> int:
-    """Only the loop's wake-up pipe can end this wait before its 5 s guard."""
-    return await asyncio.wait_for(asyncio.wrap_future(done_elsewhere), 5)
+    No timeout of its own: a guard's timer would wake a deaf loop too, which
+    then finds the result waiting and returns it as if nothing were wrong.
+    """
+    asyncio.get_running_loop().call_soon(waiting.set)  # runs once the wait below has begun
+    return await asyncio.wrap_future(done_elsewhere)
 
 
 def wake_up_pipe_is_watched(loop: asyncio.AbstractEventLoop) -> bool:
@@ -50,35 +52,21 @@ def wake_up_pipe_is_watched(loop: asyncio.AbstractEventLoop) -> bool:
     return pipe_fd in watched
 
 
+def asleep_in_its_selector(thread: threading.Thread) -> bool:
+    """Whether ``thread``'s loop is blocked in its selector, until something wakes it."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    code = frame.f_code if frame is not None else None
+    return code is not None and code.co_name == "select" and code.co_filename == selectors.__file__
+
+
 @pytest.fixture
-def parent_worker(
-    neopool_registry: GlobalNeo4jConnectionPool,
-) -> Iterator[Callable[[Callable[[], Any]], Any]]:
-    """A thread with a persistent neopool loop, idle between jobs, as a Celery thread is."""
-    jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
-    jobs = queue.Queue()
-
-    def serve() -> None:
-        while (job := jobs.get()) is not None:
-            work, result = job
-            try:
-                result.set_result(work())
-            except BaseException as exc:
-                result.set_exception(exc)
-        neopool.runner.close_thread_loop()
-
-    thread = threading.Thread(target=serve, daemon=True, name="neopool-parent-worker")
-    thread.start()
-
-    def submit(work: Callable[[], Any]) -> Any:
-        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        jobs.put((work, result))
-        return result
-
-    assert submit(lambda: neopool.run(one_query())).result(30) == 1
-    yield submit
-    jobs.put(None)
-    thread.join(30)
+def parent_worker(neopool_registry: GlobalNeo4jConnectionPool) -> Iterator[WorkerThread]:
+    """A thread with a persistent neopool loop and a pool, idle between jobs (a Celery thread)."""
+    worker = WorkerThread("neopool-parent-worker")
+    assert worker.call(lambda: neopool.run(one_query())) == 1
+    yield worker
+    worker.call(neopool.runner.close_thread_loop)
+    worker.end()
 
 
 def fork_a_child_that_works_and_exits() -> None:
@@ -97,41 +85,36 @@ def fork_a_child_that_works_and_exits() -> None:
 
 @pytest.mark.timeout(120)
 def test_the_parents_idle_loop_with_a_pool_still_wakes_after_a_child_exits(
-    parent_worker: Callable[[Callable[[], Any]], Any],
+    parent_worker: WorkerThread,
 ) -> None:
     fork_a_child_that_works_and_exits()
 
     loop = neopool.runner.loops()["neopool-parent-worker"]
     assert wake_up_pipe_is_watched(loop), "the child unregistered the parent's wake-up pipe"
     elsewhere: concurrent.futures.Future[int] = concurrent.futures.Future()
-    job = parent_worker(lambda: neopool.run(wait_for_another_thread(elsewhere)))
-    threading.Timer(0.2, elsewhere.set_result, args=(7,)).start()
-    assert job.result(15) == 7  # a deaf loop fails here with TimeoutError
-    assert parent_worker(lambda: neopool.run(one_query())).result(15) == 1
+    waiting = threading.Event()
+    job = parent_worker.submit(lambda: neopool.run(wait_for_another_thread(elsewhere, waiting)))
+    assert waiting.wait(15)
+    # Finished from this thread while the loop sleeps: only its wake-up pipe can tell it.
+    assert eventually(lambda: asleep_in_its_selector(parent_worker.thread))
+    elsewhere.set_result(7)
+    assert job.result(15) == 7  # a deaf loop never wakes: TimeoutError here
+    assert parent_worker.call(lambda: neopool.run(one_query()), timeout=15) == 1
 
 
 @pytest.mark.timeout(120)
 def test_a_persistent_loop_without_a_pool_is_not_closed_by_a_child_either(
     neopool_registry: GlobalNeo4jConnectionPool,
 ) -> None:
-    ready, finish = threading.Event(), threading.Event()
-
     async def nothing() -> None:
         return None
 
-    def idle_thread() -> None:
-        neopool.run(nothing())
-        ready.set()
-        finish.wait(60)
-        neopool.runner.close_thread_loop()
-
-    thread = threading.Thread(target=idle_thread, name="neopool-idle-loop")
-    thread.start()
-    ready.wait(30)
+    worker = WorkerThread("neopool-idle-loop")
     try:
+        worker.call(lambda: neopool.run(nothing()))
         fork_a_child_that_works_and_exits()
         loop = neopool.runner.loops()["neopool-idle-loop"]
         assert wake_up_pipe_is_watched(loop), "the child unregistered the parent's wake-up pipe"
     finally:
-        finish.set()
-        thread.join(30)
+        worker.call(neopool.runner.close_thread_loop)
+        worker.end()

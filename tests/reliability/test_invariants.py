@@ -2,7 +2,7 @@
 
 After every step: ``available + in_use == total <= max_size``, every lease held is
 counted, waiters are served first-in first-out, and a close wakes every waiter
-with ``PoolClosed``.
+with ``PoolClosed`` and leaves no socket open.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from neopool import (
     PooledConnectionManager,
     PoolTimeout,
 )
+from neopool._release import driver_socket_count
+from neopool.loop_pool import PoolState
 from neopool.testing import BoltTarget
+from polling import eventually_async
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -125,6 +128,7 @@ class Model:
             await settle()
             assert all(b.outcome == "closed" for b in waiting_before), "a waiter was not woken"
             assert self.pool.waiting == 0
+            await assert_released(self.pool)
         await settle()
 
     def check(self) -> None:
@@ -157,6 +161,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def assert_released(pool: EventLoopConnectionPool) -> None:
+    """The pool is closed and its driver holds no socket any more."""
+    assert pool.state is PoolState.CLOSED
+    driver = pool.driver
+    assert driver is not None  # opened up front by the scenario
+    assert await eventually_async(lambda: driver_socket_count(driver) == 0)
+
+
 async def scenario(config: Neo4jConnectionConfig, actions: list[Step]) -> None:
     pool = EventLoopConnectionPool(config)
     await pool.get_driver()  # opened up front, so borrows never await I/O
@@ -168,6 +180,7 @@ async def scenario(config: Neo4jConnectionConfig, actions: list[Step]) -> None:
         await model.finish()
     finally:
         await pool.close(timeout=0)
+    await assert_released(pool)
 
 
 @pytest.fixture(scope="module")
@@ -188,20 +201,3 @@ def test_random_borrow_return_cancel_timeout_close_keeps_the_books_straight(
         update={"pool_max_size": max_size, "pool_min_size": min(1, max_size)}
     )
     asyncio.run(scenario(config, actions))
-
-
-async def test_close_wakes_every_waiter_with_pool_closed(
-    small_pool_config: Neo4jConnectionConfig,
-) -> None:
-    pool = EventLoopConnectionPool(small_pool_config)
-    held = [await pool.borrow() for _ in range(pool.max_size)]
-    waiters = [asyncio.ensure_future(pool.borrow()) for _ in range(5)]
-    await settle()
-    assert pool.waiting == 5
-    closing = asyncio.ensure_future(pool.close(timeout=5))
-    results = await asyncio.gather(*waiters, return_exceptions=True)
-    assert all(isinstance(r, PoolClosed) for r in results)
-    for lease in held:
-        await pool.return_connection(lease)
-    await closing
-    assert pool.in_use == 0

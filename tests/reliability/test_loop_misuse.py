@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,31 +13,16 @@ from neopool import (
     EventLoopConnectionPool,
     GlobalNeo4jConnectionPool,
     Neo4jConnectionConfig,
-    Neo4jConnectionFactory,
     PooledConnectionManager,
 )
-from neopool.testing import BoltTarget, TcpProxy, reset_registry
+from neopool._release import driver_is_closed
+from neopool.testing import TcpProxy
+from polling import eventually
+from user_code import one_query
 
-from .conftest import eventually, open_fds
+from .conftest import open_fds
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def config(neopool_bolt: BoltTarget, neopool_proxy: TcpProxy) -> Iterator[Neo4jConnectionConfig]:
-    """The registry configured through the proxy, so closed sockets can be seen."""
-    reset_registry()
-    config = neopool_bolt.config(uri=neopool_proxy.uri(), pool_min_size=2)
-    GlobalNeo4jConnectionPool.set_config(config)
-    yield config
-    reset_registry()
-
-
-async def _task_body() -> None:
-    """What a Celery task does: borrow, query, return."""
-    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-        driver = await borrowed.get_driver()
-        await driver.execute_query("RETURN 1", database_="neo4j")
 
 
 def _run_like_many_celery_apps(body: Any) -> Any:
@@ -55,19 +39,19 @@ def _leak_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 def test_loops_closed_without_teardown_release_their_sockets_at_the_next_pool(
-    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
 ) -> None:
     before = open_fds()
-    _run_like_many_celery_apps(_task_body)
+    _run_like_many_celery_apps(one_query)
     steady = open_fds()
     assert steady > before  # the dead loop's sockets are still open, until someone looks
     for _ in range(5):
-        _run_like_many_celery_apps(_task_body)
+        _run_like_many_celery_apps(one_query)
         gc.collect()
         # each new pool released the previous dead loop's sockets (the proxy follows)
         assert eventually(lambda: open_fds() <= steady)
 
-    asyncio.run(_task_body())  # a well-behaved loop: sweeps the last dead one, closes its own
+    asyncio.run(one_query())  # a well-behaved loop: sweeps the last dead one, closes its own
     gc.collect()
     assert GlobalNeo4jConnectionPool().pools() == []
     assert eventually(lambda: neopool_proxy.active_connections == 0)
@@ -82,7 +66,7 @@ async def _borrow_and_keep() -> PooledConnectionManager:
 
 
 def test_a_lease_out_when_its_loop_dies_unclosed_is_reported_once_with_its_borrow_site(
-    config: Neo4jConnectionConfig,
+    proxied_config: Neo4jConnectionConfig,
     caplog: pytest.LogCaptureFixture,
     neopool_proxy: TcpProxy,
     unraisable: list[Any],
@@ -94,7 +78,7 @@ def test_a_lease_out_when_its_loop_dies_unclosed_is_reported_once_with_its_borro
     del lease
     gc.collect()  # the loop is collected too, as far as user code is concerned
 
-    asyncio.run(_task_body())  # the next pool sweeps the dead loop
+    asyncio.run(one_query())  # the next pool sweeps the dead loop
     asyncio.run(GlobalNeo4jConnectionPool().get_pool_stats())  # and any later look
     gc.collect()
 
@@ -106,12 +90,18 @@ def test_a_lease_out_when_its_loop_dies_unclosed_is_reported_once_with_its_borro
 
 
 def test_a_lease_out_when_asyncio_run_ends_is_reported_once_with_its_borrow_site(
-    config: Neo4jConnectionConfig, caplog: pytest.LogCaptureFixture, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig,
+    caplog: pytest.LogCaptureFixture,
+    neopool_proxy: TcpProxy,
+    unraisable: list[Any],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="neopool")
     lease = asyncio.run(_borrow_and_keep())
-    assert lease.pool.closed  # closed during the loop's teardown, on the loop
-    asyncio.run(_task_body())
+    assert lease.pool.closed  # closed during the loop's teardown, on the loop:
+    assert lease.pool.driver is not None
+    assert driver_is_closed(lease.pool.driver)  # gracefully, by driver.close()
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
+    asyncio.run(one_query())
     gc.collect()
     leaks = _leak_warnings(caplog)
     assert len(leaks) == 1
@@ -119,10 +109,10 @@ def test_a_lease_out_when_asyncio_run_ends_is_reported_once_with_its_borrow_site
 
 
 def test_a_new_loop_with_the_id_of_a_dead_loop_gets_a_new_pool(
-    config: Neo4jConnectionConfig, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig, unraisable: list[Any]
 ) -> None:
     async def one_task() -> tuple[int, bool, bool, int]:
-        await _task_body()
+        await one_query()
         pool = await GlobalNeo4jConnectionPool().get_pool()
         fresh = pool.loop is asyncio.get_running_loop() and not pool.closed
         return id(pool.loop), fresh, pool.stats()["closed"], pool.stats()["borrows"]
@@ -143,10 +133,10 @@ def test_a_new_loop_with_the_id_of_a_dead_loop_gets_a_new_pool(
 
 
 def test_terminate_releases_the_sockets_of_a_pool_whose_loop_is_gone(
-    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
 ) -> None:
     loop = asyncio.new_event_loop()
-    pool = EventLoopConnectionPool(config, loop=loop)
+    pool = EventLoopConnectionPool(proxied_config, loop=loop)
 
     async def use(pool: EventLoopConnectionPool) -> None:
         lease = await pool.borrow()
@@ -166,23 +156,27 @@ def test_terminate_releases_the_sockets_of_a_pool_whose_loop_is_gone(
 
 
 def test_a_pool_dropped_with_its_unclosed_loop_raises_nothing_from_finalizers(
-    config: Neo4jConnectionConfig, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
 ) -> None:
     loop = asyncio.new_event_loop()
-    pool = EventLoopConnectionPool(config, loop=loop)
+    pool = EventLoopConnectionPool(proxied_config, loop=loop)
     loop.run_until_complete(pool.get_driver())
     loop.close()
+    assert neopool_proxy.active_connections >= 1
     del pool, loop
     gc.collect()  # the teardown sentinel, the driver and its sockets are finalized here
+    assert eventually(lambda: neopool_proxy.active_connections == 0)
 
 
 def test_a_loop_stopped_and_closed_by_hand_after_shutdown_asyncgens_closes_gracefully(
-    config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
+    proxied_config: Neo4jConnectionConfig, neopool_proxy: TcpProxy, unraisable: list[Any]
 ) -> None:
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(_task_body())
+    loop.run_until_complete(one_query())
     pool = loop.run_until_complete(GlobalNeo4jConnectionPool().get_pool())
     loop.run_until_complete(loop.shutdown_asyncgens())  # the polite manual teardown
     assert pool.closed
+    assert pool.driver is not None
+    assert driver_is_closed(pool.driver)  # closed on the loop, before it closed
     loop.close()
     assert eventually(lambda: neopool_proxy.active_connections == 0)

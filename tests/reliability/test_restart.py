@@ -12,7 +12,7 @@ from neo4j.exceptions import DriverError, Neo4jError
 
 from neopool import GlobalNeo4jConnectionPool
 from neopool.embedded import BoltServer
-from neopool.testing import WriteLoad, reset_registry
+from neopool.testing import BoltTarget, WriteLoad, reset_registry, tls_requested, tls_target
 from neopool.testing.write_load import DRILL_SETTINGS
 
 pytestmark = [
@@ -36,10 +36,21 @@ def server() -> Iterator[BoltServer]:
         yield own
 
 
+@pytest.fixture(scope="module")
+def target(server: BoltServer, request: pytest.FixtureRequest) -> Iterator[BoltTarget]:
+    """How the pool reaches that server: directly, or through a TLS proxy in a TLS run."""
+    direct = BoltTarget(server.uri, server.username, server.password, embedded=server)
+    if not tls_requested():
+        yield direct
+        return
+    with tls_target(direct, request.getfixturevalue("neopool_tls_certificates")) as over_tls:
+        yield over_tls
+
+
 @pytest.fixture
-def registry(server: BoltServer) -> Iterator[GlobalNeo4jConnectionPool]:
+def registry(target: BoltTarget) -> Iterator[GlobalNeo4jConnectionPool]:
     reset_registry()
-    GlobalNeo4jConnectionPool.set_config(server.config(**DRILL_SETTINGS))
+    GlobalNeo4jConnectionPool.set_config(target.config(**DRILL_SETTINGS))
     yield GlobalNeo4jConnectionPool()
     reset_registry()
 

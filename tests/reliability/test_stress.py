@@ -6,13 +6,18 @@ import asyncio
 import gc
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, PoolStats
-from neopool.testing import BoltTarget, reset_registry
+from neopool import (
+    GlobalNeo4jConnectionPool,
+    Neo4jConnectionConfig,
+    Neo4jConnectionFactory,
+    PoolStats,
+)
+from user_code import Runner
 
 from .conftest import open_fds
 
@@ -24,18 +29,9 @@ STRESS_CAP = 150.0
 
 
 @pytest.fixture
-def registry(neopool_bolt: BoltTarget) -> Iterator[GlobalNeo4jConnectionPool]:
-    reset_registry()
-    GlobalNeo4jConnectionPool.set_config(
-        neopool_bolt.config(
-            pool_max_size=3,
-            pool_min_size=1,
-            max_connection_pool_size=4,
-            borrow_timeout=60.0,
-        )
-    )
-    yield GlobalNeo4jConnectionPool()
-    reset_registry()
+def registry(configure: Callable[..., Neo4jConnectionConfig]) -> GlobalNeo4jConnectionPool:
+    configure(pool_max_size=3, pool_min_size=1, max_connection_pool_size=4, borrow_timeout=60.0)
+    return GlobalNeo4jConnectionPool()
 
 
 async def _query_once() -> None:
@@ -119,7 +115,7 @@ def _rss() -> int:
 def test_ten_thousand_borrow_query_return_cycles_keep_memory_and_descriptors_flat(
     registry: GlobalNeo4jConnectionPool,
 ) -> None:
-    with asyncio.Runner() if hasattr(asyncio, "Runner") else _runner() as runner:
+    with Runner() as runner:
         runner.run(_soak(1_000, 4))  # warm: driver, sockets, caches, allocator arenas
         gc.collect()
         rss_before, fds_before = _rss(), open_fds()
@@ -133,21 +129,6 @@ def test_ten_thousand_borrow_query_return_cycles_keep_memory_and_descriptors_fla
     assert pool_stats["drivers_created"] == 1
     assert rss_after - rss_before < 5 * 1024 * 1024, f"grew {rss_after - rss_before} bytes"
     assert fds_after <= fds_before
-
-
-class _runner:
-    """``asyncio.Runner`` for Python 3.10: one loop for several ``run`` calls."""
-
-    def __enter__(self) -> _runner:
-        self.loop = asyncio.new_event_loop()
-        return self
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
 
 
 @pytest.mark.timeout(60)

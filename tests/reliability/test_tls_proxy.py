@@ -14,7 +14,6 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from neo4j.exceptions import ServiceUnavailable, SessionExpired
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 from neopool.cli import main as cli_main
 from neopool.testing import BoltTarget, ProxyProcess, TcpProxy, TlsCertificates, TlsProxy
+from polling import eventually_async
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,33 +33,6 @@ HANG = 30.0
 
 
 # -- helpers ---------------------------------------------------------------------------
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-
-@pytest.fixture
-async def echo_port() -> AsyncIterator[int]:
-    """A real plain TCP echo server on this test's loop (the proxy's upstream)."""
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    yield int(server.sockets[0].getsockname()[1])
-    server.close()
-
-
-async def _until(condition: Callable[[], bool], timeout: float = HANG) -> None:
-    """Let the loop run until ``condition`` holds (it is changed by the proxy's thread)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
-
-
 def _driver(uri: str, target: BoltTarget, **options: Any) -> AsyncDriver:
     return AsyncGraphDatabase.driver(uri, auth=(target.username, target.password), **options)
 
@@ -206,7 +179,7 @@ async def test_a_plaintext_driver_is_turned_away_by_the_tls_proxy(
             HANG,
         )
     assert neopool_tls_proxy.tls_handshakes == 0
-    await _until(lambda: neopool_tls_proxy.active_connections == 0)
+    assert await eventually_async(lambda: neopool_tls_proxy.active_connections == 0, HANG)
 
 
 # -- the proxy's faults, over TLS ------------------------------------------------------
@@ -224,7 +197,7 @@ async def test_cut_all_mid_query_over_tls_gives_the_driver_a_connectivity_error(
             sent = neopool_tls_proxy.bytes_up
             query = asyncio.ensure_future(session.run("RETURN 2"))
             # The query reached the server; its answer is 200 ms from the driver.
-            await _until(lambda: neopool_tls_proxy.bytes_up > sent)
+            assert await eventually_async(lambda: neopool_tls_proxy.bytes_up > sent, HANG)
             assert neopool_tls_proxy.cut_all() >= 1
             with pytest.raises((ServiceUnavailable, SessionExpired)):
                 await asyncio.wait_for(query, HANG)
@@ -237,6 +210,7 @@ async def test_cut_all_mid_query_over_tls_gives_the_driver_a_connectivity_error(
     assert neopool_tls_proxy.tls_handshakes >= 2
 
 
+@pytest.mark.timing
 async def test_latency_over_tls_charges_the_handshake_and_keeps_byte_order(
     echo_port: int, neopool_tls_certificates: TlsCertificates
 ) -> None:
