@@ -16,14 +16,27 @@ PYTEST_ARGS ?=
 #                     failure on one version does not stop the others)
 # The virtualenvs are created two at a time, before any of their tests run.
 STRICT_PYTHONS ?= 0
+
+# CPython 3.11's tracebacks parse source lines (ast.parse) to draw their ^^^ markers,
+# and its parser keeps one recursion counter for all threads: a traceback logged in a
+# test's background thread while pytest imports and rewrites a module in the main
+# thread can fail that import with "SystemError: AST constructor recursion depth
+# mismatch". Tracebacks without column ranges parse nothing.
+export PYTHONNODEBUGRANGES := 1
 CI_PYTHONS     ?= 3.10 3.13
 MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
 # The core subset: the top-level test modules except the demo's (so not tests/reliability,
 # tests/celery, tests/lightrag), without tests marked slow or packaging.
 CORE_TESTS ?= $(filter-out tests/test_demo.py,$(wildcard tests/test_*.py))
 CORE_ARGS  ?= -m "not slow and not packaging"
+# Run once more over TLS by `make test` (NEOPOOL_TEST_TLS=1: every connection the
+# neopool_bolt and neopool_proxy fixtures give goes through a TLS-terminating proxy whose
+# certificate a throwaway CA signed): the core pool tests, churn (test_registry), fork,
+# restart, and the TLS and credential-rotation tests.
+TLS_TESTS ?= tests/test_loop_pool.py tests/test_registry.py tests/reliability/test_fork.py \
+             tests/reliability/test_restart.py tests/test_tls.py tests/test_credentials.py
 
-.PHONY: demo test lint typecheck check-format unit bench test-matrix clean
+.PHONY: demo test lint typecheck check-format unit unit-tls bench test-matrix clean
 .PRECIOUS: .venv-%/.installed
 
 $(STAMP): pyproject.toml
@@ -45,7 +58,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck unit
+unit-tls: $(STAMP)
+	NEOPOOL_TEST_TLS=1 $(PY) -m pytest $(TLS_TESTS) $(PYTEST_ARGS)
+
+test: lint typecheck unit unit-tls
 	$(MAKE) --no-print-directory -j2 $(addprefix venv-,$(CI_PYTHONS))
 	$(MAKE) --no-print-directory $(addprefix core-,$(CI_PYTHONS))
 

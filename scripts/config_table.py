@@ -50,7 +50,8 @@ def table() -> str:
     for name, field in Neo4jConnectionConfig.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
         default = _default(field.default)
-        rows.append(f"| `{name}` | `{env_name(name)}` | {default} | {description} |")
+        variable = f"`{env_name(name)}`" if env_name(name) else "none (Python only)"
+        rows.append(f"| `{name}` | {variable} | {default} | {description} |")
     return "\n".join(rows)
 
 

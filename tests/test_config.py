@@ -8,6 +8,7 @@ import warnings
 import pytest
 from neo4j import AsyncGraphDatabase
 
+import neopool
 from neopool import ConfigError, Neo4jConnectionConfig
 
 SECRET = "hunter2-very-secret"
@@ -66,6 +67,7 @@ def test_no_arguments_reads_every_lightrag_variable(monkeypatch: pytest.MonkeyPa
         "max_connection_lifetime": 120.0,
         "liveness_check_timeout": 9.0,
         "keep_alive": False,
+        "user_agent": f"neopool/{neopool.__version__}",
     }
     assert (config.pool_max_size, config.pool_min_size, config.borrow_timeout) == (12, 3, 2.5)
 

@@ -11,6 +11,7 @@ The layers, from the outside in::
 """
 
 from neopool import _fork  # noqa: F401  (registers the fork hook)
+from neopool._version import __version__
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import (
@@ -29,8 +30,6 @@ from neopool.loop_pool import EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.runner import run
 from neopool.stats import PoolStats
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BorrowedConnection",

@@ -10,6 +10,8 @@ driver and its server to cut, blackhole or slow the network on purpose
 :class:`TlsCertificates`, so the driver can be tested over TLS), and
 :class:`WriteLoad` keeps writers busy on many loops while a drill breaks things,
 counting every write the server acknowledged.
+:func:`tls_target` puts a verified TLS proxy in front of a :class:`BoltTarget`;
+with ``NEOPOOL_TEST_TLS=1`` the plugin's fixtures do that for the whole run.
 
 :class:`FakeDriverFactory` is a test double, not a database: its
 :class:`FakeDriver` objects only verify and close (and can be told to hang or
@@ -20,7 +22,13 @@ as ``driver_factory=`` or to ``GlobalNeo4jConnectionPool.set_driver_factory``.
 from neopool.testing.fake_driver import FakeDriver, FakeDriverFactory
 from neopool.testing.proxy import TcpProxy, TlsProxy
 from neopool.testing.proxy_process import ProxyProcess
-from neopool.testing.targets import BoltTarget, bolt_target_from_env, reset_registry
+from neopool.testing.targets import (
+    BoltTarget,
+    bolt_target_from_env,
+    reset_registry,
+    tls_requested,
+    tls_target,
+)
 from neopool.testing.tls import TlsCertificates
 from neopool.testing.write_load import WriteLoad
 
@@ -35,4 +43,6 @@ __all__ = [
     "WriteLoad",
     "bolt_target_from_env",
     "reset_registry",
+    "tls_requested",
+    "tls_target",
 ]

@@ -4,14 +4,17 @@
 fixture                         scope    what it gives
 ==============================  =======  ===================================================
 ``neopool_bolt``                session  a :class:`BoltTarget` (embedded ArcadeDB, or Neo4j
-                                         from ``NEOPOOL_TEST_NEO4J_URI``/``_USER``/``_PASSWORD``)
+                                         from ``NEOPOOL_TEST_NEO4J_URI``/``_USER``/``_PASSWORD``);
+                                         with ``NEOPOOL_TEST_TLS=1``, reached over TLS through
+                                         a TLS-terminating proxy (see below)
 ``neopool_broker_url``          session  a Celery broker URL (embedded Valkey, or
                                          ``NEOPOOL_TEST_BROKER_URL``)
 ``neopool_config``              test     a config for ``neopool_bolt`` with default settings
 ``neopool_registry``            test     the global registry, configured for ``neopool_bolt``
                                          and emptied again after the test
 ``neopool_proxy``               test     a :class:`TcpProxy` in front of ``neopool_bolt``
-                                         (``proxy.uri()`` is where the driver connects)
+                                         (``proxy.uri()`` is where the driver connects); a
+                                         :class:`TlsProxy` with ``NEOPOOL_TEST_TLS=1``
 ``neopool_tls_certificates``    session  a :class:`TlsCertificates`: a throwaway CA and a
                                          certificate for 127.0.0.1/localhost, PEM files in a
                                          private temp dir (``.ca_path``, ``.cert_path``,
@@ -23,13 +26,22 @@ fixture                         scope    what it gives
                                          ``proxy.uri("bolt")`` with ``**proxy.driver_options()``
                                          verifies against ``proxy.ca_path``
 ==============================  =======  ===================================================
+
+A TLS run (``NEOPOOL_TEST_TLS=1``): every test that reaches the server through
+these fixtures speaks TLS. ``neopool_bolt.uri`` is then
+``bolt://127.0.0.1:<port>`` of a session-long :class:`TlsProxy` whose
+certificate a throwaway CA signed, and ``neopool_bolt.config()`` trusts that CA
+(``trusted_certificates``), so the driver verifies the certificate and the host
+name as it would in production; ``neopool_proxy`` terminates TLS too
+(``proxy.uri()`` is ``bolt+ssc://``). ``make test`` runs the core, churn, fork,
+restart, TLS and credential-rotation tests this way once more (``make unit-tls``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -37,19 +49,36 @@ from neopool.config import Neo4jConnectionConfig
 from neopool.embedded.arcadedb import BoltServer
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.testing.proxy import TcpProxy, TlsProxy
-from neopool.testing.targets import BoltTarget, bolt_target_from_env, reset_registry
+from neopool.testing.targets import (
+    TLS_ENV,
+    BoltTarget,
+    bolt_target_from_env,
+    reset_registry,
+    tls_requested,
+    tls_target,
+)
 from neopool.testing.tls import TlsCertificates
 
 
+def pytest_report_header() -> str | None:
+    """Say so at the top of the run when Bolt goes over TLS."""
+    if tls_requested():
+        return f"neopool: {TLS_ENV}=1: Bolt over TLS, through a TLS-terminating proxy"
+    return None
+
+
 @pytest.fixture(scope="session")
-def neopool_bolt() -> Iterator[BoltTarget]:
-    """A real Bolt server for the whole session."""
-    target = bolt_target_from_env()
-    if target is not None:
+def neopool_bolt(request: pytest.FixtureRequest) -> Iterator[BoltTarget]:
+    """A real Bolt server for the whole session (over TLS when ``NEOPOOL_TEST_TLS=1``)."""
+    with contextlib.ExitStack() as stack:
+        target = bolt_target_from_env()
+        if target is None:
+            server = stack.enter_context(BoltServer())
+            target = BoltTarget(server.uri, server.username, server.password, embedded=server)
+        if tls_requested():
+            certificates = request.getfixturevalue("neopool_tls_certificates")
+            target = stack.enter_context(tls_target(target, certificates))
         yield target
-        return
-    with BoltServer() as server:
-        yield BoltTarget(server.uri, server.username, server.password, embedded=server)
 
 
 @pytest.fixture(scope="session")
@@ -83,14 +112,20 @@ def neopool_registry(
 
 
 @pytest.fixture
-def neopool_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
+def neopool_proxy(neopool_bolt: BoltTarget, request: pytest.FixtureRequest) -> Iterator[TcpProxy]:
     """A real TCP proxy in front of the session's Bolt server, for network faults.
 
     Connect with ``neopool_bolt.config(uri=neopool_proxy.uri())``: a direct
     ``bolt://`` URI, so a routing table cannot lead the driver around the proxy.
+    In a TLS run it is a :class:`TlsProxy` and ``uri()`` is ``bolt+ssc://``.
     """
-    address = urlsplit(neopool_bolt.uri)
-    with TcpProxy(address.hostname or "127.0.0.1", address.port or 7687) as proxy:
+    host, port = neopool_bolt.server_address
+    if tls_requested():
+        certificates = request.getfixturevalue("neopool_tls_certificates")
+        with TlsProxy(host, port, certificates) as tls_proxy:
+            yield tls_proxy
+        return
+    with TcpProxy(host, port) as proxy:
         yield proxy
 
 
@@ -112,8 +147,6 @@ def neopool_tls_proxy(
     any certificate accepted), or verify: ``AsyncGraphDatabase.driver(proxy.uri("bolt"),
     auth=..., **proxy.driver_options())`` trusts only the CA at ``proxy.ca_path``.
     """
-    address = urlsplit(neopool_bolt.uri)
-    with TlsProxy(
-        address.hostname or "127.0.0.1", address.port or 7687, neopool_tls_certificates
-    ) as proxy:
+    host, port = neopool_bolt.server_address
+    with TlsProxy(host, port, neopool_tls_certificates) as proxy:
         yield proxy

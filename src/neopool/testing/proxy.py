@@ -597,6 +597,8 @@ class TlsProxy(TcpProxy):
     (encrypted, any certificate); a driver that verifies uses ``bolt://`` (or
     ``neo4j://``) with :meth:`driver_options`, which trust :attr:`ca_path`.
     ``certificates`` must be started, and outlive the proxy.
+    ``client_certificates=True``: mutual TLS, only clients presenting a
+    certificate of the same CA (:meth:`TlsCertificates.client_certificate`) get through.
     """
 
     def __init__(
@@ -608,6 +610,7 @@ class TlsProxy(TcpProxy):
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
         rtt_ms: float = 0.0,
+        client_certificates: bool = False,
     ) -> None:
         super().__init__(
             upstream_host,
@@ -615,7 +618,7 @@ class TlsProxy(TcpProxy):
             listen_host=listen_host,
             listen_port=listen_port,
             rtt_ms=rtt_ms,
-            tls=certificates.server_context(),
+            tls=certificates.server_context(require_client_certificate=client_certificates),
         )
         self.certificates = certificates
 

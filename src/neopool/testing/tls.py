@@ -19,11 +19,18 @@ How the official driver takes each kind of URI:
   so a throwaway CA is refused (and these schemes refuse ``trusted_certificates``).
 * ``bolt://`` / ``neo4j://`` with ``encrypted=True,
   trusted_certificates=neo4j.TrustCustomCAs(ca_path)`` (:meth:`TlsCertificates.driver_options`):
-  encrypted, verified against this CA, host name checked.
+  encrypted, verified against this CA, host name checked. neopool's config says
+  the same as ``Neo4jConnectionConfig(uri="bolt://...", trusted_certificates=[ca_path])``.
+
+Mutual TLS: :meth:`TlsCertificates.client_certificate` issues a client
+certificate signed by the same CA, and ``TlsProxy(..., client_certificates=True)``
+(a :meth:`TlsCertificates.server_context` that requires one) turns away clients
+without it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import ssl
@@ -41,15 +48,22 @@ DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
 
 def server_context(
-    cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str] | None = None
+    cert_path: str | os.PathLike[str],
+    key_path: str | os.PathLike[str] | None = None,
+    *,
+    client_ca_path: str | os.PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """A server-side context presenting the certificate chain in ``cert_path``.
 
     ``key_path`` is the private key's PEM file; ``None`` when ``cert_path``
-    holds the key too.
+    holds the key too. ``client_ca_path``: require a client certificate
+    signed by that CA (mutual TLS).
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_path, key_path)
+    if client_ca_path is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=os.fspath(client_ca_path))
     return context
 
 
@@ -66,6 +80,8 @@ class TlsCertificates(Service):
             raise ValueError("the certificate needs at least one host name or IP address")
         self.hosts = tuple(hosts)
         self._directory: Path | None = None
+        self._authority: Any = None
+        self._clients = itertools.count(1)
 
     def start(self) -> TlsCertificates:
         """Make the CA, the server certificate and their files; returns once they exist."""
@@ -89,10 +105,12 @@ class TlsCertificates(Service):
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self._directory = directory
+        self._authority = authority
         return self
 
     def end(self) -> None:
         """Remove the directory and every file in it."""
+        self._authority = None
         directory, self._directory = self._directory, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -122,10 +140,44 @@ class TlsCertificates(Service):
         """The server certificate's private key (PEM, mode 0600)."""
         return self.directory / "key.pem"
 
+    def client_certificate(
+        self, name: str = "neopool-client", *, key_password: str | None = None
+    ) -> tuple[Path, Path]:
+        """Issue a client certificate for mutual TLS, signed by this CA.
+
+        Returns the PEM files ``(certificate, key)``, new ones in the private
+        directory on every call; with ``key_password`` the key is encrypted
+        with it (PKCS#8), as ``client_key_password`` expects.
+        """
+        authority = self._authority
+        if authority is None:
+            raise RuntimeError("TlsCertificates is not started: use start() or `with`")
+        leaf = authority.issue_cert(name)
+        key = leaf.private_key_pem.bytes()
+        if key_password is not None:
+            from cryptography.hazmat.primitives import serialization
+
+            key = serialization.load_pem_private_key(key, None).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(key_password.encode()),
+            )
+        number = next(self._clients)
+        cert_path = self.directory / f"client-{number}.pem"
+        key_path = self.directory / f"client-{number}-key.pem"
+        _write(cert_path, b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        _write(key_path, key)
+        return cert_path, key_path
+
     # -- using them --------------------------------------------------------------------
-    def server_context(self) -> ssl.SSLContext:
-        """A server-side context presenting the certificate: give it to ``TcpProxy(tls=...)``."""
-        return server_context(self.cert_path, self.key_path)
+    def server_context(self, *, require_client_certificate: bool = False) -> ssl.SSLContext:
+        """A server-side context presenting the certificate: give it to ``TcpProxy(tls=...)``.
+
+        ``require_client_certificate``: mutual TLS, a client must present a
+        certificate this CA signed (:meth:`client_certificate`).
+        """
+        client_ca = self.ca_path if require_client_certificate else None
+        return server_context(self.cert_path, self.key_path, client_ca_path=client_ca)
 
     def client_context(self) -> ssl.SSLContext:
         """A client-side context that trusts this CA only (host names checked)."""
