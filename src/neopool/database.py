@@ -4,7 +4,11 @@ Follows LightRAG's ``Neo4JStorage.initialize``: the database is
 ``NEO4J_DATABASE`` or a name derived from the workspace; it is probed, created
 where the server can (``CREATE DATABASE``), and where it cannot (Neo4j
 Community, ArcadeDB, no permission) the default database is used instead. Then
-an index on ``entity_id`` is ensured for the workspace label.
+``entity_id`` is made unique on the workspace label (a uniqueness constraint,
+which also indexes it), so that writers in several processes cannot create two
+nodes for one entity; where existing duplicates or the server prevent that, the
+plain index LightRAG creates is ensured instead and one warning says how many
+duplicates there are and how to fix them.
 
 The result is cached process-wide: the second call, from any event loop or
 thread, runs no Cypher. Concurrent first calls run the preparation once and
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neo4j import AsyncDriver
-from neo4j.exceptions import AuthError, ClientError, DatabaseError
+from neo4j.exceptions import AuthError, ClientError, DatabaseError, Neo4jError
 
 from neopool.config import SURROGATE_FIX, Neo4jConnectionConfig, utf8_problem
 from neopool.errors import InvalidName, PrepareTimeout
@@ -104,6 +108,8 @@ class DatabasePreparer:
         self._running: dict[CacheKey, _Preparation] = {}
         #: Cypher statements run so far (the cache's effect, in one number).
         self.statements_run = 0
+        #: ``(database, workspace) -> whether entity_id is unique there``, as prepared.
+        self.unique_entity_ids: dict[tuple[str | None, str], bool] = {}
 
     async def prepare(
         self,
@@ -229,7 +235,7 @@ class DatabasePreparer:
 
     async def _prepare(self, driver: AsyncDriver, target: str, workspace: str) -> str | None:
         database = await self._open_or_create(driver, target)
-        await self._ensure_index(driver, database, workspace)
+        await self._ensure_unique_entity_ids(driver, database, workspace)
         logger.info(
             "neopool: workspace %s prepared in database %s", shown(workspace), shown(database)
         )
@@ -275,6 +281,100 @@ class DatabasePreparer:
                     return str(row["name"])
         return None
 
+    async def _ensure_unique_entity_ids(
+        self, driver: AsyncDriver, database: str | None, workspace: str
+    ) -> None:
+        """Make ``entity_id`` unique on the workspace label; else index it and say why not.
+
+        The constraint comes first: its own index serves every lookup the plain
+        one did, and on Neo4j a plain index on the same property would block it.
+        A workspace that already has the plain index (LightRAG made it, or an
+        older neopool) gets it replaced where the server insists, if the data
+        has no duplicates. Every outcome is final for this process (the
+        preparation is cached); a duplicate-free later run fixes itself.
+        """
+        label = quote_identifier(workspace)
+        try:
+            await self._run(driver, database, _unique_constraint(label))
+            self.unique_entity_ids[(database, workspace)] = True
+            return
+        except AuthError:
+            raise
+        except (ClientError, DatabaseError) as exc:
+            refused: Neo4jError = exc
+        if await self._has_unique_constraint(driver, database, workspace):
+            # Another process created it at the same moment (or in another form).
+            self.unique_entity_ids[(database, workspace)] = True
+            return
+        duplicates = await self._count_duplicates(driver, database, label)
+        if (
+            duplicates == (0, 0)
+            and _blocked_by_plain_index(refused)
+            and await self._replace_plain_index(driver, database, workspace, label)
+        ):
+            self.unique_entity_ids[(database, workspace)] = True
+            return
+        self.unique_entity_ids[(database, workspace)] = False
+        await self._ensure_index(driver, database, workspace)
+        _warn_not_unique(workspace, database, duplicates, refused)
+
+    async def _has_unique_constraint(
+        self, driver: AsyncDriver, database: str | None, workspace: str
+    ) -> bool:
+        try:
+            rows = await self._run(driver, database, _UNIQUE_CONSTRAINTS, label=workspace)
+        except AuthError:
+            raise
+        except (ClientError, DatabaseError):
+            return False
+        return bool(rows) and int(rows[0]["n"] or 0) > 0
+
+    async def _count_duplicates(
+        self, driver: AsyncDriver, database: str | None, label: str
+    ) -> tuple[int, int] | None:
+        """``(entity_ids with more than one node, extra nodes)``; ``None`` if it cannot tell."""
+        try:
+            rows = await self._run(driver, database, _DUPLICATES.format(label=label))
+        except AuthError:
+            raise
+        except (ClientError, DatabaseError):
+            return None
+        if not rows:
+            return (0, 0)
+        return int(rows[0]["ids"] or 0), int(rows[0]["extra"] or 0)
+
+    async def _replace_plain_index(
+        self, driver: AsyncDriver, database: str | None, workspace: str, label: str
+    ) -> bool:
+        """Drop the plain ``entity_id`` index that blocks the constraint, then add the constraint.
+
+        If the constraint still fails (a duplicate written meanwhile), the
+        plain index is put back by the caller: lookups are never left unindexed
+        for longer than this takes.
+        """
+        try:
+            rows = await self._run(driver, database, _PLAIN_INDEXES, label=workspace)
+            for row in rows:
+                await self._run(
+                    driver, database, f"DROP INDEX {quote_identifier(row['name'])} IF EXISTS"
+                )
+            await self._run(driver, database, _unique_constraint(label))
+        except AuthError:
+            raise
+        except (ClientError, DatabaseError) as exc:
+            logger.info(
+                "neopool: could not replace the entity_id index of workspace %s by a "
+                "uniqueness constraint (%s)",
+                shown(workspace),
+                exc.code,
+            )
+            return False
+        logger.info(
+            "neopool: replaced the entity_id index of workspace %s by a uniqueness constraint",
+            shown(workspace),
+        )
+        return True
+
     async def _ensure_index(
         self, driver: AsyncDriver, database: str | None, workspace: str
     ) -> None:
@@ -298,11 +398,11 @@ class DatabasePreparer:
         return await self._run(driver, None, query)
 
     async def _run(
-        self, driver: AsyncDriver, database: str | None, query: str
+        self, driver: AsyncDriver, database: str | None, query: str, **parameters: Any
     ) -> list[dict[str, Any]]:
         self.statements_run += 1
         async with driver.session(database=database) as session:
-            result = await session.run(query)
+            result = await session.run(query, parameters)
             return await result.data()
 
     # -- inspection and reset ------------------------------------------------------
@@ -315,11 +415,96 @@ class DatabasePreparer:
         """Forget every prepared database (the next call prepares again)."""
         with self._lock:
             self._prepared.clear()
+            self.unique_entity_ids.clear()
 
     def after_fork_in_child(self) -> None:
         # Preparations running in the parent's threads will never finish here.
         self._lock = threading.Lock()
         self._running = {}
+
+
+#: Entity ids with more than one node, and how many nodes are extra.
+_DUPLICATES = (
+    "MATCH (n:{label}) WHERE n.entity_id IS NOT NULL "
+    "WITH n.entity_id AS id, count(*) AS copies WHERE copies > 1 "
+    "RETURN count(id) AS ids, coalesce(sum(copies - 1), 0) AS extra"
+)
+#: Uniqueness constraints on the workspace label's entity_id (Neo4j 4.4 and 5 type names).
+_UNIQUE_CONSTRAINTS = (
+    "SHOW CONSTRAINTS YIELD type, labelsOrTypes, properties "
+    "WHERE labelsOrTypes = [$label] AND properties = ['entity_id'] "
+    "AND type IN ['UNIQUENESS', 'NODE_PROPERTY_UNIQUENESS'] RETURN count(*) AS n"
+)
+#: The plain (not constraint-owned) indexes on the workspace label's entity_id.
+_PLAIN_INDEXES = (
+    "SHOW INDEXES YIELD name, type, labelsOrTypes, properties, owningConstraint "
+    "WHERE type = 'RANGE' AND labelsOrTypes = [$label] AND properties = ['entity_id'] "
+    "AND owningConstraint IS NULL RETURN name"
+)
+_DUPLICATES_HINT = (
+    "MATCH (n:{label}) WITH n.entity_id AS id, count(*) AS copies WHERE copies > 1 "
+    "RETURN id, copies"
+)
+
+
+def _unique_constraint(label: str) -> str:
+    return f"CREATE CONSTRAINT IF NOT EXISTS FOR (n:{label}) REQUIRE n.entity_id IS UNIQUE"
+
+
+def _blocked_by_plain_index(error: Neo4jError) -> bool:
+    """Whether the constraint was refused only because a plain index covers the property."""
+    message = (error.message or "").lower()
+    return error.code == "Neo.ClientError.Schema.IndexAlreadyExists" or (
+        "index" in message and "constraint cannot be created" in message
+    )
+
+
+def _warn_not_unique(
+    workspace: str,
+    database: str | None,
+    duplicates: tuple[int, int] | None,
+    refused: Neo4jError,
+) -> None:
+    """The one warning of a workspace whose entity_id could not be made unique."""
+    label = quote_identifier(workspace)
+    if workspace.isprintable() and len(workspace) <= SHOWN_CHARACTERS:
+        constraint, listing = _unique_constraint(label), _DUPLICATES_HINT.format(label=label)
+    else:  # the statements would carry the name unquoted into the log: describe them
+        constraint = "CREATE CONSTRAINT IF NOT EXISTS FOR (n:<workspace label>) " + (
+            "REQUIRE n.entity_id IS UNIQUE"
+        )
+        listing = _DUPLICATES_HINT.format(label="<workspace label>")
+    if duplicates is not None and duplicates[0]:
+        ids, extra = duplicates
+        logger.warning(
+            "neopool: entity_id is not unique in workspace %s (database %s): %d entity_id "
+            "value(s) have more than one node (%d extra node(s)), so the server refused a "
+            "uniqueness constraint (%s). Kept the plain index; concurrent writers in several "
+            "processes may create more duplicates. Fix: merge or delete the extra nodes "
+            "(list them with: %s), then run: %s (or restart the workers: neopool adds it "
+            "when it prepares the workspace).",
+            shown(workspace),
+            shown(database),
+            ids,
+            extra,
+            refused.code,
+            listing,
+            constraint,
+        )
+        return
+    counted = "no duplicates found" if duplicates is not None else "duplicates not counted"
+    logger.warning(
+        "neopool: this server refused a uniqueness constraint on entity_id for workspace %s "
+        "(database %s): %s (%s). Kept the plain index; concurrent writers in several "
+        "processes may create duplicate entities. Fix: use a server that supports "
+        "uniqueness constraints (Neo4j 5, ArcadeDB) with the CREATE CONSTRAINT privilege, "
+        "then run: %s",
+        shown(workspace),
+        shown(database),
+        refused.code,
+        counted,
+        constraint,
+    )
 
 
 def _timeout(problem: str, workspace: str, config: Neo4jConnectionConfig) -> PrepareTimeout:

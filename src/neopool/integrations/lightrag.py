@@ -1,47 +1,378 @@
-"""LightRAG's Neo4j graph storage, borrowing the loop's pooled driver.
+"""LightRAG's Neo4j graph storage on the running loop's pooled driver.
 
 lightrag-hku's ``Neo4JStorage.initialize`` opens a driver and probes, creates
 and indexes its database; ``finalize`` closes the driver. A worker that builds
 a LightRAG per task pays all of that per task. :class:`PooledNeo4JStorage`
-keeps every query of ``Neo4JStorage`` and changes only where the driver comes
-from, exactly as the design note shows: ``initialize`` borrows a connection
-(``__aenter__``) and prepares the workspace's database through the process-wide
-cache; ``finalize`` returns it (``__aexit__``). Storages of one event loop share
-its one driver.
+keeps every query of ``Neo4JStorage`` and changes only where its driver comes
+from and how long it is held:
+
+* ``initialize`` prepares the workspace's database through the process-wide
+  cache (once per process) and gives the storage a :class:`LeasedDriver`;
+* every session the storage opens borrows a lease of the running loop's pool
+  for the session's life (``pool_max_size`` bounds concurrent *sessions*, not
+  live storages: any number of LightRAG instances share one loop and driver);
+* ``finalize`` forgets the driver; the loop's driver stays open for the next
+  storage. A storage that is garbage-collected without ``finalize`` holds no
+  lease between sessions; one warning names where it was initialised.
+
+Writes that lose a race for a new entity to another process (the uniqueness
+constraint ``prepare_database`` adds refuses the second ``MERGE``) are retried:
+the transaction function runs again and finds the node.
 
 >>> from neopool.integrations.lightrag import register   # doctest: +SKIP
 >>> register()
 >>> rag = LightRAG(graph_storage="PooledNeo4JStorage", ...)
 
 The server and pool settings come from ``GlobalNeo4jConnectionPool.set_config``
-or, if none was set, from the same ``NEO4J_*`` variables LightRAG reads.
+or, if none was set, from what stock ``Neo4JStorage`` reads: the ``NEO4J_*``
+variables first, then the ``[neo4j]`` section of LightRAG's ``config.ini``
+(:func:`lightrag_config`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import contextvars
 import logging
+import os
+import random
 import sys
 import threading
-from typing import Any
+import weakref
+from collections.abc import Awaitable, Callable
+from types import CodeType, TracebackType
+from typing import Any, TypeVar
 
 from lightrag.kg.neo4j_impl import Neo4JStorage
-from neo4j import AsyncDriver
+from neo4j import AsyncDriver, AsyncSession
+from neo4j.exceptions import AuthError, ClientError, ConstraintError, TransientError
 
 from neopool.borrowed import BorrowedConnection
-from neopool.database import database_name_for
-from neopool.factory import Neo4jConnectionFactory
+from neopool.config import Neo4jConnectionConfig
+from neopool.database import database_name_for, shown
+from neopool.errors import LeaseError
+from neopool.lease import PooledConnectionManager
+from neopool.loop_pool import EventLoopConnectionPool
+from neopool.registry import GlobalNeo4jConnectionPool
+from neopool.stats import SayOnce
 
 logger = logging.getLogger("neopool")
 
+T = TypeVar("T")
+
 STORAGE_NAME = "PooledNeo4JStorage"
 
-#: (uri, user, database, label) whose full-text index this process has ensured.
-_fulltext_done: set[tuple[str, str, str | None, str]] = set()
-_fulltext_lock = threading.Lock()
+#: Attempts after the first for a write that lost a race to create the same entity.
+LOST_RACE_RETRIES = 5
+#: Upper bound of the first jittered pause before such a retry (doubled each time).
+LOST_RACE_BACKOFF_S = 0.02
+
+#: ``Neo4jConnectionConfig`` field -> (environment variable, config.ini key), as stock reads them.
+_LIGHTRAG_SETTINGS = {
+    "uri": ("NEO4J_URI", "uri"),
+    "username": ("NEO4J_USERNAME", "username"),
+    "password": ("NEO4J_PASSWORD", "password"),
+    "max_connection_pool_size": ("NEO4J_MAX_CONNECTION_POOL_SIZE", "connection_pool_size"),
+    "connection_timeout": ("NEO4J_CONNECTION_TIMEOUT", "connection_timeout"),
+    "connection_acquisition_timeout": (
+        "NEO4J_CONNECTION_ACQUISITION_TIMEOUT",
+        "connection_acquisition_timeout",
+    ),
+    "max_transaction_retry_time": (
+        "NEO4J_MAX_TRANSACTION_RETRY_TIME",
+        "max_transaction_retry_time",
+    ),
+    "max_connection_lifetime": ("NEO4J_MAX_CONNECTION_LIFETIME", "max_connection_lifetime"),
+    "liveness_check_timeout": ("NEO4J_LIVENESS_CHECK_TIMEOUT", "liveness_check_timeout"),
+    "keep_alive": ("NEO4J_KEEP_ALIVE", "keep_alive"),
+}
+
+
+def lightrag_config(**overrides: Any) -> Neo4jConnectionConfig:
+    """The configuration stock ``Neo4JStorage`` would use, as a :class:`Neo4jConnectionConfig`.
+
+    Same precedence as stock: each ``NEO4J_*`` variable that is set wins, then
+    the ``[neo4j]`` section of the ``config.ini`` LightRAG read (from the
+    working directory, when ``lightrag.kg.neo4j_impl`` was imported), then the
+    defaults. ``overrides`` (any field, e.g. ``pool_max_size=20``) win over
+    both. Pass the result to ``neopool.celery.setup(app, lightrag_config())``
+    where workers are configured by ``config.ini`` alone.
+    """
+    from lightrag.kg import neo4j_impl
+
+    ini = neo4j_impl.config
+    values: dict[str, Any] = {}
+    if ini.has_section("neo4j"):
+        for field, (variable, key) in _LIGHTRAG_SETTINGS.items():
+            if variable not in os.environ and ini.has_option("neo4j", key):
+                values[field] = ini.get("neo4j", key)
+    values.update(overrides)
+    return Neo4jConnectionConfig(**values)
+
+
+def _configure(registry: GlobalNeo4jConnectionPool) -> None:
+    """Give the registry LightRAG's configuration, unless one was set (or read) already."""
+    if registry._config is None:  # neopool's own registry: not set, not yet read
+        config = lightrag_config()
+        with registry._lock:
+            registry._config = registry._config or config
+
+
+# -- leases per session ---------------------------------------------------------------
+
+
+class _Share:
+    """A lease of one pool, shared by the sessions opened inside a session that holds it.
+
+    Opened with ``async with``, a session makes its lease the one that sessions
+    opened inside it use: later in the same code (LightRAG's
+    ``get_knowledge_graph`` falls back to ``_robust_fallback`` inside its own
+    session) and in tasks spawned there (``asyncio.wait_for``, ``gather``),
+    which inherit the context. Without that, such code would wait for a lease
+    it holds itself whenever the pool is busy. The lease goes back when the
+    last session using it ends, whichever that is.
+    """
+
+    __slots__ = ("__weakref__", "depth", "finalizer", "lease", "pool")
+
+    def __init__(
+        self, pool: EventLoopConnectionPool, lease: PooledConnectionManager, site: _Site
+    ) -> None:
+        self.pool = pool
+        self.lease = lease
+        #: Sessions using the lease now; 0 once it is back in its pool.
+        self.depth = 1
+        # A share dropped while held (its task destroyed mid-session): its lease comes back
+        # here, reported with its storage's drop (not as a lost lease of unknown owner).
+        self.finalizer = weakref.finalize(self, _share_dropped, pool, lease, site)
+
+
+#: The shares that sessions opened here would use: one per pool, set by ``async with``.
+_held: contextvars.ContextVar[tuple[_Share, ...]] = contextvars.ContextVar(
+    "neopool_lightrag_held", default=()
+)
+
+
+async def _acquire(registry: GlobalNeo4jConnectionPool, site: _Site) -> _Share:
+    """The share held here for the running loop's pool, or a new lease of it."""
+    pool = registry.running_loop_pool("open a session")
+    for share in _held.get():
+        if share.pool is pool and share.depth > 0:
+            share.depth += 1
+            return share
+    return _Share(pool, await pool.borrow(), site)
+
+
+def _hold(share: _Share) -> contextvars.Token[tuple[_Share, ...]] | None:
+    """Make ``share`` the one sessions opened from here on use; ``None`` if it already is."""
+    held = _held.get()
+    if share in held:
+        return None
+    return _held.set((share, *(s for s in held if s.pool is not share.pool and s.depth > 0)))
+
+
+def _release(share: _Share, error: BaseException | None) -> None:
+    """One session of the share ends; the last one returns the lease. Never awaits."""
+    share.depth -= 1
+    if share.depth > 0:
+        return
+    if share.finalizer.detach() is None:
+        return  # the collector got there first and gave the lease back itself
+    share.pool.return_nowait(share.lease, error)
+
+
+async def _retry_lost_races(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run a write; run it again if it lost a race to create the same unique entity.
+
+    A ``MERGE`` that finds no node creates one; two concurrent ones (in two
+    processes) can both find none. With ``entity_id`` unique, the server lets
+    one commit and refuses the other (``ConstraintValidationFailed``). Run
+    again, the loser's ``MERGE`` finds the winner's node and updates it. A
+    managed transaction function must already be safe to run again (the driver
+    reruns it after transient errors), so this adds no new requirement. A write
+    that conflicts every time (a real violation) fails after the retries.
+    """
+    for retry in range(LOST_RACE_RETRIES + 1):
+        try:
+            return await attempt()
+        except ConstraintError:
+            if retry == LOST_RACE_RETRIES:
+                raise
+            races.lost += 1
+            await asyncio.sleep(random.uniform(0, LOST_RACE_BACKOFF_S * 2**retry))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Races:
+    """How many writes lost a race and were run again (process-wide, for stats)."""
+
+    def __init__(self) -> None:
+        self.lost = 0
+
+
+races = _Races()
+
+
+class LeasedSession:
+    """A session of the loop's driver that holds a lease of its pool while open.
+
+    ``async with driver.session(...) as session`` borrows on entry and returns
+    on exit, whatever happens inside; used without ``async with``, the first
+    query borrows and :meth:`close` returns. Everything else is the driver's
+    own :class:`neo4j.AsyncSession`; ``execute_write`` also retries a write
+    that lost a race for a unique entity (:func:`_retry_lost_races`).
+    """
+
+    def __init__(self, owner: LeasedDriver, config: dict[str, Any]) -> None:
+        self._owner = owner
+        self._config = config
+        self._share: _Share | None = None
+        self._session: AsyncSession | None = None
+        self._token: contextvars.Token[tuple[_Share, ...]] | None = None
+
+    async def _open(self) -> AsyncSession:
+        if self._session is not None:
+            return self._session
+        share = await _acquire(self._owner.registry, self._owner.site)
+        try:
+            session = share.lease.driver_now().session(**self._config)
+        except BaseException as exc:
+            _release(share, exc)
+            raise
+        self._share, self._session = share, session
+        return session
+
+    async def __aenter__(self) -> LeasedSession:
+        await self._open()
+        assert self._share is not None
+        self._token = _hold(self._share)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self._owner.errors is not None:
+            self._owner.errors.append(exc)
+        session, self._session = self._session, None
+        share, self._share = self._share, None
+        token, self._token = self._token, None
+        try:
+            if session is not None:
+                await session.__aexit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
+        finally:
+            if token is not None:
+                with contextlib.suppress(ValueError):  # closed in another context than opened
+                    _held.reset(token)
+            if share is not None:
+                _release(share, exc)
+
+    async def close(self) -> None:
+        """Close the session and return its lease (for use without ``async with``)."""
+        await self.__aexit__(None, None, None)
+
+    # -- the session's own API, opening it first where used without ``async with`` --
+    async def run(self, query: Any, parameters: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """:meth:`neo4j.AsyncSession.run`."""
+        return await (await self._open()).run(query, parameters, **kwargs)
+
+    async def execute_read(self, transaction_function: Any, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`neo4j.AsyncSession.execute_read`."""
+        session = await self._open()
+        return await session.execute_read(transaction_function, *args, **kwargs)
+
+    async def execute_write(self, transaction_function: Any, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`neo4j.AsyncSession.execute_write`, run again after a lost entity race."""
+        session = await self._open()
+        return await _retry_lost_races(
+            lambda: session.execute_write(transaction_function, *args, **kwargs)
+        )
+
+    async def begin_transaction(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`neo4j.AsyncSession.begin_transaction`."""
+        return await (await self._open()).begin_transaction(*args, **kwargs)
+
+    async def last_bookmarks(self) -> Any:
+        """:meth:`neo4j.AsyncSession.last_bookmarks`."""
+        return await (await self._open()).last_bookmarks()
+
+    def __getattr__(self, name: str) -> Any:
+        session = self.__dict__.get("_session")
+        if session is None:
+            raise AttributeError(
+                f"{name!r} needs an open session: use 'async with driver.session() as session'"
+            )
+        return getattr(session, name)
+
+
+class LeasedDriver:
+    """Stands in for the loop's :class:`neo4j.AsyncDriver` in a storage.
+
+    ``session()`` returns a :class:`LeasedSession`, which borrows a lease of the
+    running loop's pool for as long as it is open; ``execute_query`` borrows for
+    its one query. The driver itself is the pool's, found at each session (a
+    driver the pool replaced after a connectivity error is never used again);
+    ``close()`` does nothing, since the pool owns the driver. Other attributes
+    are the current driver's.
+    """
+
+    def __init__(
+        self,
+        registry: GlobalNeo4jConnectionPool | None = None,
+        *,
+        site: _Site = None,
+        errors: list[BaseException] | None = None,
+    ) -> None:
+        self.registry = registry or GlobalNeo4jConnectionPool()
+        #: Where the storage that uses it was initialised, for warnings.
+        self.site = site
+        #: If a list: every exception that left one of its sessions is appended.
+        self.errors = errors
+
+    def session(self, **config: Any) -> LeasedSession:
+        """A session that holds a lease while open (``async with`` it)."""
+        return LeasedSession(self, config)
+
+    async def execute_query(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`neo4j.AsyncDriver.execute_query` on a lease held for the query."""
+        share = await _acquire(self.registry, self.site)
+        error: BaseException | None = None
+        try:
+            driver = share.lease.driver_now()
+            return await _retry_lost_races(lambda: driver.execute_query(*args, **kwargs))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _release(share, error)
+
+    async def close(self) -> None:
+        """Nothing to do: the loop's pool owns the driver and closes it with the loop."""
+
+    @property
+    def driver(self) -> AsyncDriver:
+        """The running loop's driver now (opened by the first session)."""
+        driver = self.registry.running_loop_pool("get the driver").driver
+        if driver is None:
+            raise LeaseError("the loop's driver is not open yet: open a session first")
+        return driver
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    def __repr__(self) -> str:
+        return f"<LeasedDriver of the running loop's pool, for {_site_text(self.site)}>"
+
+
+# -- the storage -------------------------------------------------------------------------
 
 
 class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
-    """``Neo4JStorage`` on a borrowed connection of the running loop's pool."""
+    """``Neo4JStorage`` whose sessions borrow from the running loop's pool."""
 
     def __init__(
         self,
@@ -51,50 +382,265 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
         workspace: Any = None,
     ) -> None:
         super().__init__(namespace, global_config, embedding_func, workspace)
-        self._borrowed_connection: BorrowedConnection | None = None
-        self._driver: AsyncDriver | None = None
+        self._driver: LeasedDriver | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     async def initialize(self) -> None:
-        """Borrow a connection and prepare this workspace's database (cached per process)."""
-        if self._borrowed_connection is not None:
+        """Prepare this workspace's database (once per process) and take the loop's driver.
+
+        No lease is kept: each session the storage opens borrows its own.
+        """
+        if self._driver is not None:
             return  # initialised already; LightRAG may call this more than once
-        borrowed = Neo4jConnectionFactory.borrow_connection()
-        await borrowed.__aenter__()
-        self._borrowed_connection = borrowed
-        try:
-            self._driver = await borrowed.get_driver()
+        _report_dropped()  # a report pending from a loop that closed before it could say it
+        registry = GlobalNeo4jConnectionPool()
+        _configure(registry)
+        site = _initialised_at()
+        # Preparation is a unit of work like any other: it runs on one lease.
+        async with BorrowedConnection(registry=registry) as borrowed:
+            lease = borrowed.connection
+            assert lease is not None
+            config = lease.pool.config
             # Neo4JStorage names the database after the namespace, not the workspace.
-            self._DATABASE = await borrowed.prepare_database(
+            database = await borrowed.prepare_database(
                 self.workspace, database_name_for(self.namespace)
             )
-            await self._ensure_fulltext_index()
-        except BaseException:
-            self._borrowed_connection = None
-            self._driver = None
-            await borrowed.__aexit__(*sys.exc_info())
+        if self._driver is not None:
+            return  # a concurrent initialize() of this storage finished first
+        self._DATABASE = database
+        self._driver = LeasedDriver(registry, site=site)
+        loop = weakref.ref(asyncio.get_running_loop())
+        self._finalizer = weakref.finalize(self, _storage_dropped, site, loop)
+        try:
+            await _fulltext.ensure(self, config)
+        except BaseException:  # cancelled: not initialised after all
+            await self.finalize()
             raise
 
     async def finalize(self) -> None:
-        """Return the connection to the pool; the driver stays open for the next borrower."""
-        borrowed, self._borrowed_connection = self._borrowed_connection, None
+        """Forget the driver; the loop's pool keeps it open for the next storage."""
         self._driver = None
-        if borrowed is not None:
-            await borrowed.__aexit__(None, None, None)
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
 
-    async def _ensure_fulltext_index(self) -> None:
-        """LightRAG's full-text index on ``entity_id``, ensured once per process."""
-        connection = self._borrowed_connection.connection if self._borrowed_connection else None
-        if connection is None:
+
+# -- the full-text index -------------------------------------------------------------------
+
+
+class _FullTextIndexes:
+    """LightRAG's full-text index per (server, database, label): ensured once per process.
+
+    ``Neo4JStorage._create_fulltext_index`` logs its failures and returns; run on
+    a :class:`LeasedDriver` that records what left its sessions, the outcome is
+    known. A statement the server refused (a ``ClientError``: ArcadeDB has no
+    full-text indexes, a user lacks the privilege) is not tried again in this
+    process; any other failure (the server unreachable, busy, timing out) is
+    tried again by the next storage to initialise. Concurrent storages of one
+    workspace leave it to the first.
+    """
+
+    DONE = "done"
+    REFUSED = "refused"
+    RUNNING = "running"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, ...], str] = {}
+
+    async def ensure(self, storage: PooledNeo4JStorage, config: Neo4jConnectionConfig) -> None:
+        create = getattr(storage, "_create_fulltext_index", None)  # lightrag-hku >= 1.4
+        driver = storage._driver
+        if create is None or driver is None:
             return
-        label = self._get_workspace_label()
-        key = (*connection.pool.config.server_key, self._DATABASE, label)
-        with _fulltext_lock:
-            if key in _fulltext_done:
-                return
-            _fulltext_done.add(key)
-        create = getattr(self, "_create_fulltext_index", None)  # lightrag-hku >= 1.4.x
-        if create is not None:
-            await create(self._driver, self._DATABASE, label)
+        label = storage._get_workspace_label()
+        key = (*config.server_key, str(storage._DATABASE), label)
+        with self._lock:
+            if key in self._state:
+                return  # done, refused, or another storage is on it
+            self._state[key] = self.RUNNING
+        errors: list[BaseException] = []
+        outcome: str | None = None
+        try:
+            await create(
+                LeasedDriver(driver.registry, site=driver.site, errors=errors),
+                storage._DATABASE,
+                label,
+            )
+            outcome = self._outcome(errors)
+        finally:
+            with self._lock:
+                if outcome is None:
+                    del self._state[key]  # failed or cancelled: the next initialise tries again
+                else:
+                    self._state[key] = outcome
+        if outcome is None:
+            logger.info(
+                "neopool: the full-text index of workspace %s could not be ensured (%s); "
+                "the next storage to initialise tries again",
+                shown(storage.workspace),
+                type(errors[-1]).__name__,
+            )
+        elif outcome == self.REFUSED:
+            logger.info(
+                "neopool: the server refused the full-text index of workspace %s (%s); "
+                "not tried again in this process (label search falls back to CONTAINS)",
+                shown(storage.workspace),
+                getattr(errors[-1], "code", type(errors[-1]).__name__),
+            )
+
+    def _outcome(self, errors: list[BaseException]) -> str | None:
+        """DONE, REFUSED, or ``None`` for a failure worth trying again."""
+        if not errors:
+            return self.DONE
+        last = errors[-1]
+        if (
+            isinstance(last, ClientError)
+            and not isinstance(last, (AuthError, TransientError))
+            and not (last.code or "").startswith("Neo.ClientError.Security.")
+        ):
+            return self.REFUSED
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state.clear()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._state = {k: v for k, v in self._state.items() if v != self.RUNNING}
+
+
+_fulltext = _FullTextIndexes()
+
+
+def _forget_fulltext_indexes() -> None:
+    """Forget which full-text indexes were ensured (tests that drop databases)."""
+    _fulltext.clear()
+
+
+# -- storages and sessions dropped without finalize ----------------------------------------
+
+#: Where a storage was initialised: the code and line, formatted only when reported.
+_Site = tuple[CodeType, int] | None
+
+_SKIPPED = tuple(
+    os.path.dirname(module.__file__ or "")
+    for module in (sys.modules["neopool"], asyncio, sys.modules["lightrag"])
+)
+
+
+def _initialised_at() -> _Site:
+    """The first frame outside neopool, asyncio and lightrag: the user's call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(_SKIPPED):
+            return frame.f_code, frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _site_text(site: _Site) -> str:
+    if site is None:
+        return "<unknown>"
+    code, line = site
+    return f"{code.co_filename}:{line} in {code.co_name}"
+
+
+class _Dropped:
+    """Storages and sessions collected without being ended, said in one line per batch.
+
+    Weakref callbacks may run inside any allocation on any thread, so they only
+    note what happened (a deque append is atomic) and ask the storage's loop to
+    report it; the report is rate-limited (contract rule 8).
+    """
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[tuple[str, _Site]] = collections.deque()
+        self.lock = threading.Lock()
+        self.limiter = SayOnce()
+        #: Storages and open sessions reported (or counted) so far, for tests and stats.
+        self.storages = 0
+        self.sessions = 0
+
+
+_dropped = _Dropped()
+
+
+def _storage_dropped(site: _Site, loop: weakref.ref[asyncio.AbstractEventLoop]) -> None:
+    _dropped.pending.append(("storage", site))
+    _ask_loop_to_report(loop())
+
+
+def _share_dropped(
+    pool: EventLoopConnectionPool, lease: PooledConnectionManager, site: _Site
+) -> None:
+    """A session's lease whose holder was destroyed mid-session: give it back on its loop."""
+    _dropped.pending.append(("session", site))
+    loop = pool.loop
+    try:
+        if loop is None or loop.is_closed():
+            raise RuntimeError("closed")
+        loop.call_soon_threadsafe(_give_back, pool, lease)
+    except RuntimeError:
+        pass  # the loop is gone: its pool released everything when it ended
+    _ask_loop_to_report(loop)
+
+
+def _give_back(pool: EventLoopConnectionPool, lease: PooledConnectionManager) -> None:
+    with contextlib.suppress(LeaseError):  # the pool ended meanwhile and accounted for it
+        pool.return_nowait(lease)
+
+
+def _ask_loop_to_report(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Report on ``loop`` (the storage's) soon; if it is gone, the next initialise reports."""
+    if loop is None or loop.is_closed():
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(_report_dropped)
+
+
+def _report_dropped() -> None:
+    """Say what was dropped since the last report: one line, most frequent site first."""
+    if not _dropped.pending or not _dropped.lock.acquire(blocking=False):
+        return
+    try:
+        counts = {"storage": 0, "session": 0}
+        sites: collections.Counter[str] = collections.Counter()
+        while _dropped.pending:
+            what, site = _dropped.pending.popleft()
+            counts[what] += 1
+            sites[_site_text(site)] += 1
+        storages, sessions = counts["storage"], counts["session"]
+        _dropped.storages += storages
+        _dropped.sessions += sessions
+        say = _dropped.limiter.occurred(storages + sessions)
+        _dropped.limiter.cleared()
+        if say is None:
+            return
+        dropped = [
+            f"{storages} PooledNeo4JStorage instance(s) without finalize()" if storages else "",
+            f"{sessions} session(s) still open" if sessions else "",
+        ]
+        logger.warning(
+            "neopool: garbage-collected: %s; every lease they held is back in its pool. "
+            "Storages initialised at: %s. Call 'await rag.finalize_storages()' in a finally "
+            "block (and leave sessions with 'async with').%s",
+            " and ".join(part for part in dropped if part),
+            ", ".join(f"{site} ({n})" for site, n in sites.most_common(10)),
+            say.note("dropped storages or sessions"),
+        )
+    finally:
+        _dropped.lock.release()
+
+
+def _after_fork_in_child() -> None:
+    _fulltext.after_fork_in_child()
+    _dropped.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register() -> None:
@@ -112,10 +658,13 @@ def register() -> None:
     kg.STORAGE_ENV_REQUIREMENTS.setdefault(STORAGE_NAME, [])
 
 
-def _forget_fulltext_indexes() -> None:
-    """Forget which full-text indexes were ensured (tests that drop databases)."""
-    with _fulltext_lock:
-        _fulltext_done.clear()
-
-
-__all__ = ["STORAGE_NAME", "PooledNeo4JStorage", "register"]
+__all__ = [
+    "LOST_RACE_RETRIES",
+    "STORAGE_NAME",
+    "LeasedDriver",
+    "LeasedSession",
+    "PooledNeo4JStorage",
+    "lightrag_config",
+    "races",
+    "register",
+]
