@@ -1,156 +1,126 @@
-"""Celery tasks per second: pooled (persistent loop) against a new driver per task.
+"""Short I/O-bound Celery tasks: which worker mode, on the same cores.
 
-Starts a real Bolt server (embedded ArcadeDB) behind a counting TCP proxy, a
-real Valkey broker, and two real prefork workers, one per mode, then runs
-rounds of N ingestion tasks (borrow, prepare a workspace, MERGE 3 entities and
-2 relations) alternately in each mode, so both see the same machine state.
+The demo's task (borrow, prepare a workspace, MERGE 3 entities and 2
+relations, return) on the neopool runner, sent to three workers at once, each
+a mode of its own:
 
-    python benchmarks/celery_tasks.py [--tasks 200] [--rounds 3] [--pool prefork] [-c 2]
+* ``prefork -c 2``: two processes, one persistent loop each, one task at a time each;
+* ``threads -c N``, a loop per thread: N loops, N pools, N drivers in one process;
+* ``threads -c N``, process loop: N tasks in flight on one loop, one pool, one driver.
 
-Prints a table and writes results/celery_tasks.json. On loopback the broker and
-result-backend round trips dominate a task, so the gap is smaller than across
-a network, where every new driver also pays TCP, Bolt and TLS set-up latency.
+Modes take turns in rounds (order rotating) on real servers (embedded ArcadeDB,
+Valkey), through the latency proxy at 2 ms RTT by default. Reports tasks/s, p50
+and p99 task latency, Bolt sockets per worker process at rest and at peak,
+drivers and errors; checks the issue's targets; writes results/celery_tasks.json.
+
+    python benchmarks/celery_tasks.py [--tasks 1200] [--rounds 4] [--in-flight 16] [--rtt-ms 2]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-import uuid
-from pathlib import Path
+import os
 from typing import Any
 
-from neopool.celery import cluster_stats
-from neopool.config import Neo4jConnectionConfig
-from neopool.embedded.arcadedb import BoltServer
-from neopool.embedded.valkey import BrokerServer
-from neopool.testing.celery_app import make_app
-from neopool.testing.proxy import TcpProxy
-from neopool.testing.worker_process import CeleryWorkerProcess
+from common import network_label, parser, save, table
+from neopool.demo.app import TASKS, WorkerKind
+from worker_modes import Mode, columns, compare, report, rows, shutdown_seconds
 
-MODES = {
-    "pooled": "neopool.testing.ingest",
-    "new_driver_per_task": "neopool.testing.ingest_new_driver",
-}
+RUNNER_TASK = TASKS["neopool + persistent runner"]
+PREFORK = "prefork"
+PER_THREAD = "threads, a loop per thread"
+PROCESS = "threads, process loop"
 
 
-def run_round(app: Any, task: str, tasks: int, workspace: str) -> float:
-    """Seconds from the first send to the last result of ``tasks`` tasks."""
-    started = time.perf_counter()
-    results = [app.send_task(task, args=[workspace, f"doc-{i}", 3]) for i in range(tasks)]
-    for result in results:
-        result.get(timeout=300)
-    return time.perf_counter() - started
+def modes(in_flight: int, processes: int) -> dict[str, Mode]:
+    return {
+        PREFORK: Mode(RUNNER_TASK, WorkerKind("prefork", processes)),
+        PER_THREAD: Mode(RUNNER_TASK, WorkerKind("threads", in_flight)),
+        PROCESS: Mode(RUNNER_TASK, WorkerKind("threads", in_flight, "process")),
+    }
 
 
-def drivers_so_far(app: Any, node: str) -> int:
-    stats = cluster_stats(app).get(node, {})
-    return sum(s["drivers_created"] for loops in stats.values() for s in loops.values())
+def targets(figures: dict[str, Any], pool_max: int, pool_min: int) -> list[list[Any]]:
+    """``[target, measured, met]``: the issue's targets for short I/O-bound tasks."""
+
+    def tps(mode: str) -> float:
+        return float(figures[mode]["tasks_per_s"]) or float("nan")
+
+    over_prefork = tps(PROCESS) / tps(PREFORK)
+    vs_per_thread = 100 * (tps(PROCESS) / tps(PER_THREAD) - 1)
+    at_rest = figures[PROCESS]["sockets_per_process_at_rest"]
+    errors = sum(m["errors"] for m in figures.values())
+    return [
+        ["process loop >= 2x prefork tasks/s", f"{over_prefork:.2f}x", over_prefork >= 2],
+        [
+            "process loop within 10% of a loop per thread",
+            f"{vs_per_thread:+.1f}%",
+            vs_per_thread >= -10,
+        ],
+        [
+            f"process loop sockets at rest <= pool_max + pool_min ({pool_max + pool_min})",
+            at_rest,
+            at_rest <= pool_max + pool_min,
+        ],
+        ["process loop: one driver per process", figures[PROCESS]["drivers_created"], None],
+        ["no errors", errors, errors == 0],
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
-    parser.add_argument("-c", "--concurrency", type=int, default=2)
-    parser.add_argument("--out", default="results/celery_tasks.json")
-    args = parser.parse_args()
+    cli = parser(__doc__ or "")
+    cli.set_defaults(rtt_ms=[2.0])
+    cli.add_argument("--tasks", type=int, default=None, help="tasks per mode (default 1200)")
+    cli.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4)")
+    cli.add_argument("--in-flight", type=int, default=16, help="threads pool -c (default 16)")
+    cli.add_argument("--processes", type=int, default=2, help="prefork -c (default 2)")
+    args = cli.parse_args()
+    tasks = args.tasks or (120 if args.quick else 1200)
+    rounds = args.rounds or (2 if args.quick else 4)
+    from neopool.config import Neo4jConnectionConfig
 
-    with (
-        BoltServer() as server,
-        BrokerServer() as broker,
-        TcpProxy("127.0.0.1", server.bolt_port) as proxy,
-    ):
-        config = Neo4jConnectionConfig(
-            uri=proxy.uri(), username=server.username, password=server.password
+    defaults = Neo4jConnectionConfig.model_fields
+    pool_max = int(defaults["pool_max_size"].default)
+    pool_min = int(defaults["pool_min_size"].default)
+    results: dict[str, Any] = {"networks": {}}
+    for rtt in args.rtt_ms:
+        label = network_label(rtt)
+        measured = compare(
+            modes(args.in_flight, args.processes),
+            tasks=tasks,
+            rounds=rounds,
+            rtt_ms=rtt,
+            warmup=max(1, tasks // 10),
+            name="celery_tasks",
         )
-        apps: dict[str, Any] = {}
-        workers: dict[str, CeleryWorkerProcess] = {}
-        try:
-            for mode in MODES:
-                queue = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
-                apps[mode] = make_app(broker.url, config, queue=queue, main=queue)
-                workers[mode] = CeleryWorkerProcess(
-                    apps[mode],
-                    config,
-                    pool=args.pool,
-                    concurrency=args.concurrency,
-                    queue=queue,
-                    loglevel="WARNING",
-                ).start()
-            rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-            for round_no in range(args.rounds):
-                for mode, task in MODES.items():
-                    app, node = apps[mode], workers[mode].nodename
-                    opened = proxy.connections_opened
-                    drivers = drivers_so_far(app, node)
-                    seconds = run_round(app, task, args.tasks, f"bench-{mode}-{round_no}")
-                    opened = proxy.connections_opened - opened
-                    if mode == "pooled":
-                        drivers = drivers_so_far(app, node) - drivers
-                    else:
-                        drivers = args.tasks  # asyncio.run + a driver in every task
-                    rows[mode].append(
-                        {
-                            "seconds": round(seconds, 3),
-                            "tasks_per_second": round(args.tasks / seconds, 1),
-                            "drivers_opened": drivers,
-                            "bolt_connections_opened": opened,
-                        }
-                    )
-        finally:
-            for worker in workers.values():
-                try:
-                    worker.stop()
-                finally:
-                    worker.kill()
-
-    summary = {
-        mode: {
-            "median_tasks_per_second": statistics.median(r["tasks_per_second"] for r in runs),
-            "drivers_opened_first_round": runs[0]["drivers_opened"],
-            "drivers_opened_later_rounds": [r["drivers_opened"] for r in runs[1:]],
-            "bolt_connections_first_round": runs[0]["bolt_connections_opened"],
-            "bolt_connections_later_rounds": [r["bolt_connections_opened"] for r in runs[1:]],
-            "rounds": runs,
-        }
-        for mode, runs in rows.items()
-    }
-    speedup = (
-        summary["pooled"]["median_tasks_per_second"]
-        / summary["new_driver_per_task"]["median_tasks_per_second"]
-    )
-    report = {
-        "tasks_per_round": args.tasks,
-        "rounds": args.rounds,
-        "pool": args.pool,
-        "concurrency": args.concurrency,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "speedup_pooled_over_new_driver": round(speedup, 2),
-        "modes": summary,
-    }
-    print(
-        f"\n{args.tasks} tasks x {args.rounds} rounds, --pool={args.pool} "
-        f"-c {args.concurrency}, loopback\n"
-    )
-    print(f"{'mode':<22}{'tasks/s (median)':>18}{'drivers/round':>16}{'bolt conns/round':>20}")
-    for mode, s in summary.items():
-        drivers = [r["drivers_opened"] for r in s["rounds"]]
-        conns = [r["bolt_connections_opened"] for r in s["rounds"]]
-        print(
-            f"{mode:<22}{s['median_tasks_per_second']:>18.1f}"
-            f"{'/'.join(map(str, drivers)):>16}{'/'.join(map(str, conns)):>20}"
+        checked = targets(measured["modes"], pool_max, pool_min)
+        results["networks"][label] = report(
+            measured,
+            checked,
+            f"short I/O-bound Celery tasks, {label}: {tasks} tasks per mode in {rounds} "
+            f"alternating rounds, all workers on the same {os.cpu_count()} cores",
+            columns(),
+            rows(measured["modes"]),
         )
-    print(f"\npooled / new driver per task: {speedup:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    save("celery_tasks", results, args.json)
+    # A warm shutdown with every thread busy: tasks that end in time, and tasks cut off.
+    kind = WorkerKind("threads", args.in_flight, "process")
+    shutdowns = [
+        shutdown_seconds(kind, hold_s=hold, drain_s=drain, rtt_ms=args.rtt_ms[0])
+        for hold, drain in ((2.0, 30.0), (60.0, 5.0))
+    ]
+    results["shutdown"] = shutdowns
+    table(
+        "warm shutdown (SIGTERM) with tasks in flight",
+        ["worker", "in flight", "task s left", "drain_timeout s", "shutdown s", "finished", "exit"],
+        [
+            [s["worker"], s["tasks_in_flight"], s["task_seconds_left"], s["drain_timeout_s"],
+             s["shutdown_s"], s["tasks_finished"], s["exit_code"]]
+            for s in shutdowns
+        ],
+    )  # fmt: skip
+    for s in shutdowns:
+        print(s["neopool_says"])
+    save("celery_tasks", results, args.json)
 
 
 if __name__ == "__main__":

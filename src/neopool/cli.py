@@ -31,15 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="run real Celery tasks three ways and show the difference",
+        help="run real Celery tasks four ways and show the difference",
         description=(
             "Start an embedded Bolt server (ArcadeDB) and broker (Valkey), or use yours "
             "(NEO4J_URI/NEO4J_USERNAME/NEO4J_PASSWORD/NEO4J_DATABASE and "
-            "NEOPOOL_DEMO_BROKER_URL or CELERY_BROKER_URL), start a real Celery worker "
-            "(prefork) and run the same LightRAG-style ingestion task (borrow, prepare a "
-            "workspace, MERGE entities and relations, return) in three modes: a new driver "
-            "per task, neopool under asyncio.run per task, and neopool on the persistent "
-            "runner. Prints a table (tasks/s, p50/p95/p99 latency, Bolt connections "
+            "NEOPOOL_DEMO_BROKER_URL or CELERY_BROKER_URL), start real Celery workers "
+            "and run the same LightRAG-style ingestion task (borrow, prepare a "
+            "workspace, MERGE entities and relations, return) in four modes: on a prefork "
+            "worker a new driver per task, neopool under asyncio.run per task, and neopool "
+            "on the persistent runner; and on a threads worker neopool's process loop, "
+            "many tasks in flight on one loop and one driver. "
+            "Prints a table (tasks/s, p50/p95/p99 latency, Bolt connections "
             "opened, drivers created, errors) and the workers' pool stats, writes JSON and "
             "a PNG chart. Ctrl-C stops the worker and every server it started."
         ),
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=2,
         help="prefork worker processes of the Celery worker (default: 2)",
+    )
+    demo.add_argument(
+        "--in-flight",
+        type=_positive_int,
+        default=16,
+        help="tasks in flight in the process-loop worker: its threads pool's "
+        "--concurrency, all on one event loop in one process (default: 16)",
     )
     demo.add_argument(
         "--rtt-ms",
@@ -168,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             DemoOptions(
                 tasks=args.tasks,
                 workers=args.workers,
+                in_flight=args.in_flight,
                 rtt_ms=args.rtt_ms,
                 json_path=args.json,
                 chart=not args.no_chart,

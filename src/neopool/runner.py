@@ -1,29 +1,45 @@
-"""A long-lived event loop per thread, so pools are reused from one call to the next.
+"""Long-lived event loops, so pools are reused from one call to the next.
 
 ``asyncio.run`` makes a new loop on every call: a Celery task that uses it opens
 a new driver (TCP, Bolt handshake, authentication) every time, because neopool
-keeps one driver per loop. :func:`run` instead keeps one loop per thread for
-the life of the thread, so the second call borrows from the driver the first one
-opened.
+keeps one driver per loop. :func:`run` instead runs each call on a loop that
+outlives it, so the second call borrows from the driver the first one opened.
+There are two ways to do that, chosen per process:
 
-Each call still has ``asyncio.run``'s semantics: tasks the call spawned and
-left running are cancelled and awaited before it returns. Only the loop, its
-pool and its driver live on.
+* **a loop per thread** (the default): each thread that calls :func:`run` gets
+  its own loop, run by that thread, for the life of the thread;
+* **one loop per process** (:func:`use_process_loop`): one loop runs on a
+  thread of its own (:data:`PROCESS_LOOP_THREAD`) and every thread's call is
+  submitted to it and waited for, so calls from many threads run on it at once,
+  sharing one pool and one driver. Libraries that keep process-wide asyncio
+  objects (LightRAG's locks bind to the first loop that waits on them) need
+  this: they cannot be used from two loops.
+
+Each call still has ``asyncio.run``'s semantics, in both modes: tasks the call
+spawned and left running are cancelled and awaited before it returns (the
+loops' task factory notes which call spawned each task, so on the shared loop a
+call's end touches only its own tasks). Only the loop, its pool and its driver
+live on. Calls in flight can be counted, waited for and cancelled
+(:func:`calls_in_flight`, :func:`wait_for_calls`, :func:`cancel_calls`): Celery's
+warm shutdown gives tasks a deadline with them.
 
 The runner owns these loops; nothing else runs or closes them. Each is an
 :class:`asyncio.Runner`, closed the way ``asyncio.run`` closes its loop
 (remaining tasks cancelled, async generators shut down, which closes the loop's
 pool gracefully, default executor joined), always within a deadline:
 
-* on :func:`close_thread_loop`, called from that thread;
-* when the thread ends;
-* by :func:`close_all_loops` (neopool.celery calls it at worker shutdown) and at
-  interpreter exit. A loop busy at that moment is closed by its own thread as
-  soon as the call it is running returns.
+* a thread's loop on :func:`close_thread_loop`, called from that thread, and
+  when the thread ends;
+* the process loop on :func:`close_process_loop` (calls still in flight are
+  cancelled: it is shared, so there is no "after the current call");
+* all of them by :func:`close_all_loops` (neopool.celery calls it at worker
+  shutdown) and at interpreter exit. A thread's loop busy at that moment is
+  closed by its own thread as soon as the call it is running returns.
 
 After ``fork`` the child forgets the parent's loops without closing them
 (closing a copied loop would unregister descriptors from the epoll instance the
-child shares with its parent).
+child shares with its parent). The process loop's thread does not exist in the
+child: its first call starts a loop of its own.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
 from neopool._release import keep_inherited_loop
@@ -72,6 +88,9 @@ DEFAULT_CLOSE_TIMEOUT = 10.0
 #: Seconds the tasks a call left behind get to finish after being cancelled.
 LEFTOVER_TIMEOUT = 5.0
 
+#: Name of the thread that runs the process loop (see :func:`use_process_loop`).
+PROCESS_LOOP_THREAD = "neopool-process-loop"
+
 #: The call (of :func:`run`) whose code is running, for the tasks it spawns.
 _current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "neopool_current_call", default=None
@@ -82,13 +101,66 @@ class LoopAlreadyRunning(NeopoolError, RuntimeError):
     """:func:`run` was called where an event loop is already running."""
 
 
+class CallCancelled(NeopoolError, RuntimeError):
+    """A :func:`run` call was cancelled from outside: by :func:`cancel_calls`
+    (a Celery warm shutdown whose deadline passed) or because its loop closed."""
+
+
 class _Call:
-    """One :func:`run` call: the tasks its code spawned (weakly)."""
+    """One :func:`run` call: its loop, its main task, the tasks its code spawned (weakly)."""
 
-    __slots__ = ("tasks",)
+    __slots__ = ("cancel_reason", "cancel_requested", "future", "loop", "main", "tasks")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: concurrent.futures.Future[Any] | None = None,
+    ) -> None:
         self.tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self.loop = loop
+        #: The task running the call's coroutine, once it has started.
+        self.main: asyncio.Task[Any] | None = None
+        #: Set when the call is cancelled from outside: what the caller is told.
+        self.cancel_reason: str | None = None
+        self.cancel_requested = False
+        #: Where a call on the process loop delivers its outcome to the waiting thread.
+        self.future = future
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel the call's coroutine, from any thread (before it starts, too)."""
+        if reason is not None and self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.cancel_requested = True
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nothing runs
+            self.loop.call_soon_threadsafe(self._cancel_main)
+
+    def _cancel_main(self) -> None:
+        if self.main is not None and not self.main.done():
+            self.main.cancel(self.cancel_reason)
+
+    def cancelled_error(self) -> BaseException:
+        """What the caller gets when the call's coroutine was cancelled."""
+        if self.cancel_reason is not None:
+            return CallCancelled(f"neopool.run() call cancelled: {self.cancel_reason}")
+        return asyncio.CancelledError()
+
+
+#: Calls in flight on every runner loop of this process (a lock, not a condition:
+#: every call passes here, and only a shutdown waits for none, by looking again).
+_calls: set[_Call] = set()
+_calls_lock = threading.Lock()
+#: Seconds between looks of :func:`wait_for_calls`.
+_WAIT_INTERVAL = 0.02
+
+
+def _begin(call: _Call) -> None:
+    with _calls_lock:
+        _calls.add(call)
+
+
+def _end(call: _Call) -> None:
+    with _calls_lock:
+        _calls.discard(call)
 
 
 def _task_factory(
@@ -127,20 +199,27 @@ class _PersistentLoop:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run one call (the caller holds :attr:`lock`)."""
-        call = _Call()
-        main: list[asyncio.Task[T]] = []
+        call = _Call(self.loop)
         context = contextvars.copy_context()
         context.run(_current_call.set, call)
+        _begin(call)
         try:
-            return self.runner.run(_as_call(coro, call, main), context=context)
+            return self.runner.run(_as_call(coro, call), context=context)
+        except asyncio.CancelledError as exc:
+            if call.cancel_reason is not None:
+                raise call.cancelled_error() from exc
+            raise
         except BaseException:
             # Raised out of the loop by a signal handler (soft time limit, Ctrl-C)
             # while the call was suspended: cancel it and let it clean up here.
-            if main and not main[0].done() and not self.loop.is_closed():
-                main[0].cancel()
+            main = call.main
+            if main is not None and not main.done() and not self.loop.is_closed():
+                main.cancel()
                 with contextlib.suppress(BaseException):
-                    self.loop.run_until_complete(main[0])
+                    self.loop.run_until_complete(main)
             raise
+        finally:
+            _end(call)
 
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
@@ -154,35 +233,45 @@ class _PersistentLoop:
             self.lock.release()
 
     def close_locked(self, timeout: float) -> None:
-        """Close as ``asyncio.run`` would, cut short at ``timeout`` (the caller holds the lock).
-
-        When time runs out the loop is stopped and closed as it is; its pool
-        then has its sockets released by the registry.
-        """
-        if self.closed:
-            return
-        stop = self.loop.call_later(timeout, self.loop.stop)
-        try:
-            self.runner.close()
-        except RuntimeError as exc:  # stopped at the deadline, or the interpreter is ending
-            logger.warning(
-                "neopool: closing the event loop of thread %s did not finish within "
-                "%.1f s (%s); closed it as it was",
-                self.thread_name,
-                timeout,
-                exc,
-            )
-        finally:
-            stop.cancel()
-            _sweep_pools()
+        """Close as ``asyncio.run`` would, cut short at ``timeout`` (the caller holds the lock)."""
+        _close_runner(self.runner, self.loop, timeout, self.thread_name)
 
 
-async def _as_call(coro: Coroutine[Any, Any, T], call: _Call, main: list[asyncio.Task[T]]) -> T:
+def _close_runner(
+    runner: _Runner, loop: asyncio.AbstractEventLoop, timeout: float, name: str
+) -> None:
+    """Close ``runner`` as ``asyncio.run`` would, cut short at ``timeout``, in the calling thread.
+
+    When time runs out the loop is stopped and closed as it is; its pool then
+    has its sockets released by the registry.
+    """
+    if loop.is_closed():
+        return
+    stop = loop.call_later(timeout, loop.stop)
+    try:
+        runner.close()
+    except RuntimeError as exc:  # stopped at the deadline, or the interpreter is ending
+        logger.warning(
+            "neopool: closing the event loop of thread %s did not finish within "
+            "%.1f s (%s); closed it as it was",
+            name,
+            timeout,
+            exc,
+        )
+    finally:
+        stop.cancel()
+        _sweep_pools()
+
+
+async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
     """Run ``coro``; then cancel and await what it spawned and left running."""
     me = asyncio.current_task()
     assert me is not None
-    main.append(me)
+    call.main = me
     try:
+        if call.cancel_requested:  # cancelled before it could start
+            coro.close()
+            raise asyncio.CancelledError(call.cancel_reason)
         return await coro
     finally:
         await _cancel_leftovers(call, me)
@@ -204,6 +293,25 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
         )
 
 
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Tasks spawned inside this block outlive the :func:`run` call (the one opt-out).
+
+    By default a call cancels and awaits the tasks it spawned and left running,
+    as ``asyncio.run`` does. Spawned inside ``with detached():`` (directly or by
+    the tasks spawned there), tasks belong to the loop instead: they keep running
+    across calls until they end, or until the loop closes (worker shutdown,
+    :func:`close_thread_loop`), which cancels them. Use it for an object kept
+    from call to call whose background tasks should live as long as it does,
+    e.g. a LightRAG instance per workspace held for the worker's life.
+    """
+    token = _current_call.set(None)
+    try:
+        yield
+    finally:
+        _current_call.reset(token)
+
+
 class _Holder:
     """Lives in the thread-local; its finaliser closes the loop when the thread ends."""
 
@@ -220,17 +328,21 @@ _all: dict[int, _PersistentLoop] = {}
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on this thread's persistent event loop.
+    """Run ``coro`` to completion on a persistent event loop.
 
-    The loop is created on the first call in a thread and reused by every later
-    call there, with its neopool pool and driver. As with ``asyncio.run``,
-    tasks the coroutine spawned and left running are cancelled and awaited
-    before this returns. If the call is interrupted (a Celery soft time limit,
+    By default that is this thread's loop: created on the first call in a
+    thread and reused by every later call there, with its neopool pool and
+    driver. After :func:`use_process_loop`, it is the process loop: the
+    coroutine is submitted to it and this thread waits, so calls from many
+    threads run on the one loop at once. As with ``asyncio.run``, tasks the
+    coroutine spawned and left running are cancelled and awaited before this
+    returns. If the call is interrupted (a Celery soft time limit,
     ``KeyboardInterrupt``), the coroutine is cancelled and run until it has
     finished, so leases it holds are returned before the exception propagates.
 
     Raises :class:`LoopAlreadyRunning` when called from async code: ``await``
-    the coroutine there instead.
+    the coroutine there instead; :class:`CallCancelled` when the call was
+    cancelled from outside (:func:`cancel_calls`, its loop closed).
     """
     if not asyncio.iscoroutine(coro):
         raise TypeError(f"neopool.run() takes a coroutine, not {type(coro).__name__}")
@@ -245,6 +357,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             "it blocks until the coroutine finishes, which would stall that loop. "
             "Await the coroutine instead."
         )
+    if _process_mode:
+        return _run_on_process_loop(coro)
     while True:
         state = _thread_loop()
         with state.lock:
@@ -255,6 +369,239 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             finally:
                 if state.close_requested:
                     state.close_locked(DEFAULT_CLOSE_TIMEOUT)
+
+
+# -- the process loop -------------------------------------------------------------------
+
+#: Whether :func:`run` uses the process loop (see :func:`use_process_loop`); kept across fork.
+_process_mode = False
+_process_lock = threading.Lock()
+#: The process loop of this process, once started.
+_process: _ProcessLoop | None = None
+
+
+class _ProcessLoop:
+    """The one loop of the process: an :class:`asyncio.Runner` run by a thread of its own.
+
+    The thread runs the loop until :meth:`close` stops it, then closes the
+    runner itself (in the thread that ran the loop), within the close's deadline.
+    """
+
+    def __init__(self) -> None:
+        self.runner: _Runner = Runner(loop_factory=_new_loop)
+        self.loop = self.runner.get_loop()
+        self.pid = os.getpid()
+        #: Set once a close has begun (new calls then start a new loop).
+        self.closing = False
+        self.deadline: float | None = None
+        self.finished = threading.Event()
+        running = threading.Event()
+        self.loop.call_soon(running.set)
+        # A daemon: interpreter exit does not wait for it (the atexit hook closes it).
+        self.thread = threading.Thread(target=self._serve, name=PROCESS_LOOP_THREAD, daemon=True)
+        self.thread.start()
+        running.wait()
+
+    @property
+    def usable(self) -> bool:
+        return not self.closing and self.pid == os.getpid() and not self.loop.is_closed()
+
+    def _serve(self) -> None:
+        try:
+            self.loop.run_forever()
+        finally:
+            self.closing = True
+            deadline = self.deadline
+            budget = DEFAULT_CLOSE_TIMEOUT if deadline is None else deadline - time.monotonic()
+            try:
+                _close_runner(self.runner, self.loop, max(0.0, budget), PROCESS_LOOP_THREAD)
+            finally:
+                _settle_stranded(self.loop)
+                self.finished.set()
+
+    def close(self, timeout: float, *, wait: bool = True) -> bool:
+        """Stop the loop and let its thread close it within ``timeout``; whether it has.
+
+        Calls still in flight are cancelled (their callers get :class:`CallCancelled`).
+        Called on the loop's own thread (or with ``wait=False``), the close only
+        begins: it happens as soon as the running callback returns (a close
+        never waits for itself).
+        """
+        self.closing = True
+        self.deadline = time.monotonic() + max(0.0, timeout)
+        for call in _calls_on(self.loop):
+            call.cancel_reason = call.cancel_reason or "the process loop was closed"
+        with contextlib.suppress(RuntimeError):  # closed already
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if not wait or threading.current_thread() is self.thread:
+            return False
+        return self.finished.wait(max(0.0, timeout) + _JOIN_GRACE)
+
+
+#: How long past its deadline a close waits for the process loop's thread to finish closing.
+_JOIN_GRACE = 0.5
+
+
+def _calls_on(loop: asyncio.AbstractEventLoop) -> list[_Call]:
+    with _calls_lock:
+        return [call for call in _calls if call.loop is loop]
+
+
+def _settle_stranded(loop: asyncio.AbstractEventLoop) -> None:
+    """After ``loop`` closed: fail the calls submitted to it that never got to run."""
+    for call in _calls_on(loop):
+        if call.future is not None and not call.future.done():
+            call.cancel_reason = call.cancel_reason or "the process loop was closed"
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                call.future.set_exception(call.cancelled_error())
+        _end(call)
+
+
+def use_process_loop(enabled: bool = True) -> None:
+    """Run every later :func:`run` call of this process on one process-wide loop.
+
+    The loop starts on the first call, on a thread of its own
+    (:data:`PROCESS_LOOP_THREAD`), and lives until :func:`close_process_loop`,
+    :func:`close_all_loops` or interpreter exit; calls from every thread are
+    submitted to it, and run on it concurrently, sharing its pool and driver.
+    The setting survives ``fork``; the loop does not (the child starts its own).
+    ``use_process_loop(False)`` goes back to a loop per thread for later calls;
+    a process loop already started stays until it is closed.
+    """
+    global _process_mode
+    _process_mode = enabled
+
+
+def loop_mode() -> str:
+    """``"process"`` after :func:`use_process_loop`, else ``"thread"``."""
+    return "process" if _process_mode else "thread"
+
+
+def process_loop() -> asyncio.AbstractEventLoop:
+    """The process loop, started if it is not running yet."""
+    return _the_process_loop().loop
+
+
+def _the_process_loop() -> _ProcessLoop:
+    global _process
+    state = _process
+    if state is not None and state.usable:
+        return state
+    with _process_lock:
+        state = _process
+        if state is None or not state.usable:
+            state = _process = _ProcessLoop()
+        return state
+
+
+def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Submit ``coro`` to the process loop as one call and wait for its outcome."""
+    while True:
+        state = _the_process_loop()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        call = _Call(state.loop, future)
+        context = contextvars.copy_context()
+        context.run(_current_call.set, call)
+        _begin(call)  # before it is submitted: a close that misses it here settles it
+        try:
+            state.loop.call_soon_threadsafe(_start_call, call, coro, context=context)
+        except RuntimeError:  # closed since: start a new one
+            _end(call)
+            continue
+        break
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            # Interrupted while waiting (a signal handler raised: soft time limit,
+            # Ctrl-C): cancel the coroutine and let it return its leases first.
+            call.cancel()
+            with contextlib.suppress(BaseException):
+                future.exception(timeout=2 * LEFTOVER_TIMEOUT)
+        raise
+
+
+def _start_call(call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
+    """On the process loop, in the call's context: start the call's main task."""
+    task = call.loop.create_task(_as_call(coro, call))
+    task.add_done_callback(lambda done: _settle(call, done))
+
+
+def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
+    """On the process loop: hand the call's outcome to the thread waiting for it."""
+    future = call.future
+    assert future is not None
+    try:
+        if task.cancelled():
+            future.set_exception(call.cancelled_error())
+        elif task.exception() is not None:
+            future.set_exception(task.exception())
+        else:
+            future.set_result(task.result())
+    except concurrent.futures.InvalidStateError:
+        pass
+    finally:
+        _end(call)
+
+
+def close_process_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
+    """Close the process loop, if one runs, within ``timeout``; whether it is closed.
+
+    Calls still in flight on it are cancelled and awaited (their callers get
+    :class:`CallCancelled`), then the loop closes as ``asyncio.run`` would:
+    its pool closes gracefully on it. Give calls time to finish first with
+    :func:`wait_for_calls`. The next :func:`run` in process-loop mode starts a
+    new loop.
+    """
+    return _close_process_until(time.monotonic() + timeout) >= 0
+
+
+def _close_process_until(deadline: float, *, wait: bool = True) -> int:
+    """Close the process loop by ``deadline``: 1 if closed here, 0 if none, -1 if not finished."""
+    global _process
+    with _process_lock:
+        state, _process = _process, None
+    if state is None or state.pid != os.getpid() or state.finished.is_set():
+        return 0
+    return 1 if state.close(max(0.0, deadline - time.monotonic()), wait=wait) else -1
+
+
+# -- calls in flight ----------------------------------------------------------------------
+
+
+def calls_in_flight() -> int:
+    """How many :func:`run` calls are running now, on every runner loop of this process."""
+    with _calls_lock:
+        return len(_calls)
+
+
+def wait_for_calls(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for every :func:`run` call in flight to end; if they did."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while calls_in_flight():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(_WAIT_INTERVAL, remaining))
+    return True
+
+
+def cancel_calls(reason: str = "cancelled by neopool.runner.cancel_calls()") -> int:
+    """Cancel the coroutine of every :func:`run` call in flight; return how many.
+
+    Each call then ends as a cancelled ``asyncio.run`` would (what it spawned
+    is cancelled too, its ``async with`` blocks return their leases), and its
+    caller gets :class:`CallCancelled` saying ``reason``. Celery's warm shutdown
+    uses it once its deadline has passed.
+    """
+    with _calls_lock:
+        calls = list(_calls)
+    for call in calls:
+        call.cancel(reason)
+    return len(calls)
+
+
+# -- a loop per thread --------------------------------------------------------------------
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
@@ -278,8 +625,9 @@ def _thread_loop() -> _PersistentLoop:
 
 
 def owns(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` is one of the runner's persistent loops."""
-    return _state_of(loop) is not None
+    """Whether ``loop`` is one of the runner's persistent loops (a thread's or the process loop)."""
+    process = _process
+    return (process is not None and process.loop is loop) or _state_of(loop) is not None
 
 
 def _state_of(loop: asyncio.AbstractEventLoop) -> _PersistentLoop | None:
@@ -349,22 +697,26 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
 def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     """Close every persistent loop of this process within ``timeout`` seconds in all.
 
-    Idle loops are closed first, then busy ones as they become free. A loop
-    still busy at the deadline is closed by its own thread as soon as its
-    current call returns. Works from async code too (the closing then happens
-    on a helper thread, since a thread cannot run two loops). Returns how many
-    loops were closed here.
+    Idle thread loops are closed first, then the process loop (calls still in
+    flight on it are cancelled; give them time first with :func:`wait_for_calls`),
+    then busy thread loops as they become free. A thread's loop still busy at
+    the deadline is closed by its own thread as soon as its current call
+    returns. Works from async code too (the closing then happens on a helper
+    thread, since a thread cannot run two loops; called on the process loop, its
+    close begins but is not waited for). Returns how many loops were closed here.
     """
     deadline = time.monotonic() + timeout
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return _close_all_until(deadline)
+    process = _process
+    on_process_loop = process is not None and threading.current_thread() is process.thread
     closer: concurrent.futures.Future[int] = concurrent.futures.Future()
 
     def close_all() -> None:
         try:
-            closer.set_result(_close_all_until(deadline))
+            closer.set_result(_close_all_until(deadline, wait_for_process=not on_process_loop))
         except BaseException as exc:
             closer.set_exception(exc)
 
@@ -375,7 +727,9 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
         return 0
 
 
-def _close_all_until(deadline: float, *, wait_for_busy: bool = True) -> int:
+def _close_all_until(
+    deadline: float, *, wait_for_busy: bool = True, wait_for_process: bool = True
+) -> int:
     with _all_lock:
         states = list(_all.values())
     closed = 0
@@ -387,6 +741,7 @@ def _close_all_until(deadline: float, *, wait_for_busy: bool = True) -> int:
             closed += _close_and_release(state, deadline)
         else:
             busy.append(state)
+    closed += max(0, _close_process_until(deadline, wait=wait_for_process))
     for state in busy:
         wait = max(0.0, deadline - time.monotonic()) if wait_for_busy else 0.0
         if state.lock.acquire(timeout=wait):
@@ -413,9 +768,14 @@ def _close_and_release(state: _PersistentLoop, deadline: float) -> int:
 
 
 def loops() -> dict[str, asyncio.AbstractEventLoop]:
-    """``{thread name: loop}`` of every open persistent loop of this process."""
+    """``{thread name: loop}`` of every open persistent loop of this process (the process
+    loop under :data:`PROCESS_LOOP_THREAD`)."""
     with _all_lock:
-        return {s.thread_name: s.loop for s in _all.values() if not s.closed}
+        found = {s.thread_name: s.loop for s in _all.values() if not s.closed}
+    process = _process
+    if process is not None and process.usable:
+        found[PROCESS_LOOP_THREAD] = process.loop
+    return found
 
 
 def _forget(state: _PersistentLoop) -> None:
@@ -452,16 +812,28 @@ def _sweep_pools() -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    """Close idle loops at exit; a loop still running in a daemon thread is not waited for."""
+    """Close idle loops and the process loop at exit (its calls still in flight are
+    cancelled); a thread's loop still running in a daemon thread is not waited for."""
     _close_all_until(time.monotonic() + DEFAULT_CLOSE_TIMEOUT, wait_for_busy=False)
 
 
 def after_fork_in_child() -> None:
-    """Forget the parent's loops without closing them (see the module's docstring)."""
-    global _all_lock
+    """Forget the parent's loops without closing them (see the module's docstring).
+
+    The process loop's thread did not come along: the child's first call in
+    process-loop mode starts a loop of its own. The parent's calls in flight are
+    not the child's to wait for or cancel.
+    """
+    global _all_lock, _process, _process_lock, _calls_lock
     _all_lock = threading.Lock()
     states = list(_all.values())
     _all.clear()
     for state in states:
         keep_inherited_loop(state.loop)
         state.lock = threading.Lock()
+    _process_lock = threading.Lock()
+    inherited, _process = _process, None
+    if inherited is not None:
+        keep_inherited_loop(inherited.loop)
+    _calls_lock = threading.Lock()
+    _calls.clear()

@@ -94,13 +94,13 @@ def test_soft_time_limit_cancels_the_coroutine_and_returns_its_lease(
     with pytest.raises(SoftTimeLimitExceeded):
         held.get(timeout=60, propagate=True)
 
-    (loops,) = cluster_stats(celery_app)[worker.nodename][str(pid)].values()
+    (loops,) = settled_stats(celery_app, worker, 1, {str(pid)})[str(pid)].values()
     assert loops["in_use"] == 0
     assert loops["borrows"] == 1
     # The same child, the same loop and driver, carry on.
     after = celery_app.send_task("neopool.testing.ingest", args=[workspace, "after", 2])
     assert after.get(timeout=60)["pid"] == pid
-    (loops,) = cluster_stats(celery_app)[worker.nodename][str(pid)].values()
+    (loops,) = settled_stats(celery_app, worker, 2, {str(pid)})[str(pid)].values()
     assert loops["drivers_created"] == 1
     assert loops["borrows"] == 2
 

@@ -1,18 +1,27 @@
-"""neopool.run: one loop per thread, reused, closed cleanly, interruptible."""
+"""neopool.run: one loop per thread or one per process, reused, closed cleanly, interruptible."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
+import os
 import signal
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
 import neopool
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
+from neopool._release import driver_is_closed
 from neopool.runner import LoopAlreadyRunning, close_thread_loop
+from neopool.testing import BoltTarget, TcpProxy
+from polling import eventually
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,8 +68,11 @@ def test_each_thread_has_its_own_loop_closed_when_the_thread_ends(
     assert seen[0] == seen[1]
     assert seen[0][0] != neopool.run(borrow_once())[0]
     pool = seen[2]
-    assert pool.closed  # closed on its own loop as the thread ended
+    assert pool.closed
     assert pool.driver is not None
+    assert driver_is_closed(pool.driver)  # by driver.close(), on its own loop, as the thread ended
+    assert pool.loop is not None
+    assert pool.loop.is_closed()
     assert pool not in registry.pools()
 
 
@@ -71,6 +83,8 @@ def test_close_thread_loop_closes_the_pool_and_a_new_loop_follows(
     (pool,) = registry.pools()
     close_thread_loop()
     assert pool.closed
+    assert pool.driver is not None
+    assert driver_is_closed(pool.driver)  # by driver.close(), on the loop, before it closed
     assert pool.loop is not None
     assert pool.loop.is_closed()
     neopool.run(borrow_once())
@@ -99,7 +113,123 @@ def test_an_interrupt_cancels_the_coroutine_and_returns_its_lease(
         async with Neo4jConnectionFactory.borrow_connection() as borrowed:
             await borrowed.get_driver()
             holding.set()
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # a long task, interrupted while it holds the lease
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    def interrupt_once_holding() -> None:  # as Celery's soft time limit fires mid-task
+        if holding.wait(30):
+            os.kill(os.getpid(), signal.SIGALRM)
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    interrupter = threading.Thread(target=interrupt_once_holding)
+    try:
+        interrupter.start()
+        with pytest.raises(Interrupted):
+            neopool.run(hold())
+    finally:
+        holding.set()  # the interrupter stops waiting, whatever happened
+        interrupter.join(30)
+        signal.signal(signal.SIGALRM, previous)
+    (pool,) = registry.pools()
+    assert pool.stats()["in_use"] == 0
+    neopool.run(borrow_once())  # the loop still works
+    assert pool.stats()["drivers_created"] == 1
+
+
+# -- the process loop -------------------------------------------------------------------
+
+
+@pytest.fixture
+def process_loop(
+    neopool_bolt: BoltTarget, neopool_proxy: TcpProxy, registry: GlobalNeo4jConnectionPool
+) -> Iterator[TcpProxy]:
+    """Process-loop mode for one test, through a counting proxy; closed and undone after it."""
+    GlobalNeo4jConnectionPool.set_config(neopool_bolt.config(uri=neopool_proxy.uri()))
+    runner.use_process_loop()
+    try:
+        yield neopool_proxy
+    finally:
+        runner.use_process_loop(False)
+        assert runner.close_process_loop(10)
+        assert runner.calls_in_flight() == 0
+
+
+async def hold_lease(seconds: float, holding: threading.Event | None = None) -> str:
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        await (await borrowed.get_driver()).verify_connectivity()
+        if holding is not None:
+            holding.set()
+        await asyncio.sleep(seconds)
+    return threading.current_thread().name
+
+
+def in_threads(count: int, work: Callable[[], T]) -> list[concurrent.futures.Future[T]]:
+    pool = concurrent.futures.ThreadPoolExecutor(count)
+    futures = [pool.submit(work) for _ in range(count)]
+    pool.shutdown(wait=False)
+    return futures
+
+
+@pytest.mark.timing
+def test_calls_from_many_threads_run_at_once_on_the_process_loop_sharing_one_driver(
+    process_loop: TcpProxy, registry: GlobalNeo4jConnectionPool
+) -> None:
+    started = time.monotonic()
+    calls = in_threads(8, lambda: neopool.run(hold_lease(0.5)))
+    assert {call.result(30) for call in calls} == {runner.PROCESS_LOOP_THREAD}
+    assert time.monotonic() - started < 8 * 0.5 / 2  # at once, not one after the other
+    (pool,) = registry.pools()
+    assert pool.loop is runner.process_loop()
+    assert pool.stats()["thread"] == runner.PROCESS_LOOP_THREAD
+    assert pool.stats()["borrows"] == 8
+    assert pool.stats()["drivers_created"] == 1
+    assert runner.loops() == {runner.PROCESS_LOOP_THREAD: runner.process_loop()}
+    assert process_loop.connections_opened <= 8 + pool.stats()["min_size"]
+
+
+def test_each_call_on_the_process_loop_cancels_only_what_it_left_behind(
+    process_loop: TcpProxy,
+) -> None:
+    left_behind_cancelled = threading.Event()
+    other_child_done = threading.Event()
+    other_running = threading.Event()
+
+    async def leave_behind() -> None:
+        async def background() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                left_behind_cancelled.set()
+
+        asyncio.get_running_loop().create_task(background())
+        await asyncio.sleep(0.1)
+
+    async def other() -> None:
+        async def child() -> None:
+            await asyncio.sleep(1.0)
+            other_child_done.set()
+
+        task = asyncio.get_running_loop().create_task(child())
+        other_running.set()
+        await task
+
+    (other_call,) = in_threads(1, lambda: neopool.run(other()))
+    assert other_running.wait(10)
+    neopool.run(leave_behind())
+    assert left_behind_cancelled.is_set()  # before run() returned
+    other_call.result(10)  # its spawned task was not touched by the other call's end
+    assert other_child_done.is_set()
+
+
+def test_an_interrupted_wait_cancels_only_that_call_and_returns_its_lease(
+    process_loop: TcpProxy, registry: GlobalNeo4jConnectionPool
+) -> None:
+    other_holding = threading.Event()
+    (other,) = in_threads(1, lambda: neopool.run(hold_lease(1.5, other_holding)))
+    assert other_holding.wait(10)
+    holding = threading.Event()
 
     def interrupt(signum: int, frame: Any) -> None:
         raise Interrupted
@@ -108,12 +238,94 @@ def test_an_interrupt_cancels_the_coroutine_and_returns_its_lease(
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
         with pytest.raises(Interrupted):
-            neopool.run(hold())
+            neopool.run(hold_lease(30, holding))  # waits in the main thread
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert holding.is_set()
     (pool,) = registry.pools()
+    assert pool.stats()["in_use"] == 1  # the interrupted call's lease is back; the other holds
+    assert other.result(10) == runner.PROCESS_LOOP_THREAD
     assert pool.stats()["in_use"] == 0
-    neopool.run(borrow_once())  # the loop still works
+    assert pool.stats()["drivers_created"] == 1
+
+
+def test_calls_in_flight_can_be_waited_for_and_cancelled(process_loop: TcpProxy) -> None:
+    holding = threading.Event()
+    (short,) = in_threads(1, lambda: neopool.run(hold_lease(0.3)))
+    (long,) = in_threads(1, lambda: neopool.run(hold_lease(30, holding)))
+    assert holding.wait(10)
+    assert runner.calls_in_flight() == 2
+    assert not runner.wait_for_calls(1.0)  # the long one is still running
+    assert short.result(1) == runner.PROCESS_LOOP_THREAD
+    assert runner.cancel_calls("the test is over") == 1
+    with pytest.raises(runner.CallCancelled, match="the test is over"):
+        long.result(10)
+    assert runner.wait_for_calls(1.0)
+    assert runner.calls_in_flight() == 0
+
+
+@pytest.mark.timing
+def test_closing_the_process_loop_is_bounded_cancels_calls_and_closes_its_pool(
+    process_loop: TcpProxy, registry: GlobalNeo4jConnectionPool
+) -> None:
+    holding = threading.Event()
+    (call,) = in_threads(1, lambda: neopool.run(hold_lease(60, holding)))
+    assert holding.wait(10)
+    (pool,) = registry.pools()
+    loop = runner.process_loop()
+    started = time.monotonic()
+    assert runner.close_process_loop(2.0)
+    assert time.monotonic() - started < 2.5
+    with pytest.raises(runner.CallCancelled, match="process loop was closed"):
+        call.result(5)
+    assert loop.is_closed()
+    assert pool.closed
+    assert pool.stats()["in_use"] == 0
+    assert eventually(lambda: process_loop.active_connections == 0)
+    assert runner.loops() == {}
+    # The next call starts a new process loop.
+    assert neopool.run(hold_lease(0)) == runner.PROCESS_LOOP_THREAD
+    assert runner.process_loop() is not loop
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_starts_its_own_process_loop_and_the_parent_keeps_its_own(
+    process_loop: TcpProxy, registry: GlobalNeo4jConnectionPool
+) -> None:
+    neopool.run(hold_lease(0))
+    parent_loop = runner.process_loop()
+    opened = process_loop.connections_opened
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 1
+        try:
+            report = {
+                "pools_at_start": len(GlobalNeo4jConnectionPool().pools()),
+                "thread": neopool.run(hold_lease(0)),
+                "new_loop": runner.process_loop() is not parent_loop,
+                "calls": runner.calls_in_flight(),
+            }
+            with os.fdopen(write_fd, "w") as pipe:
+                json.dump(report, pipe)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        report = json.load(pipe)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == {
+        "pools_at_start": 0,
+        "thread": runner.PROCESS_LOOP_THREAD,
+        "new_loop": True,
+        "calls": 0,
+    }
+    assert process_loop.connections_opened > opened  # the child connected for itself
+    assert neopool.run(hold_lease(0)) == runner.PROCESS_LOOP_THREAD  # the parent carries on
+    assert runner.process_loop() is parent_loop
+    (pool,) = registry.pools()
     assert pool.stats()["drivers_created"] == 1

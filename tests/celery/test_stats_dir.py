@@ -37,7 +37,7 @@ from neopool.celery.stats import (
     read_children,
 )
 from neopool.testing.worker_process import CeleryWorkerProcess
-from reliability.conftest import eventually
+from polling import eventually
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(180)]
 

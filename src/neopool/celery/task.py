@@ -2,35 +2,61 @@
 
 Celery calls a task synchronously. ``asyncio.run`` inside it would make a new
 loop, and so a new driver, on every task; :class:`AsyncTask` runs the
-coroutine on the worker thread's persistent loop (:func:`neopool.run`), so
-every task after the first borrows from a driver that is already connected.
+coroutine through :func:`neopool.run` instead: on the worker thread's
+persistent loop, or, in process-loop mode (``setup(app, loop="process")``), on
+the one loop of the worker process, where many tasks run at once. Either way
+every task after the first borrows from a driver that is already connected,
+and each task's call has ``asyncio.run``'s semantics: what the task spawned
+and left running is cancelled when it ends, and only its own tasks.
 
-Cancellation returns leases:
+Cancellation cancels only that task's coroutine, and its ``async with`` blocks
+return their leases before the task ends:
 
-* a soft time limit (prefork) raises ``SoftTimeLimitExceeded`` in the task; the
-  coroutine is cancelled or sees the exception, and its ``async with`` blocks
-  return their leases before the task fails;
+* a soft time limit: under the threads and solo pools, which have no time
+  limits of their own, AsyncTask enforces it on the loop, cancelling the
+  coroutine when it runs out; under prefork Celery's signal interrupts the
+  wait and the coroutine is cancelled the same way. The task fails with
+  ``SoftTimeLimitExceeded``. (A hard time limit cannot stop a thread: under
+  threads it is not enforced.)
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
 * under threads, where Celery cannot signal a thread, a revoked running task
   is noticed within ``revocation_poll`` seconds and its coroutine cancelled;
   the task then fails with ``TaskRevokedError``. (Under solo the worker hears
   no remote control while its one thread runs a task, so a revoke lands after it.)
+* a warm shutdown whose deadline passed (``setup(..., drain_timeout=...)``)
+  cancels the coroutines still running; with ``acks_late`` and
+  ``task_reject_on_worker_lost`` the message goes back to the queue, as it
+  would had the worker been lost, otherwise the task fails with ``CallCancelled``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TaskRevokedError
 
 from celery import Task
-from neopool.runner import run
+from neopool.runner import CallCancelled, run
 
 T = TypeVar("T")
+
+#: Whether AsyncTask enforces soft time limits itself (not where the pool signals them).
+_enforce_soft_time_limits = True
+
+
+def enforce_soft_time_limits(enabled: bool) -> None:
+    """Whether AsyncTask enforces soft time limits on the loop (the worker's pool does not).
+
+    :func:`neopool.celery.setup` turns it off for the prefork pool, whose
+    children get Celery's own signal: two timers for one limit would race.
+    """
+    global _enforce_soft_time_limits
+    _enforce_soft_time_limits = enabled
 
 
 class AsyncTask(Task):  # type: ignore[misc]
@@ -45,29 +71,65 @@ class AsyncTask(Task):  # type: ignore[misc]
         if not inspect.isawaitable(result):
             return result  # a sync task: it may call neopool.run itself
         task_id = getattr(self.request, "id", None)
-        return run(_until_revoked(result, task_id, self.revocation_poll))
+        watched = _supervised(result, task_id, self.revocation_poll, self._soft_time_limit())
+        try:
+            return run(watched)
+        except CallCancelled as exc:
+            if self._requeue_when_cut_off():
+                raise Reject(str(exc), requeue=True) from exc
+            raise
+
+    def _soft_time_limit(self) -> float | None:
+        """This run's soft time limit (message, task or app), if AsyncTask enforces it."""
+        if not _enforce_soft_time_limits:
+            return None
+        limits = getattr(self.request, "timelimit", None) or (None, None)
+        soft = limits[1] if len(limits) > 1 else None
+        soft = soft or self.soft_time_limit or self.app.conf.task_soft_time_limit
+        return float(soft) if soft else None
+
+    def _requeue_when_cut_off(self) -> bool:
+        """Whether a task cut off by shutdown goes back to the queue (as on a lost worker)."""
+        conf = self.app.conf
+        acks_late = self.acks_late if self.acks_late is not None else conf.task_acks_late
+        reject = getattr(self, "reject_on_worker_lost", None)
+        if reject is None:
+            reject = conf.task_reject_on_worker_lost
+        return bool(acks_late and reject)
 
 
-async def _until_revoked(awaitable: Awaitable[T], task_id: str | None, poll: float) -> T:
-    """Await ``awaitable``, cancelling it if the worker learns ``task_id`` was revoked."""
-    if task_id is None:
+async def _supervised(
+    awaitable: Awaitable[T], task_id: str | None, poll: float, soft_limit: float | None
+) -> T:
+    """Await ``awaitable``; cancel it when its task is revoked or its soft time limit passes."""
+    if task_id is None and soft_limit is None:
         return await awaitable
     from celery.worker import state as worker_state
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + soft_limit if soft_limit is not None else math.inf
     work: asyncio.Future[T] = asyncio.ensure_future(_as_coroutine(awaitable))
     try:
         while True:
-            done, _ = await asyncio.wait({work}, timeout=poll)
+            wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
+            done, _ = await asyncio.wait({work}, timeout=max(0.0, wait))
             if done:
                 return work.result()
-            if task_id in worker_state.revoked:
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+            if task_id is not None and task_id in worker_state.revoked:
+                await _cancel(work)
                 raise TaskRevokedError(f"task {task_id} was revoked while running")
+            if loop.time() >= deadline:
+                await _cancel(work)
+                raise SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
     finally:
-        if not work.done():  # we were cancelled (soft time limit): pass it on
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+        if not work.done():  # we were cancelled (a signal, a shutdown): pass it on
+            await _cancel(work)
+
+
+async def _cancel(work: asyncio.Future[Any]) -> None:
+    """Cancel ``work`` and wait until it has finished (returned its leases)."""
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

@@ -2,14 +2,18 @@
 
 Configured from the environment the demo gives its worker: the broker in
 ``NEOPOOL_CELERY_BROKER_URL``, the queue in ``NEOPOOL_CELERY_QUEUE``, the Bolt
-server in ``NEO4J_*``. One task per mode; each returns its duration and the
-worker process's connection and driver counters (see :mod:`.instrument`).
+server in ``NEO4J_*``, the loop mode in ``NEOPOOL_CELERY_LOOP``. One task per
+mode; each returns its duration and the worker process's connection and
+driver counters (see :mod:`.instrument`). A mode is a task run by a kind of
+worker (:class:`WorkerKind`): the process-loop mode runs the persistent-runner
+task on a threads-pool worker in process-loop mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from neopool.celery import AsyncTask
@@ -23,14 +27,40 @@ from neopool.demo.workload import (
 )
 from neopool.testing.celery_app import BROKER_ENV, QUEUE_ENV, make_app
 
-#: Celery task name of each mode, in the order the demo runs them.
+#: Celery task name of each mode run by the prefork worker, in the order the demo runs them.
 MODE_TASKS = {
     "new driver per task": "neopool.demo.new_driver",
     "neopool + asyncio.run per task": "neopool.demo.asyncio_run",
     "neopool + persistent runner": "neopool.demo.runner",
     "ideal (one driver, one loop per process)": "neopool.demo.ideal",
 }
+#: The process-loop mode: the persistent-runner task on a threads worker in process-loop mode.
+PROCESS_LOOP_MODE = "neopool + process loop (threads pool)"
+#: Task name of every mode the demo knows.
+TASKS = {**MODE_TASKS, PROCESS_LOOP_MODE: MODE_TASKS["neopool + persistent runner"]}
+#: LightRAG ingestion with a fake LLM (its delay from ``NEOPOOL_DEMO_LLM_DELAY``, seconds).
+LIGHTRAG_TASK = "neopool.demo.lightrag"
+LLM_DELAY_ENV = "NEOPOOL_DEMO_LLM_DELAY"
 DEFAULT_QUEUE = "neopool-demo"
+
+
+@dataclass(frozen=True)
+class WorkerKind:
+    """A Celery worker configuration: pool, concurrency, loop mode, and how many such
+    workers (each a process of its own, or a prefork parent) share its queue."""
+
+    pool: str = "prefork"
+    concurrency: int = 2
+    loop: str = "thread"
+    workers: int = 1
+
+    def describe(self) -> str:
+        """``prefork -c 2, a loop per process``, ``2 x threads -c 8, process loop``..."""
+        loops = {"thread": "a loop per thread", "process": "process loop"}
+        if self.pool == "prefork":
+            loops["thread"] = "a loop per process"
+        times = f"{self.workers} x " if self.workers > 1 else ""
+        return f"{times}{self.pool} -c {self.concurrency}, {loops[self.loop]}"
 
 
 def build_app(broker_url: str, queue: str = DEFAULT_QUEUE) -> Any:
@@ -52,6 +82,13 @@ def build_app(broker_url: str, queue: str = DEFAULT_QUEUE) -> Any:
     @app.task(name=MODE_TASKS["ideal (one driver, one loop per process)"])  # type: ignore[untyped-decorator]
     def ideal(workspace: str, doc_id: str) -> dict[str, Any]:
         return timed(lambda: IdealLoop.run(workspace, doc_id))
+
+    @app.task(name=LIGHTRAG_TASK, base=AsyncTask)  # type: ignore[untyped-decorator]
+    async def lightrag(workspace: str, doc_id: str) -> dict[str, Any]:
+        from neopool.demo.lightrag_workload import DEFAULT_LLM_DELAY_S, ingest_in_slot
+
+        delay = float(os.environ.get(LLM_DELAY_ENV) or DEFAULT_LLM_DELAY_S)
+        return await timed_async(ingest_in_slot(doc_id, f"lr_{workspace}", delay))
 
     from celery.signals import worker_process_shutdown
 

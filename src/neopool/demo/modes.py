@@ -25,6 +25,10 @@ class ModeResult:
     errors: int = 0
     first_error: str | None = None
     connections_by_round: list[int] = field(default_factory=list)
+    #: Per worker process: its counters before its first task and after its last, so far.
+    _span: dict[int, tuple[dict[str, int], dict[str, int]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def count_warmup(self, warmup: ModeResult) -> None:
         """Count what the unmeasured warm-up opened: connections are the point of the demo."""
@@ -53,11 +57,29 @@ class ModeResult:
         }
 
     def add(self, value: Any) -> None:
-        """Add one task's report (see :func:`neopool.demo.workload.timed`)."""
+        """Add one task's report (see :func:`neopool.demo.workload.timed`).
+
+        Counters are the process's: with tasks in flight at once (process-loop
+        mode) each task's before/after overlap, so a process counts once, from
+        the earliest ``before`` to the latest ``after`` of this mode's tasks
+        (modes never run at the same time, so nothing else moves them).
+        """
         self.durations_ms.append(float(value["ms"]))
-        for counter in ("connections_opened", "drivers_created"):
-            delta = int(value["after"][counter]) - int(value["before"][counter])
-            setattr(self, counter, getattr(self, counter) + delta)
+        pid = int(value["pid"])
+        before, after = value["before"], value["after"]
+        if pid in self._span:
+            first, last = self._span[pid]
+            before = {k: min(int(v), int(before[k])) for k, v in first.items()}
+            after = {k: max(int(v), int(after[k])) for k, v in last.items()}
+        self._span[pid] = (before, after)
+
+    def finish(self) -> None:
+        """Count what each process opened while this mode ran (see :meth:`add`)."""
+        for before, after in self._span.values():
+            for counter in ("connections_opened", "drivers_created"):
+                delta = int(after[counter]) - int(before[counter])
+                setattr(self, counter, getattr(self, counter) + delta)
+        self._span.clear()
 
 
 def run_mode(
@@ -94,6 +116,7 @@ def run_mode(
         if progress is not None:
             progress.advance(bar)
     result.seconds = time.perf_counter() - started
+    result.finish()
     for async_result in sent:
         async_result.forget()  # results were read: do not leave them on the broker
     return result

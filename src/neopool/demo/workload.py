@@ -92,7 +92,7 @@ def timed(body: Callable[[], T]) -> dict[str, Any]:
     return {"pid": os.getpid(), "ms": elapsed_ms, "before": before, "after": instrument.counts()}
 
 
-async def timed_async(body: Awaitable[None]) -> dict[str, Any]:
+async def timed_async(body: Awaitable[object]) -> dict[str, Any]:
     """:func:`timed` for a coroutine running on the caller's loop."""
     before = instrument.counts()
     started = time.perf_counter()

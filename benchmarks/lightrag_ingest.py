@@ -1,0 +1,109 @@
+"""LightRAG ingestion on Celery with a fake LLM: documents per minute in each worker mode.
+
+Each task ingests one document with a LightRAG of its own
+(``graph_storage="PooledNeo4JStorage"``, a workspace per document) whose LLM
+answers every call after ``--llm-delay`` seconds (200 ms by default: a fast
+model; real ones are slower, which only widens the gaps). Ingestion is
+LLM-bound, so what decides throughput is how many documents a worker keeps in
+flight. Three workers run at once on the same cores, one per mode:
+
+* ``prefork -c 2``: two processes, one loop each, one document at a time each;
+* ``threads -c 8``, a loop per thread: LightRAG's process-wide asyncio locks
+  bind to the first loop that waits on them, so documents on the other loops fail;
+* ``threads -c N``, process loop: N documents in flight on one loop and one driver;
+* two such workers on the same queue (``--workers``): as many processes as
+  prefork's, each with a loop and a driver, for when one process's CPU is the limit.
+
+Modes take turns in rounds (order rotating); reports documents/min, p50 and
+p99 latency per document, Bolt sockets per worker process at rest and at peak,
+drivers, errors and the first error; checks the issue's target; writes
+results/lightrag_ingest.json.
+
+    python benchmarks/lightrag_ingest.py [--docs 96] [--llm-delay 0.2] [--in-flight 16]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import network_label, parser, save
+from neopool.demo.app import LIGHTRAG_TASK, LLM_DELAY_ENV, WorkerKind
+from worker_modes import Mode, columns, compare, report, rows
+
+PREFORK = "prefork"
+PER_THREAD = "threads, a loop per thread"
+PROCESS = "threads, process loop"
+PROCESSES = "threads, process loop, several workers"
+
+
+def modes(in_flight: int, per_thread: int, processes: int, workers: int) -> dict[str, Mode]:
+    chosen = {
+        PREFORK: Mode(LIGHTRAG_TASK, WorkerKind("prefork", processes)),
+        PER_THREAD: Mode(LIGHTRAG_TASK, WorkerKind("threads", per_thread)),
+        PROCESS: Mode(LIGHTRAG_TASK, WorkerKind("threads", in_flight, "process")),
+    }
+    if workers > 1:
+        kind = WorkerKind("threads", in_flight, "process", workers)
+        chosen[PROCESSES] = Mode(LIGHTRAG_TASK, kind)
+    return chosen
+
+
+def main() -> None:
+    cli = parser(__doc__ or "")
+    cli.set_defaults(rtt_ms=[0.0])
+    cli.add_argument("--docs", type=int, default=None, help="documents per mode (default 96)")
+    cli.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2)")
+    cli.add_argument("--llm-delay", type=float, default=0.2, help="seconds per LLM call")
+    cli.add_argument("--in-flight", type=int, default=16, help="process loop: threads -c")
+    cli.add_argument("--per-thread", type=int, default=8, help="loop per thread: threads -c")
+    cli.add_argument("--processes", type=int, default=2, help="prefork -c (default 2)")
+    cli.add_argument(
+        "--workers", type=int, default=2, help="process-loop workers of the last mode (1: none)"
+    )
+    args = cli.parse_args()
+    docs = args.docs or (24 if args.quick else 96)
+    rounds = args.rounds or (1 if args.quick else 2)
+    results: dict[str, Any] = {"llm_delay_s": args.llm_delay, "networks": {}}
+    for rtt in args.rtt_ms:
+        label = network_label(rtt)
+        measured = compare(
+            modes(args.in_flight, args.per_thread, args.processes, args.workers),
+            tasks=docs,
+            rounds=rounds,
+            rtt_ms=rtt,
+            warmup=max(args.in_flight, docs // 12),  # every slot workspace prepared first
+            name="lightrag_ingest",
+            worker_env={LLM_DELAY_ENV: str(args.llm_delay)},
+        )
+        figures = measured["modes"]
+        for m in figures.values():
+            m["docs_per_min"] = round(60 * m["tasks_per_s"], 1)
+        prefork = figures[PREFORK]["docs_per_min"] or float("nan")
+        ratio = figures[PROCESS]["docs_per_min"] / prefork
+        checked = [
+            ["process loop >= 4x prefork docs/min", f"{ratio:.2f}x", ratio >= 4],
+            ["process loop: 0 errors", figures[PROCESS]["errors"], figures[PROCESS]["errors"] == 0],
+            [
+                "process loop: one driver per process",
+                figures[PROCESS]["drivers_created"],
+                figures[PROCESS]["drivers_created"] == 1,
+            ],
+        ]
+        if PROCESSES in figures:
+            several = figures[PROCESSES]["docs_per_min"] / prefork
+            checked.append(
+                [f"{args.workers} process-loop workers vs prefork", f"{several:.2f}x", None]
+            )
+        results["networks"][label] = report(
+            measured,
+            checked,
+            f"LightRAG ingestion, fake LLM {args.llm_delay * 1000:g} ms per call, {label}: "
+            f"{docs} documents per mode in {rounds} alternating rounds",
+            columns("docs/min", "s"),
+            rows(figures, per_minute=True),
+        )
+    save("lightrag_ingest", results, args.json)
+
+
+if __name__ == "__main__":
+    main()
