@@ -23,6 +23,8 @@ __all__ = [
     "Target",
     "bolt_target",
     "network",
+    "network_label",
+    "networks",
     "parser",
     "print_table",
     "save",
@@ -73,26 +75,50 @@ def bolt_target(java_options: tuple[str, ...] = ()) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def network(target: Target, rtt_ms: float) -> Iterator[Target]:
-    """The target itself on loopback, or through the latency proxy at ``rtt_ms``."""
-    if rtt_ms <= 0:
+def network(target: Target, rtt_ms: float, tls: bool = False) -> Iterator[Target]:
+    """The target itself on loopback, or through the latency proxy at ``rtt_ms``.
+
+    ``tls``: through a proxy process that terminates TLS in front of the target
+    (a throwaway certificate; the driver connects with ``+ssc``). Its latency acts
+    on the TLS records, so a new connection's TLS handshake pays its round trips,
+    as between a worker and an encrypted server on a real network.
+    """
+    if rtt_ms <= 0 and not tls:
         yield target
         return
     from urllib.parse import urlsplit
 
-    from neopool.testing import ProxyProcess
+    from neopool.testing import ProxyProcess, TlsCertificates
 
     parts = urlsplit(target.uri)
     assert parts.hostname is not None
     assert parts.port is not None
-    # A process of its own: the stand-in network must not share the GIL with what is timed.
-    with ProxyProcess(parts.hostname, parts.port, rtt_ms=rtt_ms) as proxy:
-        yield Target(proxy.uri(parts.scheme), target.username, target.password, target.database)
+    scheme = parts.scheme
+    if tls and "+" in scheme:
+        raise ValueError(f"{target.uri} is encrypted already: measure it as plain")
+    with contextlib.ExitStack() as stack:
+        cert = key = None
+        if tls:
+            certificates = stack.enter_context(TlsCertificates())
+            cert, key = certificates.cert_path, certificates.key_path
+            scheme += "+ssc"
+        # A process of its own: the stand-in network must not share the GIL with what is timed.
+        proxy = ProxyProcess(parts.hostname, parts.port, rtt_ms=rtt_ms, tls_cert=cert, tls_key=key)
+        stack.enter_context(proxy)
+        yield Target(proxy.uri(scheme), target.username, target.password, target.database)
 
 
-def network_label(rtt_ms: float) -> str:
-    """``loopback`` or ``2 ms RTT``."""
-    return "loopback" if rtt_ms <= 0 else f"{rtt_ms:g} ms RTT"
+def network_label(rtt_ms: float, tls: bool = False) -> str:
+    """``loopback`` or ``2 ms RTT``, after ``TLS`` when encrypted."""
+    label = "loopback" if rtt_ms <= 0 else f"{rtt_ms:g} ms RTT"
+    return f"TLS {label}" if tls else label
+
+
+def networks(args: argparse.Namespace) -> Iterator[tuple[float, bool]]:
+    """``(rtt_ms, tls)`` for every network the options ask for, plain ones first."""
+    for transport in args.transport:
+        for rtt in args.rtt_ms:
+            yield rtt, transport == "tls"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -114,6 +140,14 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=[0.0, 2.0],
         help="network settings to measure: 0 is direct loopback, >0 goes through the "
         "latency proxy adding that round-trip time (default: 0 2)",
+    )
+    cli.add_argument(
+        "--transport",
+        choices=("plain", "tls"),
+        nargs="+",
+        default=["plain"],
+        help="plain Bolt, and/or TLS through a proxy process that terminates it "
+        "(with the latency of --rtt-ms in front, so the handshake pays it)",
     )
     return cli
 

@@ -8,7 +8,9 @@
      around it, and neopool (borrow, one query, return);
    - speed-up: neopool against a new driver per query (connect, handshake,
      authenticate, query, close).
-   On loopback and through the latency proxy (``--rtt-ms``).
+   On loopback and through the latency proxy (``--rtt-ms``), over plain Bolt and
+   over TLS (``--transport``): a proxy process terminates TLS, with the latency in
+   front of it, so a new driver pays the TLS handshake's round trips too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from neo4j import AsyncDriver
 
-from common import Target, bolt_target, network, network_label, parser, save, table
+from common import Target, bolt_target, network, network_label, networks, parser, save, table
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 from neopool.demo.report import summarise_ms
 from neopool.loop_pool import create_driver
@@ -218,13 +220,13 @@ def one_query_ratios(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def measure(target: Target, rtt_ms: float, quick: bool) -> dict[str, Any]:
+def measure(target: Target, rtt_ms: float, quick: bool, with_no_io: bool) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         registry = GlobalNeo4jConnectionPool()
         registry.set_config(target.config())
         try:
             out: dict[str, Any] = {}
-            if rtt_ms <= 0:
+            if with_no_io:
                 out["no_io"] = await no_io(2_000 if quick else 20_000, 3 if quick else 7)
             # Thousands of rounds on loopback: a query takes a fifth of a millisecond
             # there, so a few pauses of the server's JVM would otherwise decide the means.
@@ -239,12 +241,19 @@ def measure(target: Target, rtt_ms: float, quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parser(__doc__ or "").parse_args()
+    cli = parser(__doc__ or "")
+    cli.set_defaults(transport=["plain", "tls"])
+    args = cli.parse_args()
     results: dict[str, Any] = {"query": QUERY, "networks": {}}
     with bolt_target() as server:
-        for rtt in args.rtt_ms:
-            with network(server, rtt) as target:
-                results["networks"][network_label(rtt)] = measure(target, rtt, args.quick)
+        no_io_done = False
+        for rtt, tls in networks(args):
+            with network(server, rtt, tls) as target:
+                with_no_io = rtt <= 0 and not no_io_done  # once: it does no I/O
+                results["networks"][network_label(rtt, tls)] = measure(
+                    target, rtt, args.quick, with_no_io
+                )
+                no_io_done = no_io_done or with_no_io
     report(results)
     save("micro", results, args.json)
 

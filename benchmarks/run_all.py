@@ -1,6 +1,6 @@
 """Run every benchmark (``make bench``), check the targets, draw the summary chart.
 
-``run_all.py [--quick] [micro|scaling|macro ...] [--report-only]``: ``--quick``
+``run_all.py [--quick] [micro|scaling|macro|to_thread ...] [--report-only]``: ``--quick``
 for a short run, names to run only those (the others' last results are
 reused), ``--report-only`` to redo the report from ``results/*.json``.
 
@@ -22,9 +22,19 @@ from common import RESULTS_DIR, table
 from micro import EXPERIMENTS, NEW, POOLED
 from neopool.demo.chart import bar_chart
 from neopool.demo.report import markdown_table, write_json
+from to_thread import BASELINES, TO_THREAD
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("micro", "scaling", "macro")
+BENCHMARKS = ("micro", "scaling", "macro", "to_thread")
+#: One query per task, a new driver / neopool: the floor on each network.
+NEW_DRIVER_FLOORS = {"loopback": 3.5, "2 ms RTT": 4.0, "TLS loopback": 3.0, "TLS 2 ms RTT": 4.5}
+#: neopool / sync driver + asyncio.to_thread: (network, borrowers, floor).
+TO_THREAD_FLOORS = (
+    ("loopback", 1, 1.0),
+    ("loopback", 10, 1.5),
+    ("2 ms RTT", 1, 1.0),
+    ("2 ms RTT", 50, 2.5),
+)
 NO_IO_USER_PATH = "async with Neo4jConnectionFactory.borrow_connection()"
 
 
@@ -38,11 +48,20 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
-def targets(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any]) -> list[Any]:
+def load_optional(name: str) -> dict[str, Any]:
+    """Results of a benchmark added later: none yet (``{"networks": {}}``) if it never ran."""
+    if not (RESULTS_DIR / f"{name}.json").exists():
+        return {"networks": {}}
+    return load(name)
+
+
+def targets(
+    micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any], to_thread: dict[str, Any]
+) -> list[Any]:
     """``[target, measured, met]`` rows."""
     rows: list[Any] = []
     nets = micro["networks"]
-    for label, floor in (("loopback", 3.5), ("2 ms RTT", 4.0)):
+    for label, floor in NEW_DRIVER_FLOORS.items():
         if label in nets:
             ratio = nets[label]["ratios"]["new_driver_over_pooled_mean"]
             rows.append(
@@ -85,12 +104,31 @@ def targets(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any
                     not any(later),
                 ]
             )
+    for label, borrowers, floor in TO_THREAD_FLOORS:
+        cells = to_thread["networks"].get(label, {}).get("cells", [])
+        for cell in (c for c in cells if c["borrowers"] == borrowers):
+            ratio = cell["ratios"][BASELINES[TO_THREAD]]
+            variants = cell["variants"]
+            measured = (
+                f"{ratio}x ({variants[POOLED]['tasks_per_s']} vs "
+                f"{variants[TO_THREAD]['tasks_per_s']} tasks/s)"
+            )
+            rows.append(
+                [
+                    f"neopool / sync driver + to_thread >= {floor}x, "
+                    f"{borrowers} borrower{'s' if borrowers > 1 else ''} ({label})",
+                    measured,
+                    ratio >= floor,
+                ]
+            )
     worst = max(m["pool_kb_per_loop_beyond_driver"] for m in scaling["idle_pool_memory"])
     rows.append(["idle loop pool <= 50 KB beyond its driver", f"{worst} KB", worst <= 50])
     return rows
 
 
-def markdown(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any]) -> str:
+def markdown(
+    micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any], to_thread: dict[str, Any]
+) -> str:
     """The README's tables."""
     parts = []
     loop_no_io = micro["networks"].get("loopback", {}).get("no_io", {})
@@ -132,6 +170,27 @@ def markdown(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, An
                 ],
             )
         )  # fmt: skip
+    for label, figures in to_thread["networks"].items():
+        settings = to_thread["settings"]
+        parts.append(
+            f"\n**concurrent borrowers on one loop, {label}: neopool vs one sync driver + "
+            f"asyncio.to_thread** ({settings['default_executor_threads']} default executor "
+            f"threads, {settings['max_connection_pool_size']} sockets at most, "
+            f"{settings['rounds']} alternating rounds)\n"
+        )
+        parts.append(
+            markdown_table(
+                ["borrowers", "variant", "tasks/s", "p50 ms", "p99 ms", "CPU µs/task",
+                 "neopool / this"],
+                [
+                    [c["borrowers"], n, f["tasks_per_s"], f["p50_ms"], f["p99_ms"],
+                     f.get("cpu_us_per_task", ""),
+                     f"{c['ratios'][BASELINES[n]]}x" if n in BASELINES else ""]
+                    for c in figures["cells"]
+                    for n, f in c["variants"].items()
+                ],
+            )
+        )  # fmt: skip
     for label, figures in scaling["networks"].items():
         parts.append(f"\n**scaling, {label}**: loops (threads) x borrowers per loop\n")
         parts.append(
@@ -157,7 +216,9 @@ def markdown(micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, An
     return "\n".join(parts) + "\n"
 
 
-def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
+def chart(
+    micro: dict[str, Any], macro: dict[str, Any], to_thread: dict[str, Any], path: Path
+) -> Path:
     panels = []
     for label, figures in micro["networks"].items():
         panels.append(
@@ -174,6 +235,18 @@ def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
                 {n: m["tasks_per_s"] for n, m in figures["modes"].items()},
             )
         )
+    for label, figures in to_thread["networks"].items():
+        panels.append(
+            (
+                f"neopool / to_thread, {label}: tasks/s ratio",
+                {
+                    f"{c['borrowers']} borrower{'s' if c['borrowers'] > 1 else ''}": c["ratios"][
+                        BASELINES[TO_THREAD]
+                    ]
+                    for c in figures["cells"]
+                },
+            )
+        )
     machine = micro["machine"]
     return bar_chart(
         path,
@@ -182,7 +255,7 @@ def chart(micro: dict[str, Any], macro: dict[str, Any], path: Path) -> Path:
         subtitle=(
             f"{machine['cpu_count']} CPUs ({machine['cpu']}), Python {machine['python']}, "
             f"neo4j driver {machine['neo4j_driver']}, embedded ArcadeDB on loopback; "
-            f"2 ms RTT = latency proxy"
+            f"2 ms RTT = latency proxy; TLS = a proxy terminating TLS, behind the latency"
         ),
     )
 
@@ -195,7 +268,8 @@ def main() -> None:
         for name in only or BENCHMARKS:
             run(name, extra)
     micro, macro, scaling = (load(name) for name in ("micro", "macro", "scaling"))
-    rows = targets(micro, macro, scaling)
+    to_thread = load_optional("to_thread")
+    rows = targets(micro, macro, scaling, to_thread)
     table("targets", ["target", "measured", "met"], rows)
     write_json({"targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]},
                RESULTS_DIR / "targets.json")  # fmt: skip
@@ -203,9 +277,9 @@ def main() -> None:
         ["target", "measured", "met"], [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows]
     )
     (RESULTS_DIR / "benchmarks.md").write_text(
-        "**targets**\n\n" + target_table + "\n\n" + markdown(micro, macro, scaling)
+        "**targets**\n\n" + target_table + "\n\n" + markdown(micro, macro, scaling, to_thread)
     )
-    written = chart(micro, macro, RESULTS_DIR / "benchmarks.png")
+    written = chart(micro, macro, to_thread, RESULTS_DIR / "benchmarks.png")
     print(f"wrote {RESULTS_DIR / 'targets.json'}, {RESULTS_DIR / 'benchmarks.md'}, {written}")
 
 
