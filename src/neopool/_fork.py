@@ -13,12 +13,15 @@ in the parent's threads will never finish here).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 from neopool import runner
 from neopool.database import preparer
 from neopool.registry import GlobalNeo4jConnectionPool
+
+logger = logging.getLogger("neopool")
 
 
 def _before_fork() -> None:
@@ -36,10 +39,14 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     GlobalNeo4jConnectionPool._instance_lock = threading.Lock()
     registry = GlobalNeo4jConnectionPool._instance
+    steps = [runner.after_fork_in_child, preparer.after_fork_in_child]
     if registry is not None:
-        registry.after_fork_in_child()
-    runner.after_fork_in_child()
-    preparer.after_fork_in_child()
+        steps.insert(0, registry.after_fork_in_child)
+    for step in steps:  # each one, whatever an earlier one raised: a child must not inherit locks
+        try:
+            step()
+        except Exception:
+            logger.exception("neopool: after fork, %s failed", step.__qualname__)
 
 
 if hasattr(os, "register_at_fork"):

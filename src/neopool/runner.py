@@ -85,6 +85,8 @@ class _Runner(Protocol):
 
 #: Seconds a loop's close may take when the caller gives no deadline.
 DEFAULT_CLOSE_TIMEOUT = 10.0
+#: Seconds the process loop's thread may take to start running it.
+START_TIMEOUT = 5.0
 #: Seconds the tasks a call left behind get to finish after being cancelled.
 LEFTOVER_TIMEOUT = 5.0
 
@@ -109,7 +111,7 @@ class CallCancelled(NeopoolError, RuntimeError):
 class _Call:
     """One :func:`run` call: its loop, its main task, the tasks its code spawned (weakly)."""
 
-    __slots__ = ("cancel_reason", "cancel_requested", "future", "loop", "main", "tasks")
+    __slots__ = ("cancel_reason", "cancel_requested", "future", "loop", "main", "returned", "tasks")
 
     def __init__(
         self,
@@ -123,6 +125,8 @@ class _Call:
         #: Set when the call is cancelled from outside: what the caller is told.
         self.cancel_reason: str | None = None
         self.cancel_requested = False
+        #: Set once the call's coroutine has returned: it is done, whatever comes after.
+        self.returned = False
         #: Where a call on the process loop delivers its outcome to the waiting thread.
         self.future = future
 
@@ -135,7 +139,7 @@ class _Call:
             self.loop.call_soon_threadsafe(self._cancel_main)
 
     def _cancel_main(self) -> None:
-        if self.main is not None and not self.main.done():
+        if self.main is not None and not self.main.done() and not self.returned:
             self.main.cancel(self.cancel_reason)
 
     def cancelled_error(self) -> BaseException:
@@ -185,7 +189,7 @@ class _PersistentLoop:
 
     def __init__(self, thread: threading.Thread) -> None:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
-        self.loop = self.runner.get_loop()
+        self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
         self.thread_name = thread.name
         self.thread_ident = thread.ident
         self.lock = threading.Lock()  # held while the loop runs or closes
@@ -272,7 +276,17 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
         if call.cancel_requested:  # cancelled before it could start
             coro.close()
             raise asyncio.CancelledError(call.cancel_reason)
-        return await coro
+        try:
+            result = await coro
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if call.future is None:
+                raise
+            # On the shared process loop, asyncio would stop the loop for every call:
+            # this one ends with it, the others go on.
+            call.future.set_exception(exc)
+            raise asyncio.CancelledError("the call raised SystemExit") from None
+        call.returned = True  # a cancel arriving now must not undo a finished call
+        return result
     finally:
         await _cancel_leftovers(call, me)
 
@@ -389,7 +403,7 @@ class _ProcessLoop:
 
     def __init__(self) -> None:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
-        self.loop = self.runner.get_loop()
+        self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
         self.pid = os.getpid()
         #: Set once a close has begun (new calls then start a new loop).
         self.closing = False
@@ -400,7 +414,8 @@ class _ProcessLoop:
         # A daemon: interpreter exit does not wait for it (the atexit hook closes it).
         self.thread = threading.Thread(target=self._serve, name=PROCESS_LOOP_THREAD, daemon=True)
         self.thread.start()
-        running.wait()
+        if not running.wait(START_TIMEOUT):
+            raise NeopoolError(f"the process loop did not start within {START_TIMEOUT:g}s")
 
     @property
     def usable(self) -> bool:
@@ -504,7 +519,7 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
         context.run(_current_call.set, call)
         _begin(call)  # before it is submitted: a close that misses it here settles it
         try:
-            state.loop.call_soon_threadsafe(_start_call, call, coro, context=context)
+            state.loop.call_soon_threadsafe(_start_call, state, call, coro, context=context)
         except RuntimeError:  # closed since: start a new one
             _end(call)
             continue
@@ -521,8 +536,18 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
         raise
 
 
-def _start_call(call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
-    """On the process loop, in the call's context: start the call's main task."""
+def _start_call(state: _ProcessLoop, call: _Call, coro: Coroutine[Any, Any, Any]) -> None:
+    """On the process loop, in the call's context: start the call's main task.
+
+    A call that arrives once the loop is closing never starts there: its caller
+    is told it was cancelled, before any of its code ran.
+    """
+    if state.closing:
+        coro.close()
+        _end(call)
+        assert call.future is not None
+        call.future.set_exception(CallCancelled("neopool.run() call: the process loop closed"))
+        return
     task = call.loop.create_task(_as_call(coro, call))
     task.add_done_callback(lambda done: _settle(call, done))
 
@@ -797,7 +822,7 @@ def _thread_ended(state: _PersistentLoop) -> None:
     _forget(state)
     try:
         state.close(timeout=DEFAULT_CLOSE_TIMEOUT)
-    except Exception:  # a finaliser must not raise
+    except BaseException:  # a finaliser must not raise
         logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
 
 

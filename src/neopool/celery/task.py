@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -41,7 +42,9 @@ from typing import Any, TypeVar
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TaskRevokedError
 
 from celery import Task
-from neopool.runner import CallCancelled, run
+from neopool.runner import LEFTOVER_TIMEOUT, CallCancelled, run
+
+logger = logging.getLogger("neopool")
 
 T = TypeVar("T")
 
@@ -127,9 +130,20 @@ async def _supervised(
 
 
 async def _cancel(work: asyncio.Future[Any]) -> None:
-    """Cancel ``work`` and wait until it has finished (returned its leases)."""
+    """Cancel ``work`` and wait until it has finished (returned its leases), within a bound.
+
+    A coroutine that swallows the cancellation is left running after
+    ``LEFTOVER_TIMEOUT`` seconds, with a warning: the task itself still ends.
+    """
     work.cancel()
-    await asyncio.gather(work, return_exceptions=True)
+    _, stuck = await asyncio.wait({work}, timeout=LEFTOVER_TIMEOUT)
+    if stuck:
+        logger.warning(
+            "neopool: a task's coroutine ignored cancellation for %.0f s; left running",
+            LEFTOVER_TIMEOUT,
+        )
+    elif not work.cancelled():
+        work.exception()  # retrieved: its outcome is the cancellation's, reported by Celery
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
