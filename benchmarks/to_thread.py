@@ -54,28 +54,40 @@ SOCKETS = 50
 DEFAULT_THREADS = min(32, (os.cpu_count() or 1) + 4)
 TO_THREAD = "sync driver + asyncio.to_thread"
 SIZED = "sync driver + to_thread, a thread per borrower"
+#: The share of each timed window before calls are counted: every borrower is under way then.
+SETTLE = 0.2
 #: The baselines, and the key of neopool's ratio over each in the results.
 BASELINES = {TO_THREAD: "neopool_over_to_thread", SIZED: "neopool_over_sized"}
 
 
-async def timed(call: Callable[[], Awaitable[None]], borrowers: int, seconds: float) -> list[float]:
+async def timed(
+    call: Callable[[], Awaitable[None]], borrowers: int, seconds: float
+) -> tuple[list[float], int]:
     """``borrowers`` coroutines calling ``call`` one call after another for ``seconds``.
 
-    Returns the latency (ms) of every call that finished in time; calls still
-    running at the end are waited for, so nothing overlaps the next measurement.
+    Returns the latency (ms) of every call that ended in the measured span (the
+    last ``1 - SETTLE`` of the time, once every borrower is under way, so a
+    window's start, with nothing yet in flight, does not count against the slower
+    variant), and how many calls there were in all. Calls still running at the
+    end are waited for, so nothing overlaps the next measurement.
     """
-    deadline = time.perf_counter() + seconds
+    begin = time.perf_counter()
+    measured_from = begin + seconds * SETTLE
+    deadline = begin + seconds
     latencies: list[float] = []
+    calls = 0
 
     async def borrower() -> None:
+        nonlocal calls
         while (started := time.perf_counter()) < deadline:
             await call()
+            calls += 1
             ended = time.perf_counter()
-            if ended <= deadline:
+            if measured_from <= ended <= deadline:
                 latencies.append((ended - started) * 1000.0)
 
     await asyncio.gather(*(borrower() for _ in range(borrowers)))
-    return latencies
+    return latencies, calls
 
 
 async def alternating(
@@ -95,10 +107,10 @@ async def alternating(
     for _ in range(rounds):
         for name in order.sample(names, len(names)):
             cpu = time.process_time()  # every thread of this process: the loop's and the pool's
-            done = await timed(variants[name], borrowers, seconds)
+            done, calls = await timed(variants[name], borrowers, seconds)
             cpu = time.process_time() - cpu
-            per_round[name].append(len(done) / seconds)
-            cpu_us[name].append(cpu / max(len(done), 1) * 1e6)
+            per_round[name].append(len(done) / (seconds * (1 - SETTLE)))
+            cpu_us[name].append(cpu / max(calls, 1) * 1e6)
             latencies[name].extend(done)
     figures = {
         name: {
@@ -183,7 +195,7 @@ async def compare(target: Target, rounds: int, seconds: float) -> list[dict[str,
 
 def main() -> None:
     args = parser(__doc__ or "").parse_args()
-    rounds, seconds = (2, 0.25) if args.quick else (7, 0.6)
+    rounds, seconds = (2, 0.25) if args.quick else (9, 0.5)
     results: dict[str, Any] = {
         "query": QUERY,
         "settings": {
