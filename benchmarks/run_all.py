@@ -110,8 +110,8 @@ def targets(
             ratio = cell["ratios"][BASELINES[TO_THREAD]]
             variants = cell["variants"]
             measured = (
-                f"{ratio}x ({variants[POOLED]['tasks_per_s']} vs "
-                f"{variants[TO_THREAD]['tasks_per_s']} tasks/s)"
+                f"{ratio}x ({variants[POOLED]['tasks_per_s']:,.0f} vs "
+                f"{variants[TO_THREAD]['tasks_per_s']:,.0f} tasks/s)"
             )
             rows.append(
                 [
