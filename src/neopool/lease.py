@@ -44,7 +44,7 @@ class PooledConnectionManager:
     where it was borrowed).
     """
 
-    __slots__ = ("__weakref__", "_borrow_site", "_in_use", "_pool", "_ref", "lease_id")
+    __slots__ = ("__weakref__", "_in_use", "_pool", "_ref", "lease_id")
 
     def __init__(
         self,
@@ -54,7 +54,6 @@ class PooledConnectionManager:
     ) -> None:
         self._pool = pool
         self._in_use = False
-        self._borrow_site: BorrowSite | None = None
         self.lease_id = lease_id
 
         def lost(ref: weakref.ref[PooledConnectionManager]) -> None:
@@ -95,12 +94,8 @@ class PooledConnectionManager:
 
     @property
     def borrowed_at(self) -> str:
-        """``file:line in function`` of the code that borrowed the lease."""
-        site = self._borrow_site
-        if site is None:
-            return ""
-        code, line = site
-        return f"{code.co_filename}:{line} in {code.co_name}"
+        """``file:line in function`` of the code that borrowed the lease ("" once returned)."""
+        return self._pool.borrow_site(self.lease_id)
 
     # -- use --------------------------------------------------------------------
     async def get_driver(self) -> AsyncDriver:

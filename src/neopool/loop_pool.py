@@ -130,6 +130,7 @@ class EventLoopConnectionPool:
         self._available: list[PooledConnectionManager] = []
         #: Leases held by borrowers, weakly: one whose holder is collected comes back.
         self._in_use: dict[int, weakref.ref[PooledConnectionManager]] = {}
+        #: Where each lease out was borrowed: kept here, as its lease may be lost.
         self._borrow_sites: dict[int, BorrowSite | None] = {}
         self._lost: list[int] = []
         self._waiters: deque[asyncio.Future[PooledConnectionManager]] = deque()
@@ -251,9 +252,7 @@ class EventLoopConnectionPool:
         lease = self._acquire_nowait()
         if lease is None:
             lease = await self._wait(deadline)
-        site = caller_outside_package()
-        lease._borrow_site = site
-        self._borrow_sites[lease.lease_id] = site
+        self._borrow_sites[lease.lease_id] = caller_outside_package()
         return lease
 
     borrow_connection = borrow
@@ -427,6 +426,12 @@ class EventLoopConnectionPool:
                 self._pass_on(self._new_lease())
         if sites:
             self._monitor.leases_lost([_site_text(site) for site in sites])
+
+    def borrow_site(self, lease_id: int) -> str:
+        """``file:line in function`` where lease ``lease_id`` was borrowed ("" if it is back)."""
+        if lease_id not in self._borrow_sites:
+            return ""
+        return _site_text(self._borrow_sites[lease_id])
 
     # -- the driver --------------------------------------------------------------
     def current_driver(self) -> AsyncDriver:

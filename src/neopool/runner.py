@@ -329,10 +329,14 @@ def detached() -> Iterator[None]:
 class _Holder:
     """Lives in the thread-local; its finaliser closes the loop when the thread ends."""
 
-    __slots__ = ("__weakref__", "state")
+    __slots__ = ("__weakref__", "finalizer", "state")
 
     def __init__(self, state: _PersistentLoop) -> None:
         self.state = state
+        #: Closes the loop when the thread ends; :func:`close_thread_loop` detaches it
+        #: (an explicit close replaces that one, and must not wait for it).
+        self.finalizer = weakref.finalize(self, _thread_ended, state)
+        self.finalizer.atexit = False
 
 
 _local = threading.local()
@@ -407,6 +411,7 @@ class _ProcessLoop:
         self.pid = os.getpid()
         #: Set once a close has begun (new calls then start a new loop).
         self.closing = False
+        #: When the thread cuts its close short: a little before the closer's own deadline.
         self.deadline: float | None = None
         self.finished = threading.Event()
         running = threading.Event()
@@ -443,18 +448,26 @@ class _ProcessLoop:
         never waits for itself).
         """
         self.closing = True
-        self.deadline = time.monotonic() + max(0.0, timeout)
+        timeout = max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        # The thread stops a close that overruns a little early: cutting it short
+        # (stopping and closing the loop as it is) takes time too, and must end
+        # by the closer's deadline.
+        self.deadline = deadline - min(_CUT_SHORT_MARGIN, _CUT_SHORT_SHARE * timeout)
         for call in _calls_on(self.loop):
             call.cancel_reason = call.cancel_reason or "the process loop was closed"
         with contextlib.suppress(RuntimeError):  # closed already
             self.loop.call_soon_threadsafe(self.loop.stop)
         if not wait or threading.current_thread() is self.thread:
             return False
-        return self.finished.wait(max(0.0, timeout) + _JOIN_GRACE)
+        # Not done by then: the thread finishes on its own, shortly after.
+        return self.finished.wait(max(0.0, deadline - time.monotonic()))
 
 
-#: How long past its deadline a close waits for the process loop's thread to finish closing.
-_JOIN_GRACE = 0.5
+#: Of a process loop close's time, what its thread keeps back for cutting the close
+#: short if it overruns: at most this many seconds, and at most this share of it.
+_CUT_SHORT_MARGIN = 0.25
+_CUT_SHORT_SHARE = 0.1
 
 
 def _calls_on(loop: asyncio.AbstractEventLoop) -> list[_Call]:
@@ -640,9 +653,7 @@ def _thread_loop() -> _PersistentLoop:
         return holder.state
     thread = threading.current_thread()
     state = _PersistentLoop(thread)
-    holder = _Holder(state)
-    _local.holder = holder
-    weakref.finalize(holder, _thread_ended, state).atexit = False
+    _local.holder = _Holder(state)
     with _all_lock:
         assert state.thread_ident is not None
         _all[state.thread_ident] = state
@@ -709,14 +720,32 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
     """Close the calling thread's persistent loop, if it has one.
 
     Its pool closes gracefully on the loop; the next :func:`run` in this
-    thread starts a new loop.
+    thread starts a new loop. Called from code that the loop is running (inside
+    this thread's :func:`run`), it returns at once: the loop closes as soon as
+    that call returns, since a thread cannot wait for its own loop to be free.
     """
     holder: _Holder | None = getattr(_local, "holder", None)
     if holder is None:
         return
+    holder.finalizer.detach()  # closed here: not again, and not waited for, as the holder goes
     _local.holder = None
-    _forget(holder.state)
-    holder.state.close(timeout)
+    state = holder.state
+    _forget(state)
+    if state.pid != os.getpid():  # the parent's loop, in a forked child: kept, never closed
+        keep_inherited_loop(state.loop)
+        return
+    if _running_loop() is state.loop:  # this thread holds its lock: run() closes it after
+        state.close_requested = True
+        return
+    state.close(timeout)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop running in the calling thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:

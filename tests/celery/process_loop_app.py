@@ -64,6 +64,37 @@ async def leave_behind(key: str) -> dict[str, Any]:
     return where()
 
 
+@app.task(name="neopool.testing.own_request", bind=True, base=AsyncTask)  # type: ignore[untyped-decorator]
+async def own_request(self: Any, hold_s: float) -> dict[str, Any]:
+    """What a bound task sees of its request: at first, after others ran, in a task it spawned."""
+    began = time.monotonic()
+    first = self.request.id
+    await asyncio.sleep(hold_s)  # the other tasks of the loop run meanwhile
+
+    async def spawned() -> Any:
+        return self.request.id
+
+    return {
+        **where(),
+        "began": began,
+        "ended": time.monotonic(),
+        "first": first,
+        "id": self.request.id,
+        "spawned": await asyncio.get_running_loop().create_task(spawned()),
+        "retries": self.request.retries,
+        "hostname": self.request.hostname,
+    }
+
+
+@app.task(name="neopool.testing.retry_once", bind=True, base=AsyncTask)  # type: ignore[untyped-decorator]
+async def retry_once(self: Any) -> dict[str, Any]:
+    """Ask to be retried on the first run; return what the second one sees."""
+    await asyncio.sleep(0.1)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0, max_retries=1)
+    return {**where(), "id": self.request.id, "retries": self.request.retries}
+
+
 async def _ping() -> None:
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:
         driver = await borrowed.get_driver()

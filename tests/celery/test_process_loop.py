@@ -191,6 +191,35 @@ def test_what_a_task_leaves_running_is_cancelled_when_it_ends_and_only_that(
     assert stats["in_use"] == 0
 
 
+def test_a_bound_task_sees_its_own_request_among_many_on_the_loop(
+    celery_app: Any, start_process_worker: Callable[..., CeleryWorkerProcess]
+) -> None:
+    worker = start_process_worker(8)
+    sent = [celery_app.send_task("neopool.testing.own_request", args=[1.0]) for _ in range(8)]
+    outcomes = [s.get(timeout=60) for s in sent]
+    assert max(o["began"] for o in outcomes) < min(o["ended"] for o in outcomes)  # all at once
+    assert {(o["loop"], o["thread"]) for o in outcomes} == {
+        (outcomes[0]["loop"], PROCESS_LOOP_THREAD)
+    }
+    ids = [s.id for s in sent]
+    assert [o["first"] for o in outcomes] == ids
+    assert [o["id"] for o in outcomes] == ids  # its own still, after the others ran
+    assert [o["spawned"] for o in outcomes] == ids  # what it spawned sees it too
+    assert {o["retries"] for o in outcomes} == {0}
+    assert {o["hostname"] for o in outcomes} == {worker.nodename}
+
+
+def test_a_bound_task_retries_itself_on_the_loop(
+    celery_app: Any, start_process_worker: Callable[..., CeleryWorkerProcess]
+) -> None:
+    start_process_worker(8)
+    sent = [celery_app.send_task("neopool.testing.retry_once") for _ in range(8)]
+    outcomes = [s.get(timeout=60) for s in sent]
+    assert {o["thread"] for o in outcomes} == {PROCESS_LOOP_THREAD}
+    assert [o["id"] for o in outcomes] == [s.id for s in sent]
+    assert {o["retries"] for o in outcomes} == {1}  # retried once, by the retry it asked for
+
+
 def test_warm_shutdown_lets_tasks_finish_by_the_deadline_then_closes_the_loop(
     celery_app: Any,
     start_process_worker: Callable[..., CeleryWorkerProcess],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -88,6 +89,32 @@ def test_close_thread_loop_closes_the_pool_and_a_new_loop_follows(
     assert pool.loop is not None
     assert pool.loop.is_closed()
     neopool.run(borrow_once())
+    (new_pool,) = registry.pools()
+    assert new_pool is not pool
+
+
+@pytest.mark.timing
+def test_close_thread_loop_inside_run_returns_at_once_and_the_loop_closes_after_the_call(
+    registry: GlobalNeo4jConnectionPool,
+) -> None:
+    async def borrow_then_close() -> tuple[asyncio.AbstractEventLoop, Any]:
+        await borrow_once()
+        loop = asyncio.get_running_loop()
+        (pool,) = [p for p in registry.pools() if p.loop is loop]
+        close_thread_loop()  # this thread runs the loop: it cannot wait for it to be free
+        return loop, pool
+
+    started = time.monotonic()
+    loop, pool = neopool.run(borrow_then_close())
+    assert time.monotonic() - started < 2.0  # not its own lock's timeout, then the finaliser's
+    assert loop.is_closed()  # by run(), once the call returned
+    assert pool.closed
+    assert driver_is_closed(pool.driver)  # gracefully, on the loop, before it closed
+    assert pool not in registry.pools()
+    new_loop_id, _ = neopool.run(borrow_once())
+    assert new_loop_id != id(loop)
+    assert runner.thread_loop() is not loop
+    assert not runner.thread_loop().is_closed()
     (new_pool,) = registry.pools()
     assert new_pool is not pool
 
@@ -287,6 +314,40 @@ def test_closing_the_process_loop_is_bounded_cancels_calls_and_closes_its_pool(
     # The next call starts a new process loop.
     assert neopool.run(hold_lease(0)) == runner.PROCESS_LOOP_THREAD
     assert runner.process_loop() is not loop
+
+
+@pytest.mark.timing
+def test_closing_the_process_loop_ends_by_its_deadline_when_a_call_ignores_cancellation(
+    process_loop: TcpProxy,
+) -> None:
+    ignoring = threading.Event()
+    test_over = threading.Event()
+
+    async def ignore_cancellation() -> None:
+        ignoring.set()
+        while not test_over.is_set():  # bounded: the test ends it, if the close did not
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    (call,) = in_threads(1, lambda: neopool.run(ignore_cancellation()))
+    try:
+        assert ignoring.wait(10)
+        loop = runner.process_loop()
+        started = time.monotonic()
+        closed = runner.close_process_loop(timeout=1.0)
+        took = time.monotonic() - started
+        # Within its timeout, not just past it: the thread cuts its close short a
+        # little before, so that stopping and closing the loop as it is fits too.
+        assert took < 1.0, f"the close took {took:.3f} s"
+        assert closed  # the thread was done by then
+        assert loop.is_closed()
+        with pytest.raises(runner.CallCancelled, match="process loop was closed"):
+            call.result(5)
+        # The next call starts a new process loop.
+        assert neopool.run(hold_lease(0)) == runner.PROCESS_LOOP_THREAD
+        assert runner.process_loop() is not loop
+    finally:
+        test_over.set()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -9,6 +9,13 @@ every task after the first borrows from a driver that is already connected,
 and each task's call has ``asyncio.run``'s semantics: what the task spawned
 and left running is cancelled when it ends, and only its own tasks.
 
+A bound task (``bind=True``) sees its own ``self.request`` in its coroutine, and
+so do the tasks the coroutine spawns: Celery keeps the request in a
+thread-local, which the process loop's thread does not have, so AsyncTask
+hands it to the coroutine in a context variable (each task's call has a context
+of its own, so tasks running at once on one loop each see theirs).
+``self.retry()``, ``self.request.retries`` and the headers work as in a sync task.
+
 Cancellation cancels only that task's coroutine, and its ``async with`` blocks
 return their leases before the task ends:
 
@@ -33,12 +40,14 @@ return their leases before the task ends:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from celery.app.task import Context
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TaskRevokedError
 
 from celery import Task
@@ -47,6 +56,11 @@ from neopool.runner import LEFTOVER_TIMEOUT, CallCancelled, run
 logger = logging.getLogger("neopool")
 
 T = TypeVar("T")
+
+#: ``(task, request)`` of the AsyncTask whose coroutine is running (see ``AsyncTask.request``).
+_current_request: contextvars.ContextVar[tuple[AsyncTask, Context] | None] = contextvars.ContextVar(
+    "neopool_celery_request", default=None
+)
 
 #: Whether AsyncTask enforces soft time limits itself (not where the pool signals them).
 _enforce_soft_time_limits = True
@@ -73,14 +87,27 @@ class AsyncTask(Task):  # type: ignore[misc]
         result = super().__call__(*args, **kwargs)
         if not inspect.isawaitable(result):
             return result  # a sync task: it may call neopool.run itself
-        task_id = getattr(self.request, "id", None)
-        watched = _supervised(result, task_id, self.revocation_poll, self._soft_time_limit())
+        # Taken here, on Celery's thread: the coroutine may run on another one.
+        request = self.request
+        watched = _supervised(result, self, request, self.revocation_poll, self._soft_time_limit())
         try:
             return run(watched)
         except CallCancelled as exc:
             if self._requeue_when_cut_off():
                 raise Reject(str(exc), requeue=True) from exc
             raise
+
+    @property
+    def request(self) -> Context:
+        """The request this task is handling: in its coroutine, the one it was called with.
+
+        Celery's own (``Task._get_request``) comes from a thread-local stack,
+        empty on the process loop's thread.
+        """
+        current = _current_request.get()
+        if current is not None and current[0] is self:
+            return current[1]
+        return self._get_request()
 
     def _soft_time_limit(self) -> float | None:
         """This run's soft time limit (message, task or app), if AsyncTask enforces it."""
@@ -102,9 +129,21 @@ class AsyncTask(Task):  # type: ignore[misc]
 
 
 async def _supervised(
-    awaitable: Awaitable[T], task_id: str | None, poll: float, soft_limit: float | None
+    awaitable: Awaitable[T],
+    task: AsyncTask,
+    request: Context,
+    poll: float,
+    soft_limit: float | None,
 ) -> T:
-    """Await ``awaitable``; cancel it when its task is revoked or its soft time limit passes."""
+    """Await ``awaitable`` as ``task`` handling ``request``; cancel it when the task is
+    revoked or its soft time limit passes.
+
+    First, ``request`` is made the task's request for the coroutine and what it
+    spawns. The call runs in a context of its own (:func:`neopool.run` copies
+    one), so nothing needs resetting after.
+    """
+    _current_request.set((task, request))
+    task_id = getattr(request, "id", None)
     if task_id is None and soft_limit is None:
         return await awaitable
     from celery.worker import state as worker_state
