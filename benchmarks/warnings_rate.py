@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import neopool.loop_pool
 import neopool.stats
 from common import bolt_target, save
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
-from neopool.testing import reset_registry
+from neopool import GlobalNeo4jConnectionPool
+from neopool.testing import busy_load, reset_registry
 
 WORKERS = 9
 MAX_SIZE = 10
@@ -91,27 +90,8 @@ class Counting(logging.Handler):
 
 async def keep_busy(seconds: float) -> dict[str, Any]:
     """WORKERS borrowers, flat out, for ``seconds``: borrows and mean sampled utilisation."""
-    pool = await GlobalNeo4jConnectionPool().get_pool()
-    stop = time.monotonic() + seconds
-
-    async def borrower() -> None:
-        while time.monotonic() < stop:
-            async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-                driver = await borrowed.get_driver()
-                await driver.execute_query("RETURN 1", database_="neo4j")
-
-    async def sampler() -> list[float]:
-        samples: list[float] = []
-        while time.monotonic() < stop:
-            await asyncio.sleep(0.01)
-            samples.append(pool.in_use / pool.max_size)
-        return samples
-
-    *_, samples = await asyncio.gather(*(borrower() for _ in range(WORKERS)), sampler())
-    return {
-        "borrows": pool.stats()["borrows"],
-        "mean_utilisation": round(sum(samples) / len(samples), 3),
-    }
+    borrows, utilisation = await busy_load.keep_busy(WORKERS, seconds)
+    return {"borrows": borrows, "mean_utilisation": round(utilisation, 3)}
 
 
 def run(config: Any, seconds: float, *, legacy: bool) -> dict[str, Any]:

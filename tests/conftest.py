@@ -1,8 +1,10 @@
 """The suite runs on real servers: see neopool.testing.plugin for the fixtures.
 
-Shared here: ``configure`` (the registry set up for one test, reset after it) and
-``unraisable`` (no exception may escape a finalizer). Helpers every package
-imports are plain modules on the test path: ``polling`` and ``user_code``.
+Shared here: ``configure`` (the registry set up for one test, reset after it),
+``unraisable`` (no exception may escape a finalizer), and ``bolt_proxy`` with
+``worker_config`` (what worker subprocesses connect with, counted; the Celery and
+LightRAG tests). Helpers every package imports are plain modules on the test
+path: ``polling``, ``user_code`` and ``exception_chain``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig
-from neopool.testing import BoltTarget
+from neopool.testing import BoltTarget, TcpProxy
 
 pytest_plugins = ["neopool.testing.plugin"]
 
@@ -36,6 +38,25 @@ def configure(
         return config
 
     return configure
+
+
+@pytest.fixture
+def bolt_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
+    """A counting TCP proxy in front of ``neopool_bolt.uri``: how many connections workers open.
+
+    Unlike ``neopool_proxy`` it never terminates TLS: it passes the bytes on to
+    ``neopool_bolt.uri`` as they are.
+    """
+    host, port = neopool_bolt.uri.split("://", 1)[1].rsplit(":", 1)
+    with TcpProxy(host, int(port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def worker_config(neopool_bolt: BoltTarget, bolt_proxy: TcpProxy) -> Neo4jConnectionConfig:
+    """What worker subprocesses connect with: the Bolt server, through ``bolt_proxy``."""
+    scheme = neopool_bolt.uri.split("://", 1)[0]
+    return neopool_bolt.config(uri=bolt_proxy.uri(scheme))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from neopool._release import driver_is_closed, driver_socket_count
 from neopool.loop_pool import create_driver
 from neopool.testing import BoltTarget
 from polling import eventually_async
+from user_code import borrowers_in_line
 
 
 @pytest.fixture
@@ -76,20 +77,10 @@ async def test_the_driver_is_warmed_to_pool_min_size_sockets(
 
 async def test_waiters_are_served_first_in_first_out(pool: EventLoopConnectionPool) -> None:
     held = [await pool.borrow(), await pool.borrow()]
-    served: list[int] = []
-
-    async def borrower(number: int) -> None:
-        lease = await pool.borrow()
-        served.append(number)
-        await pool.return_connection(lease)
-
-    tasks = []
-    for number in range(6):
-        tasks.append(asyncio.create_task(borrower(number)))
-        assert await eventually_async(lambda n=number: pool.waiting == n + 1)
+    served, borrowers = await borrowers_in_line(pool, 6)
     for lease in held:
         await pool.return_connection(lease)
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*borrowers)
     assert served == list(range(6))
     assert (pool.in_use, pool.waiting) == (0, 0)
 

@@ -39,6 +39,7 @@ from neopool.loop_pool import PoolState
 from neopool.registry import LoopState
 from neopool.testing import FakeDriver, FakeDriverFactory, reset_registry
 from polling import eventually_async
+from user_code import borrowers_in_line
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -134,6 +135,25 @@ async def make_pool(
 
 
 @pytest.fixture
+def fake_registry(factory: FakeDriverFactory) -> Iterator[Callable[..., GlobalNeo4jConnectionPool]]:
+    """Configure the global registry with ``make_config(**settings)`` and the fake drivers.
+
+    The registry is emptied before, and emptied and back to the default driver
+    factory after the test.
+    """
+    reset_registry()
+
+    def configure(**settings: Any) -> GlobalNeo4jConnectionPool:
+        GlobalNeo4jConnectionPool.set_config(make_config(**settings))
+        GlobalNeo4jConnectionPool.set_driver_factory(factory)
+        return GlobalNeo4jConnectionPool()
+
+    yield configure
+    GlobalNeo4jConnectionPool.set_driver_factory()
+    reset_registry()
+
+
+@pytest.fixture
 async def pool(make_pool: Callable[..., EventLoopConnectionPool]) -> EventLoopConnectionPool:
     return make_pool()
 
@@ -156,46 +176,53 @@ async def give_back(pool: EventLoopConnectionPool, leases: list[PooledConnection
         books(pool)
 
 
+@pytest.fixture
+async def idle_driver(pool: EventLoopConnectionPool, factory: FakeDriverFactory) -> FakeDriver:
+    """The pool's one driver, opened by a borrow whose lease is back: the pool is open and idle."""
+    await give_back(pool, [await within(pool.borrow())])
+    (driver,) = factory.drivers
+    return driver
+
+
+async def close_by_the_deadline(pool: EventLoopConnectionPool) -> None:
+    """``pool.close(timeout=DEADLINE)`` returns within it (and some slack): the pool is CLOSED."""
+    _, took = await timed(pool.close(timeout=DEADLINE))
+    assert took < DEADLINE + SLACK
+    assert pool.state is PoolState.CLOSED
+
+
 # -- a close ends CLOSED, within its timeout, whatever the driver does ----------------
 
 
 async def test_a_close_with_no_lease_out_closes_the_driver_and_ends_closed(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
     assert pool.state is PoolState.OPEN
     await within(pool.close())
-    (driver,) = factory.drivers
     assert pool.state is PoolState.CLOSED
-    assert driver.closes_completed == 1
-    assert ended(driver)
+    assert idle_driver.closes_completed == 1
+    assert ended(idle_driver)
     books(pool)
 
 
 async def test_a_close_whose_driver_close_hangs_ends_in_terminate_within_its_timeout(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
-    (driver,) = factory.drivers
-    driver.close_hangs = True
-    _, took = await timed(pool.close(timeout=DEADLINE))
-    assert took < DEADLINE + SLACK
-    assert pool.state is PoolState.CLOSED
-    assert driver.close_calls == 1
-    assert driver.closes_completed == 0
-    assert ended(driver), "a close that timed out must release the sockets"
+    idle_driver.close_hangs = True
+    await close_by_the_deadline(pool)
+    assert idle_driver.close_calls == 1
+    assert idle_driver.closes_completed == 0
+    assert ended(idle_driver), "a close that timed out must release the sockets"
     books(pool)
 
 
 async def test_a_close_whose_driver_close_fails_ends_in_terminate(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
-    (driver,) = factory.drivers
-    driver.close_error = OSError("connection reset")
+    idle_driver.close_error = OSError("connection reset")
     await within(pool.close())  # the failure is the pool's to handle, not the caller's
     assert pool.state is PoolState.CLOSED
-    assert ended(driver)
+    assert ended(idle_driver)
 
 
 async def test_a_close_of_zero_seconds_ends_in_terminate_at_once(
@@ -212,42 +239,38 @@ async def test_a_close_of_zero_seconds_ends_in_terminate_at_once(
 
 
 async def test_a_close_cancelled_half_way_ends_in_terminate(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
-    (driver,) = factory.drivers
-    driver.close_hangs = True
+    idle_driver.close_hangs = True
     closing = pool.start_close(timeout=30)
     assert closing is not None
-    await within(driver.close_started.wait())
+    await within(idle_driver.close_started.wait())
     assert pool.state is PoolState.CLOSING
     closing.cancel()  # as a loop's teardown cancels every task
     with pytest.raises(asyncio.CancelledError):
         await within(closing)
     assert pool.state is PoolState.CLOSED
-    assert ended(driver)
+    assert ended(idle_driver)
     await within(pool.close())  # closing it again returns quietly: nobody cancelled this caller
     books(pool)
 
 
 async def test_cancelling_the_caller_of_close_does_not_stop_the_close(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
-    (driver,) = factory.drivers
-    driver.close_hangs = True
+    idle_driver.close_hangs = True
     caller = asyncio.ensure_future(pool.close(timeout=30))
-    await within(driver.close_started.wait())
+    await within(idle_driver.close_started.wait())
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await within(caller)
     assert pool.state is PoolState.CLOSING  # the close goes on, shielded
-    driver.unblock()
+    idle_driver.unblock()
     closing = pool.start_close()  # the close under way, not a new one
     assert closing is not None
     await within(closing)
     assert pool.state is PoolState.CLOSED
-    assert driver.closes_completed == 1
+    assert idle_driver.closes_completed == 1
 
 
 async def test_close_waits_for_borrowed_leases_before_closing_the_driver(
@@ -296,13 +319,12 @@ async def test_a_lease_returned_after_the_pool_closed_is_taken_back_quietly(
 
 
 async def test_closing_twice_and_terminating_after_a_close_are_harmless(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
     first = asyncio.ensure_future(pool.close())
     second = asyncio.ensure_future(pool.close())
     await within(asyncio.gather(first, second))
-    assert factory.drivers[0].close_calls == 1, "two closes must share one"
+    assert idle_driver.close_calls == 1, "two closes must share one"
     await within(pool.close())
     again = pool.start_close()
     assert again is None or again.done(), "a closed pool has nothing left to close"
@@ -313,24 +335,22 @@ async def test_closing_twice_and_terminating_after_a_close_are_harmless(
 
 
 async def test_terminating_twice_is_harmless_and_a_close_after_it_does_nothing(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
     assert pool.terminate() == 1  # the driver's one socket, released without I/O
-    assert factory.drivers[0].open_sockets() == 0
+    assert idle_driver.open_sockets() == 0
     assert pool.terminate() == 0
     await within(pool.close())
     assert pool.state is PoolState.CLOSED
-    assert factory.drivers[0].close_calls == 0  # terminate sends nothing, and nothing follows
+    assert idle_driver.close_calls == 0  # terminate sends nothing, and nothing follows
 
 
 async def test_a_terminate_during_a_close_leaves_the_pool_closed(
-    pool: EventLoopConnectionPool, factory: FakeDriverFactory
+    pool: EventLoopConnectionPool, idle_driver: FakeDriver
 ) -> None:
-    await give_back(pool, [await within(pool.borrow())])
-    factory.drivers[0].close_hangs = True
+    idle_driver.close_hangs = True
     closing = asyncio.ensure_future(pool.close(timeout=DEADLINE))
-    await within(factory.drivers[0].close_started.wait())
+    await within(idle_driver.close_started.wait())
     pool.terminate()
     assert pool.state is PoolState.CLOSED
     await within(closing)
@@ -375,14 +395,24 @@ async def test_every_waiter_gets_pool_closed_when_the_pool_closes(
     assert (pool.state, pool.in_use) == (PoolState.CLOSED, 0)
 
 
+async def begin_opening(
+    pool: EventLoopConnectionPool, factory: FakeDriverFactory, borrowers: int = 1
+) -> tuple[list[asyncio.Task[PooledConnectionManager]], FakeDriver]:
+    """Start ``borrowers`` borrows at once; return them and their driver once it is being checked.
+
+    The borrows wait for the check, which hangs if the factory was told so.
+    """
+    borrows = [asyncio.create_task(pool.borrow()) for _ in range(borrowers)]
+    await until(lambda: bool(factory.drivers) and factory.drivers[0].verify_started.is_set())
+    (driver,) = factory.drivers
+    return borrows, driver
+
+
 async def test_a_borrower_whose_driver_is_still_opening_gets_pool_closed_when_the_pool_closes(
     pool: EventLoopConnectionPool, factory: FakeDriverFactory
 ) -> None:
     factory.verify_hangs = True
-    borrower = asyncio.ensure_future(pool.borrow())
-    await until(lambda: bool(factory.drivers))
-    (driver,) = factory.drivers
-    await within(driver.verify_started.wait())
+    (borrower,), driver = await begin_opening(pool, factory)
     await within(pool.close(timeout=DEADLINE))
     with pytest.raises(PoolClosed, match="closed while opening its driver"):
         await within(borrower)
@@ -396,15 +426,10 @@ async def test_a_driver_being_opened_whose_close_hangs_when_the_pool_closes_is_r
     pool: EventLoopConnectionPool, factory: FakeDriverFactory
 ) -> None:
     factory.verify_hangs = factory.close_hangs = True
-    borrower = asyncio.ensure_future(pool.borrow())
-    await until(lambda: bool(factory.drivers))
-    (driver,) = factory.drivers
-    await within(driver.verify_started.wait())
-    _, took = await timed(pool.close(timeout=DEADLINE))
-    assert took < DEADLINE + SLACK
+    (borrower,), driver = await begin_opening(pool, factory)
+    await close_by_the_deadline(pool)
     with pytest.raises(PoolClosed):
         await within(borrower)
-    assert pool.state is PoolState.CLOSED
     assert driver.closes_completed == 0
     assert ended(driver), "a close cut short must leave the driver to terminate"
 
@@ -413,11 +438,7 @@ async def test_cancelling_one_borrower_while_the_driver_opens_does_not_stop_the_
     pool: EventLoopConnectionPool, factory: FakeDriverFactory
 ) -> None:
     factory.verify_hangs = True
-    impatient = asyncio.ensure_future(pool.borrow())
-    patient = asyncio.ensure_future(pool.borrow())
-    await until(lambda: bool(factory.drivers))
-    (driver,) = factory.drivers
-    await within(driver.verify_started.wait())
+    (impatient, patient), driver = await begin_opening(pool, factory, borrowers=2)
     impatient.cancel()
     with pytest.raises(asyncio.CancelledError):
         await within(impatient)
@@ -468,20 +489,10 @@ async def test_a_driver_open_that_hangs_fails_the_borrow_within_the_connection_t
 
 async def test_waiters_are_served_first_in_first_out(pool: EventLoopConnectionPool) -> None:
     held = await fill(pool)
-    served: list[int] = []
-
-    async def borrower(number: int) -> None:
-        lease = await pool.borrow()
-        served.append(number)
-        await pool.return_connection(lease)
-
-    tasks = []
-    for number in range(6):
-        tasks.append(asyncio.ensure_future(borrower(number)))
-        await until(lambda n=number: pool.waiting == n + 1)
+    served, borrowers = await borrowers_in_line(pool, 6)
     books(pool)
     await give_back(pool, held)
-    await within(asyncio.gather(*tasks))
+    await within(asyncio.gather(*borrowers))
     assert served == list(range(6))
     assert (pool.in_use, pool.waiting) == (0, 0)
     books(pool)
@@ -703,9 +714,7 @@ async def test_closing_the_pool_ends_a_replaced_driver_still_waiting_for_its_lea
     await break_the_driver(pool, old)
     fresh = await within(pool.borrow())
     await pool.return_connection(fresh)
-    _, took = await timed(pool.close(timeout=DEADLINE))
-    assert took < DEADLINE + SLACK
-    assert pool.state is PoolState.CLOSED
+    await close_by_the_deadline(pool)
     assert all(ended(driver) for driver in factory.drivers)
     await pool.return_connection(long_held)
     books(pool)
@@ -724,9 +733,7 @@ async def test_closing_the_pool_ends_a_replaced_driver_whose_close_is_under_way(
     fresh = await within(pool.borrow())
     await within(old.close_started.wait())  # and hangs there
     await pool.return_connection(fresh)
-    _, took = await timed(pool.close(timeout=DEADLINE))
-    assert took < DEADLINE + SLACK
-    assert pool.state is PoolState.CLOSED
+    await close_by_the_deadline(pool)
     assert ended(factory.drivers[1])
     assert ended(old), "a replaced driver whose close was cut short was left open"
 
@@ -767,12 +774,6 @@ def test_terminate_from_another_thread_after_the_loop_closed_ends_the_pool(
     books(pool)
 
 
-async def begin_opening(pool: EventLoopConnectionPool, factory: FakeDriverFactory) -> None:
-    """Start a borrow that opens the driver, and return once its check is under way."""
-    asyncio.ensure_future(pool.borrow())  # noqa: RUF006 - left pending on purpose
-    await until(lambda: bool(factory.drivers) and factory.drivers[0].verify_started.is_set())
-
-
 def test_an_open_left_on_a_dead_loop_is_finished_by_the_collector_without_another_loop(
     factory: FakeDriverFactory, unraisable: list[Any]
 ) -> None:
@@ -797,40 +798,34 @@ def test_an_open_left_on_a_dead_loop_is_finished_by_the_collector_without_anothe
 
 
 def test_the_registry_terminates_the_pool_of_a_closed_loop_at_its_next_sweep(
-    factory: FakeDriverFactory, unraisable: list[Any]
+    factory: FakeDriverFactory,
+    unraisable: list[Any],
+    fake_registry: Callable[..., GlobalNeo4jConnectionPool],
 ) -> None:
-    reset_registry()
-    registry = GlobalNeo4jConnectionPool()
-    GlobalNeo4jConnectionPool.set_config(make_config())
-    GlobalNeo4jConnectionPool.set_driver_factory(factory)
-    try:
-        loop = asyncio.new_event_loop()
-        lease = loop.run_until_complete(registry.borrow_connection())
-        pool = lease.pool
-        loop.run_until_complete(registry.return_connection(lease))
-        assert registry.loop_state(pool) is LoopState.IDLE
-        loop.close()
-        assert registry.loop_state(pool) is LoopState.CLOSED
-        assert registry.sweep() == 1
-        assert pool.state is PoolState.CLOSED
-        assert ended(factory.drivers[0])
-        assert registry.pools() == []
-        assert registry.sweep() == 0
-    finally:
-        GlobalNeo4jConnectionPool.set_driver_factory()
-        reset_registry()
+    registry = fake_registry()
+    loop = asyncio.new_event_loop()
+    lease = loop.run_until_complete(registry.borrow_connection())
+    pool = lease.pool
+    loop.run_until_complete(registry.return_connection(lease))
+    assert registry.loop_state(pool) is LoopState.IDLE
+    loop.close()
+    assert registry.loop_state(pool) is LoopState.CLOSED
+    assert registry.sweep() == 1
+    assert pool.state is PoolState.CLOSED
+    assert ended(factory.drivers[0])
+    assert registry.pools() == []
+    assert registry.sweep() == 0
 
 
 # -- the registry's closes are bounded -------------------------------------------------------
 
 
 async def test_close_all_pools_returns_within_its_timeout_when_a_driver_close_hangs(
-    factory: FakeDriverFactory, unraisable: list[Any]
+    factory: FakeDriverFactory,
+    unraisable: list[Any],
+    fake_registry: Callable[..., GlobalNeo4jConnectionPool],
 ) -> None:
-    reset_registry()
-    registry = GlobalNeo4jConnectionPool()
-    GlobalNeo4jConnectionPool.set_config(make_config(close_timeout=30))
-    GlobalNeo4jConnectionPool.set_driver_factory(factory)
+    registry = fake_registry(close_timeout=30)
     try:
         await registry.return_connection(await within(registry.borrow_connection()))
         pool = await registry.get_pool()
@@ -845,18 +840,15 @@ async def test_close_all_pools_returns_within_its_timeout_when_a_driver_close_ha
         assert lease.pool is not pool
         await registry.return_connection(lease)
     finally:
-        GlobalNeo4jConnectionPool.set_driver_factory()
         await registry.close_all_pools(timeout=0)
-        reset_registry()
 
 
 def test_shutdown_closes_a_pool_whose_loop_runs_in_another_thread_within_its_timeout(
-    factory: FakeDriverFactory, unraisable: list[Any]
+    factory: FakeDriverFactory,
+    unraisable: list[Any],
+    fake_registry: Callable[..., GlobalNeo4jConnectionPool],
 ) -> None:
-    reset_registry()
-    registry = GlobalNeo4jConnectionPool()
-    GlobalNeo4jConnectionPool.set_config(make_config(close_timeout=30))
-    GlobalNeo4jConnectionPool.set_driver_factory(factory)
+    registry = fake_registry(close_timeout=30)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever)
     thread.start()
@@ -878,8 +870,6 @@ def test_shutdown_closes_a_pool_whose_loop_runs_in_another_thread_within_its_tim
         asyncio.run_coroutine_threadsafe(registry.return_connection(lease), loop).result(LIMIT)
         assert pool.in_use == 0
     finally:
-        GlobalNeo4jConnectionPool.set_driver_factory()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(LIMIT)
         loop.close()
-        reset_registry()

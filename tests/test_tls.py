@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from neo4j.exceptions import ServiceUnavailable
 
+from exception_chain import caused_by
 from neopool import EventLoopConnectionPool, Neo4jConnectionConfig
 from neopool.testing import BoltTarget, TlsCertificates, TlsProxy, tls_requested, tls_target
 
@@ -38,15 +39,6 @@ async def _query_through_pool(config: Neo4jConnectionConfig, value: int = 1) -> 
             await pool.return_connection(lease)
     finally:
         await pool.close()
-
-
-def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _all_tls(proxy: TlsProxy) -> bool:
@@ -79,7 +71,7 @@ async def test_a_server_certificate_of_another_ca_is_refused(
         )
         with pytest.raises(ServiceUnavailable) as refused:
             await _query_through_pool(config)
-    assert _caused_by(refused.value, ssl.SSLCertVerificationError)
+    assert caused_by(refused.value, ssl.SSLCertVerificationError)
     assert neopool_tls_proxy.tls_handshakes == 0
 
 

@@ -6,15 +6,13 @@ them; the last one keeps a real pool on the real server busy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from collections.abc import Callable
 
 import pytest
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
+from neopool import Neo4jConnectionConfig
 from neopool.stats import (
     MAX_LEAK_SITES,
     LoopChurnMonitor,
@@ -23,6 +21,7 @@ from neopool.stats import (
     report_leaks,
     report_lost_leases,
 )
+from neopool.testing.busy_load import keep_busy
 
 INTERVAL = SayOnce.INTERVAL_S
 QUIET = SayOnce.QUIET_S
@@ -371,34 +370,12 @@ def test_a_steady_leak_is_reported_once_a_minute_per_pool(
 
 
 # -- a real pool, kept busy ---------------------------------------------------------------
-async def _keep_busy(workers: int, seconds: float) -> tuple[int, float]:
-    """``workers`` borrowers query without a pause: borrows done, mean sampled utilisation."""
-    pool = await GlobalNeo4jConnectionPool().get_pool()
-    stop = time.monotonic() + seconds
-
-    async def borrower() -> None:
-        while time.monotonic() < stop:
-            async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-                driver = await borrowed.get_driver()
-                await driver.execute_query("RETURN 1", database_="neo4j")
-
-    async def sampler() -> list[float]:
-        samples: list[float] = []
-        while time.monotonic() < stop:
-            await asyncio.sleep(0.01)
-            samples.append(pool.in_use / pool.max_size)
-        return samples
-
-    *_, samples = await asyncio.gather(*(borrower() for _ in range(workers)), sampler())
-    return pool.stats()["borrows"], sum(samples) / len(samples)
-
-
 @pytest.mark.timing  # 100 borrows within its 2 s of load
 async def test_a_pool_kept_above_its_threshold_warns_once(
     configure: Callable[..., Neo4jConnectionConfig], warnings: pytest.LogCaptureFixture
 ) -> None:
     configure(pool_max_size=10, utilisation_warning=0.8)
-    borrows, utilisation = await _keep_busy(workers=9, seconds=2.0)
+    borrows, utilisation = await keep_busy(workers=9, seconds=2.0)
     assert utilisation >= 0.85  # 9 of 10 held, but for the moment between return and borrow
     assert borrows >= 100  # each one crossed the threshold: it used to be a line each
     assert 1 <= len(lines(warnings, "high utilisation")) <= 2

@@ -1,6 +1,8 @@
 """What user code does with the pool, shared by the test packages.
 
 * :func:`one_query`: a task's body: borrow, one query, return.
+* :func:`borrowers_in_line`: tasks queued one after another on a full pool,
+  each noting when it was served.
 * :class:`WorkerThread`: a thread with a persistent neopool loop, idle between
   jobs, as a Celery worker thread is.
 * :class:`Runner`: :class:`asyncio.Runner` (its backport on Python 3.10).
@@ -8,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
@@ -15,14 +18,15 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from neopool import Neo4jConnectionFactory
+from neopool import EventLoopConnectionPool, Neo4jConnectionFactory
+from polling import eventually_async
 
 if sys.version_info >= (3, 11):
     from asyncio import Runner
 else:  # pragma: no cover - exercised on 3.10 only
     from backports.asyncio.runner import Runner
 
-__all__ = ["Runner", "WorkerThread", "one_query"]
+__all__ = ["Runner", "WorkerThread", "borrowers_in_line", "one_query"]
 
 
 async def one_query() -> int:
@@ -31,6 +35,28 @@ async def one_query() -> int:
         driver = await borrowed.get_driver()
         records, _, _ = await driver.execute_query("RETURN 1 AS one", database_="neo4j")
         return int(records[0]["one"])
+
+
+async def borrowers_in_line(
+    pool: EventLoopConnectionPool, count: int
+) -> tuple[list[int], list[asyncio.Task[None]]]:
+    """``count`` borrowers queued on a full ``pool``, each in line before the next comes.
+
+    Borrower ``n`` (from 0) appends ``n`` to the list returned once it is served
+    and gives its lease straight back; the tasks end when all have been served.
+    """
+    served: list[int] = []
+
+    async def borrower(number: int) -> None:
+        lease = await pool.borrow()
+        served.append(number)
+        await pool.return_connection(lease)
+
+    tasks: list[asyncio.Task[None]] = []
+    for number in range(count):
+        tasks.append(asyncio.create_task(borrower(number)))
+        assert await eventually_async(lambda: pool.waiting == len(tasks))  # in line
+    return served, tasks
 
 
 class WorkerThread:

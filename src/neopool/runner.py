@@ -768,15 +768,18 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     on_process_loop = process is not None and threading.current_thread() is process.thread
     closer: concurrent.futures.Future[int] = concurrent.futures.Future()
 
+    # The helper thread ends its work a little early, to report by the caller's deadline.
+    inner = deadline - min(_CUT_SHORT_MARGIN, _CUT_SHORT_SHARE * max(0.0, timeout))
+
     def close_all() -> None:
         try:
-            closer.set_result(_close_all_until(deadline, wait_for_process=not on_process_loop))
+            closer.set_result(_close_all_until(inner, wait_for_process=not on_process_loop))
         except BaseException as exc:
             closer.set_exception(exc)
 
     threading.Thread(target=close_all, name="neopool-close", daemon=True).start()
     try:
-        return closer.result(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+        return closer.result(timeout=max(0.0, deadline - time.monotonic()))
     except concurrent.futures.TimeoutError:
         return 0
 

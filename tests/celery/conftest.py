@@ -13,29 +13,12 @@ pytest.importorskip("celery", reason="the Celery tests need the 'celery' extra")
 
 
 from neopool.config import Neo4jConnectionConfig
-from neopool.testing import BoltTarget
 from neopool.testing.celery_app import make_app
-from neopool.testing.proxy import TcpProxy
 from neopool.testing.worker_process import CeleryWorkerProcess
 
 pytestmark = pytest.mark.celery
 
 _queues = itertools.count(1)
-
-
-@pytest.fixture
-def bolt_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
-    """A counting TCP proxy in front of the Bolt server: how many connections workers open."""
-    host, port = neopool_bolt.uri.split("://", 1)[1].rsplit(":", 1)
-    with TcpProxy(host, int(port)) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def worker_config(neopool_bolt: BoltTarget, bolt_proxy: TcpProxy) -> Neo4jConnectionConfig:
-    """What workers connect with: the Bolt server, through the proxy."""
-    scheme = neopool_bolt.uri.split("://", 1)[0]
-    return neopool_bolt.config(uri=bolt_proxy.uri(scheme))
 
 
 @pytest.fixture

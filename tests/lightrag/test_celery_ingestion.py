@@ -23,6 +23,7 @@ pytest.importorskip("celery", reason="needs the 'celery' extra")
 from neo4j import GraphDatabase
 
 from neopool.celery import cluster_stats
+from neopool.config import Neo4jConnectionConfig
 from neopool.database import quote_identifier
 from neopool.testing import BoltTarget, TcpProxy
 from neopool.testing.lightrag_app import WORKDIR_ENV, documents, make_lightrag_app
@@ -37,23 +38,14 @@ STRAY_TASKS_BOUND = 2
 
 
 @pytest.fixture
-def bolt_proxy(neopool_bolt: BoltTarget) -> Iterator[TcpProxy]:
-    host, port = neopool_bolt.uri.split("://", 1)[1].rsplit(":", 1)
-    with TcpProxy(host, int(port)) as proxy:
-        yield proxy
-
-
-@pytest.fixture
 def worker(
-    neopool_broker_url: str, neopool_bolt: BoltTarget, bolt_proxy: TcpProxy, tmp_path: Path
+    neopool_broker_url: str, worker_config: Neo4jConnectionConfig, tmp_path: Path
 ) -> Iterator[CeleryWorkerProcess]:
     queue = f"neopool-lightrag-{uuid.uuid4().hex[:8]}"
     app = make_lightrag_app(neopool_broker_url, queue=queue, main=queue)
-    scheme = neopool_bolt.uri.split("://", 1)[0]
-    config = neopool_bolt.config(uri=bolt_proxy.uri(scheme))
     process = CeleryWorkerProcess(
         app,
-        config,
+        worker_config,
         pool="prefork",
         concurrency=CHILDREN,
         queue=queue,

@@ -399,24 +399,26 @@ async def test_the_full_text_index_is_tried_again_after_a_failure(
     assert calls == ["failed", "real"]
 
 
+def server_in_config_ini(
+    monkeypatch: pytest.MonkeyPatch, target: BoltTarget, **settings: str
+) -> None:
+    """LightRAG's ``config.ini`` names ``target`` (and ``settings``) in its ``[neo4j]`` section.
+
+    No ``NEO4J_URI``, ``NEO4J_USERNAME`` or ``NEO4J_PASSWORD`` in the environment says otherwise.
+    """
+    server = {"uri": target.uri, "username": target.username, "password": target.password}
+    ini = configparser.ConfigParser()
+    ini.read_dict({"neo4j": {**server, **settings}})
+    monkeypatch.setattr(neo4j_impl, "config", ini)
+    for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_config_ini_is_read_as_stock_reads_it(
     monkeypatch: pytest.MonkeyPatch, neopool_bolt: BoltTarget
 ) -> None:
-    ini = configparser.ConfigParser()
-    ini.read_dict(
-        {
-            "neo4j": {
-                "uri": neopool_bolt.uri,
-                "username": neopool_bolt.username,
-                "password": neopool_bolt.password,
-                "connection_pool_size": "33",
-                "keep_alive": "false",
-            }
-        }
-    )
-    monkeypatch.setattr(neo4j_impl, "config", ini)
-    for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD", "NEO4J_KEEP_ALIVE"):
-        monkeypatch.delenv(name, raising=False)
+    server_in_config_ini(monkeypatch, neopool_bolt, connection_pool_size="33", keep_alive="false")
+    monkeypatch.delenv("NEO4J_KEEP_ALIVE", raising=False)
     monkeypatch.setenv("NEO4J_MAX_CONNECTION_POOL_SIZE", "44")  # the environment wins
     config = lightrag_config()
     assert config.uri == neopool_bolt.uri
@@ -433,19 +435,7 @@ def test_config_ini_is_read_as_stock_reads_it(
 def test_a_storage_connects_with_config_ini_alone(
     monkeypatch: pytest.MonkeyPatch, neopool_bolt: BoltTarget, workspace: str
 ) -> None:
-    ini = configparser.ConfigParser()
-    ini.read_dict(
-        {
-            "neo4j": {
-                "uri": neopool_bolt.uri,
-                "username": neopool_bolt.username,
-                "password": neopool_bolt.password,
-            }
-        }
-    )
-    monkeypatch.setattr(neo4j_impl, "config", ini)
-    for name in ("NEO4J_URI", "NEO4J_USERNAME", "NEO4J_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
+    server_in_config_ini(monkeypatch, neopool_bolt)
     reset_registry()  # no configuration set: the storage finds LightRAG's
 
     async def use() -> bool:

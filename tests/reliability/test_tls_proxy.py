@@ -21,6 +21,7 @@ import pytest
 from neo4j import AsyncDriver, AsyncGraphDatabase
 from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
+from exception_chain import caused_by
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 from neopool.cli import main as cli_main
 from neopool.testing import BoltTarget, ProxyProcess, TcpProxy, TlsCertificates, TlsProxy
@@ -56,15 +57,6 @@ async def _query_over_tls(uri: str, target: BoltTarget, **options: Any) -> list[
         return _tls_versions(driver)
     finally:
         await driver.close()
-
-
-def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _assert_all_tls(proxy: TcpProxy) -> None:
@@ -141,7 +133,7 @@ async def test_bolt_s_trusting_only_system_cas_refuses_the_throwaway_certificate
             ),
             HANG,
         )
-    assert _caused_by(refused.value, ssl.SSLCertVerificationError)
+    assert caused_by(refused.value, ssl.SSLCertVerificationError)
     assert "SSLCertVerificationError" in str(refused.value)
     assert neopool_tls_proxy.connections_opened >= 1  # it got as far as the proxy
     assert neopool_tls_proxy.tls_handshakes == 0
@@ -164,7 +156,7 @@ async def test_the_custom_ca_checks_the_host_name(neopool_bolt: BoltTarget) -> N
                 ),
                 HANG,
             )
-        assert _caused_by(refused.value, ssl.SSLCertVerificationError)
+        assert caused_by(refused.value, ssl.SSLCertVerificationError)
         assert proxy.tls_handshakes == 0
 
 
