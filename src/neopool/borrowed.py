@@ -53,7 +53,7 @@ class BorrowedConnection:
     ) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:  # exiting twice is harmless, as finalize() may run twice
-            lease.pool.return_nowait(lease, exc)
+            lease._pool.return_nowait(lease, exc)
 
     @property
     def connection(self) -> PooledConnectionManager | None:
@@ -71,7 +71,8 @@ class BorrowedConnection:
 
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
-        return self._held().driver_now()
+        lease = self._lease
+        return (lease if lease is not None else self._held()).driver_now()
 
     async def prepare_database(
         self, workspace: str | None = None, database: str | None = None

@@ -272,6 +272,10 @@ class EventLoopConnectionPool:
         self, lease: PooledConnectionManager, error: BaseException | None = None
     ) -> None:
         """:meth:`return_connection` as the plain function it is: it never waits."""
+        if error is None:  # the usual case first
+            self._check_loop("return a connection")
+            self._release(lease)
+            return
         if isinstance(error, GeneratorExit) and not self.on_own_loop():
             # The holder's coroutine is being closed away from the loop (its task was
             # collected, or its loop closed): it comes back the way a lost lease does.
@@ -304,16 +308,14 @@ class EventLoopConnectionPool:
 
     def _hand_out(self, lease: PooledConnectionManager) -> None:
         lease._in_use = True
-        self._in_use[lease.lease_id] = lease._ref
+        in_use = self._in_use
+        in_use[lease.lease_id] = lease._ref
         outstanding.add(lease._ref)
         self._borrows += 1
-        self._observe_utilisation()
-
-    def _observe_utilisation(self) -> None:
-        """Tell the monitor, where it could matter: above its threshold, or once alerted."""
-        in_use, monitor = len(self._in_use), self._monitor
-        if in_use > monitor.busy_above or monitor.alerted:
-            monitor.observe(in_use)
+        # The monitor hears only where it could matter: above its threshold, or once alerted.
+        monitor = self._monitor
+        if len(in_use) > monitor.busy_above or monitor.alerted:
+            monitor.observe(len(in_use))
 
     async def _wait(self, timeout: float) -> PooledConnectionManager:
         loop = self._loop
@@ -391,7 +393,9 @@ class EventLoopConnectionPool:
                 waiter.set_result(lease)
                 return
         self._available.append(lease)
-        self._observe_utilisation()
+        monitor = self._monitor
+        if monitor.alerted:  # only falling utilisation is news here
+            monitor.observe(len(self._in_use))
 
     def _new_lease(self) -> PooledConnectionManager:
         self._lease_count += 1

@@ -84,6 +84,8 @@ class GlobalNeo4jConnectionPool:
     _pools: weakref.WeakKeyDictionary[
         asyncio.AbstractEventLoop, weakref.ref[EventLoopConnectionPool]
     ]
+    #: Per thread, the pool it last borrowed from (weakly): the borrow path's first look.
+    _recent: threading.local
     _ending: set[EventLoopConnectionPool]
     _ended_threads: weakref.WeakSet[threading.Thread]
     _config: Neo4jConnectionConfig | None
@@ -100,6 +102,7 @@ class GlobalNeo4jConnectionPool:
                     instance = super().__new__(cls)
                     instance._lock = threading.Lock()
                     instance._pools = weakref.WeakKeyDictionary()
+                    instance._recent = threading.local()
                     instance._ending = set()
                     instance._ended_threads = weakref.WeakSet()
                     instance._config = None
@@ -163,10 +166,15 @@ class GlobalNeo4jConnectionPool:
     def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
         """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
         loop = _running_loop(action)
+        recent = getattr(self._recent, "pool", None)
+        pool = recent() if recent is not None else None
+        if pool is not None and pool.loop is loop and pool.state is PoolState.OPEN:
+            return pool  # the usual case, without a weak-key lookup (it makes a weakref)
         ref = self._pools.get(loop)
         pool = ref() if ref is not None else None
         if pool is None or pool.state is not PoolState.OPEN:
             pool = self._create_pool(loop)
+        self._recent.pool = weakref.ref(pool)
         return pool
 
     def _create_pool(self, loop: asyncio.AbstractEventLoop) -> EventLoopConnectionPool:
@@ -355,6 +363,7 @@ class GlobalNeo4jConnectionPool:
         self._pid = os.getpid()
         inherited = {*self._ending, *(ref() for ref in self._pools.values())}
         self._pools = weakref.WeakKeyDictionary()
+        self._recent = threading.local()
         self._ending = set()
         for pool in inherited:
             if pool is not None:
