@@ -166,7 +166,7 @@ class GlobalNeo4jConnectionPool:
     def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
         """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
         loop = _running_loop(action)
-        recent = getattr(self._recent, "pool", None)
+        recent: weakref.ref[EventLoopConnectionPool] | None = getattr(self._recent, "pool", None)
         pool = recent() if recent is not None else None
         if pool is not None and pool.loop is loop and pool.state is PoolState.OPEN:
             return pool  # the usual case, without a weak-key lookup (it makes a weakref)
