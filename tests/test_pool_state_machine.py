@@ -30,6 +30,7 @@ from neopool import (
     GlobalNeo4jConnectionPool,
     LeaseError,
     Neo4jConnectionConfig,
+    Neo4jConnectionFactory,
     PoolClosed,
     PooledConnectionManager,
     PoolTimeout,
@@ -815,6 +816,43 @@ def test_the_registry_terminates_the_pool_of_a_closed_loop_at_its_next_sweep(
     assert ended(factory.drivers[0])
     assert registry.pools() == []
     assert registry.sweep() == 0
+
+
+async def test_a_borrow_queued_behind_close_all_pools_gets_a_new_pool_with_the_new_config(
+    factory: FakeDriverFactory,
+    unraisable: list[Any],
+    fake_registry: Callable[..., GlobalNeo4jConnectionPool],
+) -> None:
+    """The rollout of a new configuration: set it, close every pool, borrow again.
+
+    A borrower that runs between the close taking the pool out of the registry
+    and the pool's close starting must get a new pool, not the one being closed.
+    """
+    registry = fake_registry(uri="bolt://old.example:7687")
+    await registry.return_connection(await within(registry.borrow_connection()))  # a pool in use
+    old = await registry.get_pool()
+    go = asyncio.Event()
+
+    async def next_task() -> tuple[EventLoopConnectionPool, bool]:
+        await go.wait()
+        async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+            assert borrowed.connection is not None
+            pool = borrowed.connection.pool
+            await asyncio.sleep(DEADLINE)  # a query outliving the old pool's close
+            await borrowed.get_driver()  # still usable: raises if its pool closed under it
+            return pool, pool.state is PoolState.OPEN
+
+    task = asyncio.create_task(next_task())
+    await asyncio.sleep(0)  # it waits for the go
+    GlobalNeo4jConnectionPool.set_config(make_config(uri="bolt://new.example:7687"))
+    go.set()
+    await registry.close_all_pools(timeout=DEADLINE / 4)
+    pool, open_after = await within(task)
+    assert pool is not old
+    assert pool.config.uri == "bolt://new.example:7687"
+    assert open_after
+    assert old.state is PoolState.CLOSED
+    await registry.close_all_pools(timeout=0)
 
 
 # -- the registry's closes are bounded -------------------------------------------------------

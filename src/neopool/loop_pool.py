@@ -433,9 +433,8 @@ class EventLoopConnectionPool:
 
     def borrow_site(self, lease_id: int) -> str:
         """``file:line in function`` where lease ``lease_id`` was borrowed ("" if it is back)."""
-        if lease_id not in self._borrow_sites:
-            return ""
-        return _site_text(self._borrow_sites[lease_id])
+        site = self._borrow_sites.get(lease_id, _RETURNED)
+        return "" if site is _RETURNED else _site_text(site)
 
     # -- the driver --------------------------------------------------------------
     def current_driver(self) -> AsyncDriver:
@@ -817,6 +816,10 @@ def _caller_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
+
+
+#: What :meth:`EventLoopConnectionPool.borrow_site` finds for a lease that is back.
+_RETURNED: Any = object()
 
 
 def _site_text(site: BorrowSite | None) -> str:

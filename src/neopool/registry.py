@@ -68,6 +68,10 @@ class LoopState(enum.Enum):
         return self in (LoopState.CURRENT, LoopState.RUNNING, LoopState.IDLE)
 
 
+#: A thread's recent pool: the registry's generation when found, and the pool, weakly.
+_Recent = tuple[int, "weakref.ref[EventLoopConnectionPool]"]
+
+
 class GlobalNeo4jConnectionPool:
     """The registry of every event loop's pool in this process.
 
@@ -84,8 +88,11 @@ class GlobalNeo4jConnectionPool:
     _pools: weakref.WeakKeyDictionary[
         asyncio.AbstractEventLoop, weakref.ref[EventLoopConnectionPool]
     ]
-    #: Per thread, the pool it last borrowed from (weakly): the borrow path's first look.
+    #: Per thread, the pool it last borrowed from (weakly), with the :attr:`_generation`
+    #: it was found in: the borrow path's first look.
     _recent: threading.local
+    #: Counts pools leaving the registry: a recent pool from an earlier count is looked up again.
+    _generation: int
     _ending: set[EventLoopConnectionPool]
     _ended_threads: weakref.WeakSet[threading.Thread]
     _config: Neo4jConnectionConfig | None
@@ -103,6 +110,7 @@ class GlobalNeo4jConnectionPool:
                     instance._lock = threading.Lock()
                     instance._pools = weakref.WeakKeyDictionary()
                     instance._recent = threading.local()
+                    instance._generation = 0
                     instance._ending = set()
                     instance._ended_threads = weakref.WeakSet()
                     instance._config = None
@@ -166,15 +174,17 @@ class GlobalNeo4jConnectionPool:
     def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
         """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
         loop = _running_loop(action)
-        recent: weakref.ref[EventLoopConnectionPool] | None = getattr(self._recent, "pool", None)
-        pool = recent() if recent is not None else None
-        if pool is not None and pool.loop is loop and pool.state is PoolState.OPEN:
-            return pool  # the usual case, without a weak-key lookup (it makes a weakref)
+        generation = self._generation
+        recent: _Recent | None = getattr(self._recent, "pool", None)
+        if recent is not None and recent[0] == generation:  # no pool left the registry since
+            pool = recent[1]()
+            if pool is not None and pool.loop is loop and pool.state is PoolState.OPEN:
+                return pool  # the usual case, without a weak-key lookup (it makes a weakref)
         ref = self._pools.get(loop)
         pool = ref() if ref is not None else None
         if pool is None or pool.state is not PoolState.OPEN:
             pool = self._create_pool(loop)
-        self._recent.pool = weakref.ref(pool)
+        self._recent.pool = (generation, weakref.ref(pool))
         return pool
 
     def _create_pool(self, loop: asyncio.AbstractEventLoop) -> EventLoopConnectionPool:
@@ -206,6 +216,7 @@ class GlobalNeo4jConnectionPool:
     def _detach(self, pool: EventLoopConnectionPool) -> None:
         """A pool stops lending: it is no longer its loop's pool, and is held until it ends."""
         with self._lock:
+            self._generation += 1  # every thread's recent pool is looked up again
             loop = pool.loop
             if loop is not None:
                 ref = self._pools.get(loop)
@@ -364,6 +375,7 @@ class GlobalNeo4jConnectionPool:
         inherited = {*self._ending, *(ref() for ref in self._pools.values())}
         self._pools = weakref.WeakKeyDictionary()
         self._recent = threading.local()
+        self._generation += 1
         self._ending = set()
         for pool in inherited:
             if pool is not None:

@@ -194,8 +194,10 @@ class _PersistentLoop:
         self.thread_ident = thread.ident
         self.lock = threading.Lock()  # held while the loop runs or closes
         self.pid = os.getpid()
-        #: Set by a close that found the loop busy: its thread closes it after the call.
+        #: Set by a close that found the loop busy: its thread closes it after the call,
+        #: within :attr:`close_timeout`.
         self.close_requested = False
+        self.close_timeout = DEFAULT_CLOSE_TIMEOUT
 
     @property
     def closed(self) -> bool:
@@ -227,7 +229,7 @@ class _PersistentLoop:
 
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
-        if not self.lock.acquire(timeout=max(0.0, timeout)):
+        if not self.lock.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX)):
             self.close_requested = True
             return False
         try:
@@ -386,7 +388,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
                 return state.run(coro)
             finally:
                 if state.close_requested:
-                    state.close_locked(DEFAULT_CLOSE_TIMEOUT)
+                    state.close_locked(state.close_timeout)
 
 
 # -- the process loop -------------------------------------------------------------------
@@ -448,7 +450,7 @@ class _ProcessLoop:
         never waits for itself).
         """
         self.closing = True
-        timeout = max(0.0, timeout)
+        timeout = min(max(0.0, timeout), threading.TIMEOUT_MAX)
         deadline = time.monotonic() + timeout
         # The thread stops a close that overruns a little early: cutting it short
         # (stopping and closing the loop as it is) takes time too, and must end
@@ -735,6 +737,7 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         keep_inherited_loop(state.loop)
         return
     if _running_loop() is state.loop:  # this thread holds its lock: run() closes it after
+        state.close_timeout = timeout
         state.close_requested = True
         return
     state.close(timeout)
@@ -766,6 +769,11 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
         return _close_all_until(deadline)
     process = _process
     on_process_loop = process is not None and threading.current_thread() is process.thread
+    # This thread's own loop runs this very call: it closes once the call returns.
+    own = _state_of(asyncio.get_running_loop())
+    if own is not None:
+        own.close_timeout = max(0.0, timeout)
+        own.close_requested = True
     closer: concurrent.futures.Future[int] = concurrent.futures.Future()
 
     # The helper thread ends its work a little early, to report by the caller's deadline.
@@ -773,7 +781,9 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
 
     def close_all() -> None:
         try:
-            closer.set_result(_close_all_until(inner, wait_for_process=not on_process_loop))
+            closer.set_result(
+                _close_all_until(inner, wait_for_process=not on_process_loop, skip=own)
+            )
         except BaseException as exc:
             closer.set_exception(exc)
 
@@ -785,10 +795,14 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
 
 
 def _close_all_until(
-    deadline: float, *, wait_for_busy: bool = True, wait_for_process: bool = True
+    deadline: float,
+    *,
+    wait_for_busy: bool = True,
+    wait_for_process: bool = True,
+    skip: _PersistentLoop | None = None,
 ) -> int:
     with _all_lock:
-        states = list(_all.values())
+        states = [state for state in _all.values() if state is not skip]
     closed = 0
     busy = []
     for state in states:

@@ -119,6 +119,27 @@ def test_close_thread_loop_inside_run_returns_at_once_and_the_loop_closes_after_
     assert new_pool is not pool
 
 
+@pytest.mark.timing
+def test_close_all_loops_inside_run_does_not_wait_for_its_own_loop(
+    registry: GlobalNeo4jConnectionPool,
+) -> None:
+    async def borrow_then_close_all() -> tuple[asyncio.AbstractEventLoop, Any, float]:
+        await borrow_once()
+        loop = asyncio.get_running_loop()
+        (pool,) = [p for p in registry.pools() if p.loop is loop]
+        started = time.monotonic()
+        runner.close_all_loops(timeout=3.0)  # its own loop is busy running this very call
+        return loop, pool, time.monotonic() - started
+
+    loop, pool, took = neopool.run(borrow_then_close_all())
+    assert took < 1.0, f"close_all_loops waited {took:.2f} s for the loop running it"
+    assert loop.is_closed()  # by run(), once the call returned
+    assert pool.closed
+    assert driver_is_closed(pool.driver)
+    new_loop_id, _ = neopool.run(borrow_once())
+    assert new_loop_id != id(loop)
+
+
 def test_run_inside_a_running_loop_is_a_clear_error() -> None:
     async def nested() -> None:
         neopool.run(asyncio.sleep(0))

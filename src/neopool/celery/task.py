@@ -15,6 +15,8 @@ thread-local, which the process loop's thread does not have, so AsyncTask
 hands it to the coroutine in a context variable (each task's call has a context
 of its own, so tasks running at once on one loop each see theirs).
 ``self.retry()``, ``self.request.retries`` and the headers work as in a sync task.
+(Celery finds the parent of a task sent from the coroutine per thread too, so
+on the process loop such a task gets no ``parent_id``.)
 
 Cancellation cancels only that task's coroutine, and its ``async with`` blocks
 return their leases before the task ends:
