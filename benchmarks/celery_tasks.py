@@ -27,25 +27,22 @@ from typing import Any
 
 from common import network_label, parser, save, table
 from neopool.demo.app import TASKS, WorkerKind
-from worker_modes import Mode, columns, compare, report, rows, shutdown_seconds
+from worker_modes import (
+    PER_THREAD,
+    PREFORK,
+    PROCESS,
+    PROCESSES,
+    add_worker_options,
+    columns,
+    compare,
+    parse_worker_args,
+    report,
+    rows,
+    shutdown_seconds,
+    worker_modes,
+)
 
 RUNNER_TASK = TASKS["neopool + persistent runner"]
-PREFORK = "prefork"
-PER_THREAD = "threads, a loop per thread"
-PROCESS = "threads, process loop"
-PROCESSES = "threads, process loop, several workers"
-
-
-def modes(in_flight: int, processes: int, workers: int) -> dict[str, Mode]:
-    chosen = {
-        PREFORK: Mode(RUNNER_TASK, WorkerKind("prefork", processes)),
-        PER_THREAD: Mode(RUNNER_TASK, WorkerKind("threads", in_flight)),
-        PROCESS: Mode(RUNNER_TASK, WorkerKind("threads", in_flight, "process")),
-    }
-    if workers > 1:
-        kind = WorkerKind("threads", in_flight, "process", workers)
-        chosen[PROCESSES] = Mode(RUNNER_TASK, kind)
-    return chosen
 
 
 def targets(
@@ -98,16 +95,8 @@ def main() -> None:
     cli.set_defaults(rtt_ms=[2.0])
     cli.add_argument("--tasks", type=int, default=None, help="tasks per mode (default 1200)")
     cli.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4)")
-    cli.add_argument("--in-flight", type=int, default=16, help="threads pool -c (default 16)")
-    cli.add_argument("--processes", type=int, default=2, help="prefork -c (default 2)")
-    cli.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="process-loop workers of the last mode (default: prefork's processes; 1: none)",
-    )
-    args = cli.parse_args()
-    args.workers = args.workers or args.processes
+    add_worker_options(cli, in_flight=16, per_thread=16)
+    args = parse_worker_args(cli)
     tasks = args.tasks or (120 if args.quick else 1200)
     rounds = args.rounds or (2 if args.quick else 4)
     from neopool.config import Neo4jConnectionConfig
@@ -119,7 +108,7 @@ def main() -> None:
     for rtt in args.rtt_ms:
         label = network_label(rtt)
         measured = compare(
-            modes(args.in_flight, args.processes, args.workers),
+            worker_modes(RUNNER_TASK, args),
             tasks=tasks,
             rounds=rounds,
             rtt_ms=rtt,

@@ -29,25 +29,19 @@ from __future__ import annotations
 from typing import Any
 
 from common import network_label, parser, save
-from neopool.demo.app import LIGHTRAG_TASK, LLM_DELAY_ENV, WorkerKind
-from worker_modes import Mode, columns, compare, report, rows
-
-PREFORK = "prefork"
-PER_THREAD = "threads, a loop per thread"
-PROCESS = "threads, process loop"
-PROCESSES = "threads, process loop, several workers"
-
-
-def modes(in_flight: int, per_thread: int, processes: int, workers: int) -> dict[str, Mode]:
-    chosen = {
-        PREFORK: Mode(LIGHTRAG_TASK, WorkerKind("prefork", processes)),
-        PER_THREAD: Mode(LIGHTRAG_TASK, WorkerKind("threads", per_thread)),
-        PROCESS: Mode(LIGHTRAG_TASK, WorkerKind("threads", in_flight, "process")),
-    }
-    if workers > 1:
-        kind = WorkerKind("threads", in_flight, "process", workers)
-        chosen[PROCESSES] = Mode(LIGHTRAG_TASK, kind)
-    return chosen
+from neopool.demo.app import LIGHTRAG_TASK, LLM_DELAY_ENV
+from worker_modes import (
+    PREFORK,
+    PROCESS,
+    PROCESSES,
+    add_worker_options,
+    columns,
+    compare,
+    parse_worker_args,
+    report,
+    rows,
+    worker_modes,
+)
 
 
 def main() -> None:
@@ -56,24 +50,15 @@ def main() -> None:
     cli.add_argument("--docs", type=int, default=None, help="documents per mode (default 96)")
     cli.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2)")
     cli.add_argument("--llm-delay", type=float, default=0.2, help="seconds per LLM call")
-    cli.add_argument("--in-flight", type=int, default=32, help="process loop: threads -c")
-    cli.add_argument("--per-thread", type=int, default=8, help="loop per thread: threads -c")
-    cli.add_argument("--processes", type=int, default=2, help="prefork -c (default 2)")
-    cli.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="process-loop workers of the last mode (default: prefork's processes; 1: none)",
-    )
-    args = cli.parse_args()
-    args.workers = args.workers or args.processes
+    add_worker_options(cli, in_flight=32, per_thread=8)
+    args = parse_worker_args(cli)
     docs = args.docs or (24 if args.quick else 96)
     rounds = args.rounds or (1 if args.quick else 2)
     results: dict[str, Any] = {"llm_delay_s": args.llm_delay, "networks": {}}
     for rtt in args.rtt_ms:
         label = network_label(rtt)
         measured = compare(
-            modes(args.in_flight, args.per_thread, args.processes, args.workers),
+            worker_modes(LIGHTRAG_TASK, args),
             tasks=docs,
             rounds=rounds,
             rtt_ms=rtt,

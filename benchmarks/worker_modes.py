@@ -14,6 +14,7 @@ is over and its tasks are done).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import threading
 import time
@@ -33,12 +34,60 @@ SAMPLE_EVERY = 0.02
 SETTLE = 0.3
 
 
+#: The modes both benchmarks compare, by name.
+PREFORK = "prefork"
+PER_THREAD = "threads, a loop per thread"
+PROCESS = "threads, process loop"
+PROCESSES = "threads, process loop, several workers"
+
+
 @dataclass(frozen=True)
 class Mode:
     """A task on a kind of worker."""
 
     task: str
     kind: WorkerKind
+
+
+def add_worker_options(cli: argparse.ArgumentParser, in_flight: int, per_thread: int) -> None:
+    """The worker sizes both benchmarks take; :func:`worker_modes` reads them."""
+    cli.add_argument(
+        "--in-flight", type=int, default=in_flight, help=f"process loop: threads -c ({in_flight})"
+    )
+    cli.add_argument(
+        "--per-thread",
+        type=int,
+        default=per_thread,
+        help=f"a loop per thread: threads -c ({per_thread})",
+    )
+    cli.add_argument("--processes", type=int, default=2, help="prefork -c (default 2)")
+    cli.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="process-loop workers of the last mode (default: prefork's processes; 1: none)",
+    )
+
+
+def parse_worker_args(cli: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options, ``--workers`` made prefork's process count when not given."""
+    args = cli.parse_args()
+    args.workers = args.workers or args.processes
+    return args
+
+
+def worker_modes(task: str, args: argparse.Namespace) -> dict[str, Mode]:
+    """``task`` on prefork, a loop per thread, one process-loop worker and (``--workers``
+    above 1) that many process-loop workers."""
+    workers = args.workers
+    chosen = {
+        PREFORK: Mode(task, WorkerKind("prefork", args.processes)),
+        PER_THREAD: Mode(task, WorkerKind("threads", args.per_thread)),
+        PROCESS: Mode(task, WorkerKind("threads", args.in_flight, "process")),
+    }
+    if workers > 1:
+        chosen[PROCESSES] = Mode(task, WorkerKind("threads", args.in_flight, "process", workers))
+    return chosen
 
 
 def bolt_sockets(pid: int, port: int) -> int:

@@ -194,10 +194,15 @@ class _PersistentLoop:
         self.thread_ident = thread.ident
         self.lock = threading.Lock()  # held while the loop runs or closes
         self.pid = os.getpid()
-        #: Set by a close that found the loop busy: its thread closes it after the call,
-        #: within :attr:`close_timeout`.
+        #: Set by :meth:`close_after_call`: the thread closes it after the call it runs.
         self.close_requested = False
         self.close_timeout = DEFAULT_CLOSE_TIMEOUT
+
+    def close_after_call(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """A close found the loop busy: its thread closes it, within ``timeout``, as soon
+        as the call it is running returns (a thread cannot wait for its own loop)."""
+        self.close_timeout = max(0.0, timeout)
+        self.close_requested = True
 
     @property
     def closed(self) -> bool:
@@ -230,7 +235,7 @@ class _PersistentLoop:
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
         if not self.lock.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX)):
-            self.close_requested = True
+            self.close_after_call()
             return False
         try:
             self.close_locked(timeout)
@@ -737,8 +742,7 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         keep_inherited_loop(state.loop)
         return
     if _running_loop() is state.loop:  # this thread holds its lock: run() closes it after
-        state.close_timeout = timeout
-        state.close_requested = True
+        state.close_after_call(timeout)
         return
     state.close(timeout)
 
@@ -772,8 +776,7 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     # This thread's own loop runs this very call: it closes once the call returns.
     own = _state_of(asyncio.get_running_loop())
     if own is not None:
-        own.close_timeout = max(0.0, timeout)
-        own.close_requested = True
+        own.close_after_call(timeout)
     closer: concurrent.futures.Future[int] = concurrent.futures.Future()
 
     # The helper thread ends its work a little early, to report by the caller's deadline.
@@ -818,7 +821,7 @@ def _close_all_until(
         if state.lock.acquire(timeout=wait):
             closed += _close_and_release(state, deadline)
         else:
-            state.close_requested = True
+            state.close_after_call()
             logger.warning(
                 "neopool: the event loop of thread %s is busy; it closes when its "
                 "current call returns",

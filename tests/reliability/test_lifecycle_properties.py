@@ -107,6 +107,13 @@ class Borrow:
     task: asyncio.Task[None] | None = None
     error: BaseException | None = None
 
+    def let_go(self, state: str) -> PooledConnectionManager:
+        """The lease this borrower held; from now on it is in ``state`` and holds none."""
+        lease, self.lease = self.lease, None
+        assert lease is not None
+        self.state = state
+        return lease
+
 
 class Keeper:
     """Holds a dropped lease in a reference cycle: only the garbage collector frees it."""
@@ -358,9 +365,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         worker, rec = holders[which % len(holders)]
 
         async def give() -> None:
-            lease, rec.lease = rec.lease, None
-            rec.state = "returned"
-            assert lease is not None
+            lease = rec.let_go("returned")
             error = ServiceUnavailable("the network went away") if failure else None
             driver = lease.pool.driver
             if failure == "broken" and isinstance(driver, FakeDriver):
@@ -390,9 +395,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         worker, rec = holders[which % len(holders)]
 
         async def drop() -> None:
-            lease, rec.lease = rec.lease, None
-            rec.state = "dropped"
-            assert lease is not None
+            lease = rec.let_go("dropped")
             Keeper(lease)
             del lease
             gc.collect()
@@ -607,8 +610,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             async def finish(worker: Worker = worker) -> None:
                 for rec in worker.borrows:
                     if rec.state == "holding" and rec.lease is not None:
-                        lease, rec.lease = rec.lease, None
-                        rec.state = "returned"
+                        lease = rec.let_go("returned")
                         await GlobalNeo4jConnectionPool().return_connection(lease)
                 tasks = [b.task for b in worker.borrows if b.task is not None]
                 for task in tasks:
@@ -625,8 +627,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         async def give_back_all() -> None:
             for rec in runner.borrows:
                 if rec.state == "holding" and rec.lease is not None:
-                    lease, rec.lease = rec.lease, None
-                    rec.state = "returned"
+                    lease = rec.let_go("returned")
                     await GlobalNeo4jConnectionPool().return_connection(lease)
 
         self.forget_leases_of_closed_runner_loops()

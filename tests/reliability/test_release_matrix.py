@@ -147,6 +147,14 @@ def record(section: str, key: str, value: Any) -> None:
 
 
 # -- sockets as the kernel sees them ---------------------------------------------------
+def nothing_left(proxy: TcpProxy, fds_before: int) -> None:
+    """The server sees no connection, no descriptor is left open, no pool is registered."""
+    assert eventually(lambda: proxy.active_connections == 0)
+    gc.collect()
+    assert eventually(lambda: open_fds() <= fds_before), (fds_before, open_links())
+    assert GlobalNeo4jConnectionPool().pools() == []
+
+
 def driver_sockets(driver: AsyncDriver) -> dict[int, str]:
     """``{fd: "socket:[inode]"}`` of the driver's sockets, found as _release finds them."""
     sockets: dict[int, str] = {}
@@ -368,10 +376,7 @@ def test_a_loop_closed_without_teardown_leaves_no_connection_and_no_descriptor(
         finally:
             gc.enable()
         del loop
-    assert eventually(lambda: proxy.active_connections == 0)
-    gc.collect()
-    assert eventually(lambda: open_fds() <= before), (before, open_links())
-    assert GlobalNeo4jConnectionPool().pools() == []
+    nothing_left(proxy, before)
 
 
 def test_a_loop_closed_while_a_task_holds_a_lease_leaves_no_connection_and_no_traceback(
@@ -410,10 +415,7 @@ def test_a_loop_closed_while_a_task_holds_a_lease_leaves_no_connection_and_no_tr
     assert len(lost) == 1, lost  # one warning ...
     assert " in hold." in lost[0]  # ... naming where the lease was borrowed
     GlobalNeo4jConnectionPool().sweep()  # the next registry access
-    assert eventually(lambda: proxy.active_connections == 0)
-    gc.collect()
-    assert eventually(lambda: open_fds() <= before), (before, open_links())
-    assert GlobalNeo4jConnectionPool().pools() == []
+    nothing_left(proxy, before)
 
 
 # -- 3. a thread that ends without closing its loop ----------------------------------
