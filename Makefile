@@ -34,7 +34,8 @@ CORE_ARGS  ?= -m "not slow and not packaging"
 # certificate a throwaway CA signed): the core pool tests, churn (test_registry), fork,
 # restart, and the TLS and credential-rotation tests.
 TLS_TESTS ?= tests/test_loop_pool.py tests/test_registry.py tests/reliability/test_fork.py \
-             tests/reliability/test_restart.py tests/test_tls.py tests/test_credentials.py
+             tests/reliability/test_restart.py tests/test_tls.py tests/test_credentials.py \
+             tests/reliability/test_tls_proxy.py
 
 .PHONY: demo test lint typecheck check-format unit unit-tls bench test-matrix clean
 .PRECIOUS: .venv-%/.installed

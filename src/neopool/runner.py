@@ -387,6 +387,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     while True:
         state = _thread_loop()
         with state.lock:
+            if state.close_requested:  # asked while it ran something other than run()
+                state.close_locked(state.close_timeout)
             if state.closed:  # closed by close_all_loops() since: start a new one
                 continue
             try:
@@ -650,7 +652,11 @@ def cancel_calls(reason: str = "cancelled by neopool.runner.cancel_calls()") -> 
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
-    """This thread's persistent loop (created if needed); run it with :func:`run`."""
+    """This thread's persistent loop (created if needed), to tell it apart.
+
+    Run coroutines on it with :func:`run`, which holds the loop for the call and
+    closes it afterwards if a close came meanwhile.
+    """
     return _thread_loop().loop
 
 
@@ -734,15 +740,18 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
     holder: _Holder | None = getattr(_local, "holder", None)
     if holder is None:
         return
+    state = holder.state
+    if state.pid == os.getpid() and _running_loop() is state.loop:
+        # Running the code that asks: the loop stays this thread's (and the holder's,
+        # whose finaliser closes it if the thread ends first) until the call returns;
+        # then run() closes it, or the next run() does before it starts a new loop.
+        state.close_after_call(timeout)
+        return
     holder.finalizer.detach()  # closed here: not again, and not waited for, as the holder goes
     _local.holder = None
-    state = holder.state
     _forget(state)
     if state.pid != os.getpid():  # the parent's loop, in a forked child: kept, never closed
         keep_inherited_loop(state.loop)
-        return
-    if _running_loop() is state.loop:  # this thread holds its lock: run() closes it after
-        state.close_after_call(timeout)
         return
     state.close(timeout)
 

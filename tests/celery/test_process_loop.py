@@ -7,6 +7,7 @@ runs on the runner's one process loop, ``--concurrency`` of them at once.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -20,7 +21,10 @@ from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
 from celery_helpers import graph_counts, only_worker, settled_stats
 from prometheus_client import CollectorRegistry, generate_latest
 
-from neopool.celery import cluster_stats
+import neopool
+from celery import Celery
+from neopool import runner
+from neopool.celery import AsyncTask, cluster_stats
 from neopool.metrics import cluster_source, register
 from neopool.runner import PROCESS_LOOP_THREAD
 from neopool.testing import BoltTarget
@@ -207,6 +211,39 @@ def test_a_bound_task_sees_its_own_request_among_many_on_the_loop(
     assert [o["spawned"] for o in outcomes] == ids  # what it spawned sees it too
     assert {o["retries"] for o in outcomes} == {0}
     assert {o["hostname"] for o in outcomes} == {worker.nodename}
+
+
+def test_a_task_detached_from_a_bound_call_does_not_keep_its_request(
+    neopool_registry: Any,
+) -> None:
+    """Run in this process (``apply``): a task spawned under ``runner.detached()``
+    sees the call's request while the call runs, and not once it has ended."""
+    app = Celery("detached-request", set_as_current=False)
+    seen: dict[str, Any] = {}
+    ended = asyncio.Event()  # on this thread's loop, which outlives the call
+
+    @app.task(bind=True, base=AsyncTask, shared=False)  # type: ignore[untyped-decorator]
+    async def spawn_detached(self: Any) -> None:
+        async def kept() -> None:
+            seen["during"] = self.request.id
+            await ended.wait()
+            seen["after"] = self.request.id
+
+        with runner.detached():
+            seen["kept"] = asyncio.get_running_loop().create_task(kept())
+        await asyncio.sleep(0)  # the kept task starts while the call runs
+
+    async def end_the_wait() -> None:
+        ended.set()
+        await seen["kept"]
+
+    try:
+        spawn_detached.apply(task_id="the-call").get()
+        assert seen["during"] == "the-call"
+        neopool.run(end_the_wait())
+        assert seen["after"] is None  # no task is running in this thread now
+    finally:
+        runner.close_thread_loop()
 
 
 def test_a_bound_task_retries_itself_on_the_loop(

@@ -21,6 +21,7 @@ from neopool._release import driver_is_closed
 from neopool.runner import LoopAlreadyRunning, close_thread_loop
 from neopool.testing import BoltTarget, TcpProxy
 from polling import eventually
+from user_code import WorkerThread
 
 T = TypeVar("T")
 
@@ -117,6 +118,43 @@ def test_close_thread_loop_inside_run_returns_at_once_and_the_loop_closes_after_
     assert not runner.thread_loop().is_closed()
     (new_pool,) = registry.pools()
     assert new_pool is not pool
+
+
+def test_close_thread_loop_asked_by_code_not_run_through_run_is_not_lost(
+    registry: GlobalNeo4jConnectionPool,
+) -> None:
+    """Code run on the thread's loop some other way asks to close it: the loop
+    stays registered and is closed by the next run() or, failing that, as the
+    thread ends; it is never left open and unowned."""
+
+    async def borrow_then_close() -> Any:
+        await borrow_once()
+        loop = asyncio.get_running_loop()
+        (pool,) = [p for p in registry.pools() if p.loop is loop]
+        close_thread_loop()
+        return pool
+
+    def close_asked() -> tuple[asyncio.AbstractEventLoop, Any]:
+        loop = runner.thread_loop()
+        pool = loop.run_until_complete(borrow_then_close())
+        assert not loop.is_closed()  # nothing has run it through run() yet
+        return loop, pool
+
+    first = WorkerThread("next-run-closes-it")
+    loop, pool = first.call(close_asked)
+    first.call(lambda: neopool.run(borrow_once()))
+    assert loop.is_closed()
+    assert driver_is_closed(pool.driver)
+    assert first.call(runner.thread_loop) is not loop
+    first.end()
+
+    second = WorkerThread("thread-end-closes-it")
+    loop, pool = second.call(close_asked)
+    second.end()
+    assert loop.is_closed()
+    assert pool.closed
+    assert driver_is_closed(pool.driver)
+    assert pool not in registry.pools()
 
 
 @pytest.mark.timing

@@ -688,6 +688,13 @@ def test_random_lifecycles_on_fake_drivers_keep_the_contract(problems: list[Any]
     )
 
 
+# A thread that ends while its driver opens leaves its own loop unclosed with the
+# driver's connection attempt queued and not yet started; Python says so when that
+# loop is collected. It is the program's loop, and true of any loop left like that:
+# neopool releases the pool's sockets, and leaves the user's loop and tasks alone.
+@pytest.mark.filterwarnings(
+    "ignore:coroutine 'BaseSelectorEventLoop.sock_connect' was never awaited:RuntimeWarning"
+)
 def test_random_lifecycles_on_the_real_driver_keep_the_contract(
     problems: list[Any], neopool_bolt: BoltTarget
 ) -> None:

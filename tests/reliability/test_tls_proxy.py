@@ -15,7 +15,6 @@ import ssl
 import stat
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from neo4j import AsyncDriver, AsyncGraphDatabase
@@ -141,10 +140,10 @@ async def test_bolt_s_trusting_only_system_cas_refuses_the_throwaway_certificate
 
 async def test_the_custom_ca_checks_the_host_name(neopool_bolt: BoltTarget) -> None:
     """A certificate of the trusted CA but for another host is refused: it is no TrustAll."""
-    address = urlsplit(neopool_bolt.uri)
+    host, port = neopool_bolt.server_address
     with (
         TlsCertificates(hosts=["db.invalid"]) as other_host,
-        TlsProxy(address.hostname or "127.0.0.1", address.port or 7687, other_host) as proxy,
+        TlsProxy(host, port, other_host) as proxy,
     ):
         with pytest.raises(ServiceUnavailable) as refused:
             await asyncio.wait_for(
@@ -305,10 +304,10 @@ async def test_the_pool_borrows_and_queries_over_tls(
 async def test_a_proxy_process_terminates_tls_with_latency(
     neopool_bolt: BoltTarget, neopool_tls_certificates: TlsCertificates
 ) -> None:
-    address = urlsplit(neopool_bolt.uri)
+    host, port = neopool_bolt.server_address  # the server itself, also in a TLS run
     with ProxyProcess(
-        address.hostname or "127.0.0.1",
-        address.port or 7687,
+        host,
+        port,
         rtt_ms=200,
         tls_cert=neopool_tls_certificates.cert_path,
         tls_key=neopool_tls_certificates.key_path,

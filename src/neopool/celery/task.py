@@ -59,9 +59,10 @@ logger = logging.getLogger("neopool")
 
 T = TypeVar("T")
 
-#: ``(task, request)`` of the AsyncTask whose coroutine is running (see ``AsyncTask.request``).
-_current_request: contextvars.ContextVar[tuple[AsyncTask, Context] | None] = contextvars.ContextVar(
-    "neopool_celery_request", default=None
+#: ``(task, request, call)`` of the AsyncTask whose coroutine is running (see
+#: ``AsyncTask.request``); ``call`` is the asyncio task running it.
+_current_request: contextvars.ContextVar[tuple[AsyncTask, Context, asyncio.Task[Any]] | None] = (
+    contextvars.ContextVar("neopool_celery_request", default=None)
 )
 
 #: Whether AsyncTask enforces soft time limits itself (not where the pool signals them).
@@ -104,10 +105,12 @@ class AsyncTask(Task):  # type: ignore[misc]
         """The request this task is handling: in its coroutine, the one it was called with.
 
         Celery's own (``Task._get_request``) comes from a thread-local stack,
-        empty on the process loop's thread.
+        empty on the process loop's thread. Tasks the coroutine spawns see its
+        request while the call runs; one that outlives it (``runner.detached()``)
+        does not keep a finished call's request.
         """
         current = _current_request.get()
-        if current is not None and current[0] is self:
+        if current is not None and current[0] is self and not current[2].done():
             return current[1]
         return self._get_request()
 
@@ -144,7 +147,9 @@ async def _supervised(
     spawns. The call runs in a context of its own (:func:`neopool.run` copies
     one), so nothing needs resetting after.
     """
-    _current_request.set((task, request))
+    call = asyncio.current_task()
+    assert call is not None
+    _current_request.set((task, request, call))
     task_id = getattr(request, "id", None)
     if task_id is None and soft_limit is None:
         return await awaitable
