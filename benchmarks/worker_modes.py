@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,7 @@ from neopool.demo.environment import Endpoints
 from neopool.demo.main import DemoOptions, measure
 
 #: Seconds between socket samples while a mode runs.
-SAMPLE_EVERY = 0.02
+SAMPLE_EVERY = float(os.environ.get("SAMPLE_EVERY", "0.02"))
 #: Seconds after a round before the at-rest sample (results are back; let acks settle).
 SETTLE = 0.3
 
@@ -117,6 +118,16 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return used
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """The machine's CPU seconds so far, summed over its cores: busy, and in all."""
+    import psutil
+
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    every = sum(times)
+    return every - idle, every
+
+
 def listener(port: int) -> int | None:
     """The process listening on ``port`` here (the Bolt server, or the proxy in front of it)."""
     import psutil
@@ -139,6 +150,12 @@ class SocketCounts:
     busiest: dict[str, float] = field(default_factory=dict)
     #: CPU of what listens on the Bolt port (the server on loopback, else the proxy).
     server_cpu_s: dict[str, float] = field(default_factory=dict)
+    #: The whole machine's CPU while the mode ran: busy and all (seconds summed over cores).
+    machine_busy_s: dict[str, float] = field(default_factory=dict)
+    machine_all_s: dict[str, float] = field(default_factory=dict)
+    #: This process's CPU while the mode ran: it sends the tasks, reads their results
+    #: and samples the sockets (load that a deployment runs elsewhere).
+    client_cpu_s: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def observe(self, mode: str, pids: list[int], endpoints: Endpoints) -> Iterator[None]:
@@ -157,12 +174,23 @@ class SocketCounts:
         server = listener(port)
         servers = [server] if server is not None else []
         server_before = sum(cpu_seconds(servers).values())
+        machine_before = machine_cpu_seconds()
+        client_before = time.process_time()
         cpu_before, started = cpu_seconds(pids), time.monotonic()
         thread.start()
         try:
             yield
         finally:
             cpu_after, wall = cpu_seconds(pids), time.monotonic() - started
+            busy, every = (
+                after - before
+                for after, before in zip(machine_cpu_seconds(), machine_before, strict=True)
+            )
+            self.client_cpu_s[mode] = (
+                self.client_cpu_s.get(mode, 0.0) + time.process_time() - client_before
+            )
+            self.machine_busy_s[mode] = self.machine_busy_s.get(mode, 0.0) + busy
+            self.machine_all_s[mode] = self.machine_all_s.get(mode, 0.0) + every
             server_used = sum(cpu_seconds(servers).values()) - server_before
             self.server_cpu_s[mode] = self.server_cpu_s.get(mode, 0.0) + server_used
             done.set()
@@ -219,6 +247,13 @@ def compare(
         figures["bolt_listener_cpu_ms_per_task"] = round(
             1000 * sockets.server_cpu_s.get(mode, 0.0) / max(1, figures["tasks"] + warmup), 1
         )
+        figures["client_cpu_ms_per_task"] = round(
+            1000 * sockets.client_cpu_s.get(mode, 0.0) / max(1, figures["tasks"] + warmup), 1
+        )
+        every = sockets.machine_all_s.get(mode, 0.0)
+        figures["machine_cpu_pct"] = (
+            round(100 * sockets.machine_busy_s.get(mode, 0.0) / every) if every else 0
+        )
     return measured
 
 
@@ -236,6 +271,8 @@ def columns(rate: str = "tasks/s", latency: str = "ms") -> list[str]:
         "worker CPU ms/task",
         "busiest process CPU %",
         "server (or proxy) CPU ms/task",
+        "sender CPU ms/task",
+        "machine CPU %",
     ]
 
 
@@ -255,6 +292,8 @@ def rows(modes: Mapping[str, Mapping[str, Any]], *, per_minute: bool = False) ->
             m["worker_cpu_ms_per_task"],
             m["busiest_process_cpu_pct"],
             m["bolt_listener_cpu_ms_per_task"],
+            m["client_cpu_ms_per_task"],
+            m["machine_cpu_pct"],
         ]
         for m in modes.values()
     ]

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from neo4j.exceptions import ServiceUnavailable
 
+import neopool
 from neopool import (
     EventLoopConnectionPool,
     GlobalNeo4jConnectionPool,
@@ -34,13 +35,14 @@ from neopool import (
     PoolClosed,
     PooledConnectionManager,
     PoolTimeout,
+    runner,
 )
 from neopool._release import driver_socket_count
 from neopool.loop_pool import PoolState
 from neopool.registry import LoopState
 from neopool.testing import FakeDriver, FakeDriverFactory, reset_registry
-from polling import eventually_async
-from user_code import borrowers_in_line
+from polling import eventually, eventually_async
+from user_code import WorkerThread, borrowers_in_line
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -879,6 +881,34 @@ async def test_close_all_pools_returns_within_its_timeout_when_a_driver_close_ha
         await registry.return_connection(lease)
     finally:
         await registry.close_all_pools(timeout=0)
+
+
+def test_a_thread_closing_its_loop_while_a_helper_closes_its_pool_leaves_it_closed(
+    factory: FakeDriverFactory,
+    fake_registry: Callable[..., GlobalNeo4jConnectionPool],
+) -> None:
+    """``shutdown()`` closes an idle runner loop's pool on a helper thread, which holds
+    the loop meanwhile; the thread's own ``close_thread_loop()`` finds it busy. The
+    helper closes the loop when done: it is never left open and unowned."""
+    registry = fake_registry(close_timeout=1.0)
+    factory.close_hangs = True  # the driver's close takes the whole close_timeout
+    worker = WorkerThread("closes-its-loop")
+
+    async def borrow_and_return() -> None:
+        await registry.return_connection(await registry.borrow_connection())
+
+    worker.call(lambda: neopool.run(borrow_and_return()))
+    loop = worker.call(runner.thread_loop)
+    closer = WorkerThread("shuts-down")  # a Celery hook, say
+    shutdown = closer.submit(lambda: registry.shutdown(timeout=5.0))
+    assert eventually(lambda: factory.drivers[0].close_calls == 1)  # the helper holds the loop
+    worker.call(lambda: runner.close_thread_loop(timeout=0.1))
+    shutdown.result(LIMIT)
+    assert eventually(loop.is_closed)
+    assert loop not in runner.loops().values()
+    assert ended(factory.drivers[0])
+    worker.end()
+    closer.end()
 
 
 def test_shutdown_closes_a_pool_whose_loop_runs_in_another_thread_within_its_timeout(

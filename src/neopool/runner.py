@@ -111,7 +111,16 @@ class CallCancelled(NeopoolError, RuntimeError):
 class _Call:
     """One :func:`run` call: its loop, its main task, the tasks its code spawned (weakly)."""
 
-    __slots__ = ("cancel_reason", "cancel_requested", "future", "loop", "main", "returned", "tasks")
+    __slots__ = (
+        "cancel_reason",
+        "cancel_requested",
+        "exit",
+        "future",
+        "loop",
+        "main",
+        "returned",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -129,6 +138,9 @@ class _Call:
         self.returned = False
         #: Where a call on the process loop delivers its outcome to the waiting thread.
         self.future = future
+        #: SystemExit or KeyboardInterrupt its coroutine raised on the process loop,
+        #: delivered to the caller once what the call spawned has ended.
+        self.exit: BaseException | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the call's coroutine, from any thread (before it starts, too)."""
@@ -234,7 +246,7 @@ class _PersistentLoop:
 
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
-        if not self.lock.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX)):
+        if not self.lock.acquire(timeout=_bounded(timeout)):
             self.close_after_call()
             return False
         try:
@@ -246,6 +258,11 @@ class _PersistentLoop:
     def close_locked(self, timeout: float) -> None:
         """Close as ``asyncio.run`` would, cut short at ``timeout`` (the caller holds the lock)."""
         _close_runner(self.runner, self.loop, timeout, self.thread_name)
+
+
+def _bounded(timeout: float) -> float:
+    """A timeout the thread primitives accept: negative and NaN as 0, infinity capped."""
+    return min(max(0.0, timeout), threading.TIMEOUT_MAX)
 
 
 def _close_runner(
@@ -284,16 +301,18 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
             coro.close()
             raise asyncio.CancelledError(call.cancel_reason)
         try:
-            result = await coro
+            return await coro
         except (SystemExit, KeyboardInterrupt) as exc:
             if call.future is None:
                 raise
             # On the shared process loop, asyncio would stop the loop for every call:
             # this one ends with it, the others go on.
-            call.future.set_exception(exc)
-            raise asyncio.CancelledError("the call raised SystemExit") from None
-        call.returned = True  # a cancel arriving now must not undo a finished call
-        return result
+            call.exit = exc
+            raise asyncio.CancelledError(f"the call raised {type(exc).__name__}") from None
+        finally:
+            # Its coroutine has ended, returning or raising: a cancel arriving now
+            # (a shutdown's deadline) must not replace that outcome.
+            call.returned = True
     finally:
         await _cancel_leftovers(call, me)
 
@@ -304,7 +323,15 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
         return
     for task in leftovers:
         task.cancel()
-    _, stuck = await asyncio.wait(leftovers, timeout=LEFTOVER_TIMEOUT)
+    # Shielded: the call is cancelled from outside (its loop closing, a signal) only
+    # after its leftovers have ended, so none is left pending when it returns.
+    waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=LEFTOVER_TIMEOUT))
+    cancelled: asyncio.CancelledError | None = None
+    try:
+        _, stuck = await asyncio.shield(waiting)
+    except asyncio.CancelledError as exc:
+        cancelled = exc
+        _, stuck = await waiting  # a second cancel stops this wait too
     for task in stuck:
         logger.warning(
             "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
@@ -312,6 +339,8 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
             task,
             LEFTOVER_TIMEOUT,
         )
+    if cancelled is not None:
+        raise cancelled
 
 
 @contextlib.contextmanager
@@ -438,6 +467,13 @@ class _ProcessLoop:
     def _serve(self) -> None:
         try:
             self.loop.run_forever()
+        except BaseException as exc:  # a task raised SystemExit or KeyboardInterrupt
+            # asyncio stops the loop for it. Every call in flight ends with the loop,
+            # and its caller is told why; here, in the loop's thread, it ends.
+            reason = f"the process loop stopped: a task raised {exc!r}"
+            logger.warning("neopool: %s; calls in flight on it are cancelled", reason)
+            for call in _calls_on(self.loop):
+                call.cancel_reason = call.cancel_reason or reason
         finally:
             self.closing = True
             deadline = self.deadline
@@ -457,7 +493,7 @@ class _ProcessLoop:
         never waits for itself).
         """
         self.closing = True
-        timeout = min(max(0.0, timeout), threading.TIMEOUT_MAX)
+        timeout = _bounded(timeout)
         deadline = time.monotonic() + timeout
         # The thread stops a close that overruns a little early: cutting it short
         # (stopping and closing the loop as it is) takes time too, and must end
@@ -579,7 +615,9 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
     future = call.future
     assert future is not None
     try:
-        if task.cancelled():
+        if call.exit is not None:
+            future.set_exception(call.exit)
+        elif task.cancelled():
             future.set_exception(call.cancelled_error())
         elif task.exception() is not None:
             future.set_exception(task.exception())
@@ -600,7 +638,7 @@ def close_process_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
     :func:`wait_for_calls`. The next :func:`run` in process-loop mode starts a
     new loop.
     """
-    return _close_process_until(time.monotonic() + timeout) >= 0
+    return _close_process_until(time.monotonic() + _bounded(timeout)) >= 0
 
 
 def _close_process_until(deadline: float, *, wait: bool = True) -> int:
@@ -624,7 +662,7 @@ def calls_in_flight() -> int:
 
 def wait_for_calls(timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for every :func:`run` call in flight to end; if they did."""
-    deadline = time.monotonic() + max(0.0, timeout)
+    deadline = time.monotonic() + _bounded(timeout)
     while calls_in_flight():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -707,7 +745,11 @@ def run_on_idle_loop(
         except BaseException as exc:
             done.set_exception(exc)
         finally:
-            state.lock.release()
+            try:
+                if state.close_requested:  # a close found the loop busy with this work
+                    state.close_locked(state.close_timeout)
+            finally:
+                state.lock.release()
 
     threading.Thread(target=run_it, name="neopool-close", daemon=True).start()
     return done
@@ -747,13 +789,22 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         # then run() closes it, or the next run() does before it starts a new loop.
         state.close_after_call(timeout)
         return
-    holder.finalizer.detach()  # closed here: not again, and not waited for, as the holder goes
-    _local.holder = None
-    _forget(state)
     if state.pid != os.getpid():  # the parent's loop, in a forked child: kept, never closed
+        _let_go(holder)
         keep_inherited_loop(state.loop)
         return
-    state.close(timeout)
+    if state.close(timeout):
+        _let_go(holder)
+    # Else a helper thread runs a pool's close on it: the loop stays this thread's,
+    # and the helper closes it when done (it is asked to, see run_on_idle_loop).
+
+
+def _let_go(holder: _Holder) -> None:
+    """This thread's loop is closed or not its own: drop it, and its finaliser with it."""
+    holder.finalizer.detach()  # not closed again, nor waited for, as the holder goes
+    if getattr(_local, "holder", None) is holder:
+        _local.holder = None
+    _forget(holder.state)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -775,6 +826,7 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     thread, since a thread cannot run two loops; called on the process loop, its
     close begins but is not waited for). Returns how many loops were closed here.
     """
+    timeout = _bounded(timeout)
     deadline = time.monotonic() + timeout
     try:
         asyncio.get_running_loop()
@@ -877,9 +929,10 @@ def _thread_ended(state: _PersistentLoop) -> None:
     if state.pid != os.getpid():
         keep_inherited_loop(state.loop)
         return
-    _forget(state)
     try:
-        state.close(timeout=DEFAULT_CLOSE_TIMEOUT)
+        if state.close(timeout=DEFAULT_CLOSE_TIMEOUT):
+            _forget(state)
+        # Else a helper thread holds it, and closes it when done (see run_on_idle_loop).
     except BaseException:  # a finaliser must not raise
         logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
 

@@ -8,6 +8,7 @@ runs on the runner's one process loop, ``--concurrency`` of them at once.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import uuid
@@ -21,7 +22,6 @@ from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
 from celery_helpers import graph_counts, only_worker, settled_stats
 from prometheus_client import CollectorRegistry, generate_latest
 
-import neopool
 from celery import Celery
 from neopool import runner
 from neopool.celery import AsyncTask, cluster_stats
@@ -217,13 +217,19 @@ def test_a_task_detached_from_a_bound_call_does_not_keep_its_request(
     neopool_registry: Any,
 ) -> None:
     """Run in this process (``apply``): a task spawned under ``runner.detached()``
-    sees the call's request while the call runs, and not once it has ended."""
+    sees the call's request while the call runs; once it has ended, none (not the
+    next call's, which Celery's thread-local then holds)."""
     app = Celery("detached-request", set_as_current=False)
     seen: dict[str, Any] = {}
     ended = asyncio.Event()  # on this thread's loop, which outlives the call
 
     @app.task(bind=True, base=AsyncTask, shared=False)  # type: ignore[untyped-decorator]
-    async def spawn_detached(self: Any) -> None:
+    async def spawn_then_wake(self: Any, role: str) -> None:
+        if role == "wake":
+            ended.set()
+            await seen["kept"]
+            return
+
         async def kept() -> None:
             seen["during"] = self.request.id
             await ended.wait()
@@ -233,17 +239,29 @@ def test_a_task_detached_from_a_bound_call_does_not_keep_its_request(
             seen["kept"] = asyncio.get_running_loop().create_task(kept())
         await asyncio.sleep(0)  # the kept task starts while the call runs
 
-    async def end_the_wait() -> None:
-        ended.set()
-        await seen["kept"]
-
     try:
-        spawn_detached.apply(task_id="the-call").get()
-        assert seen["during"] == "the-call"
-        neopool.run(end_the_wait())
-        assert seen["after"] is None  # no task is running in this thread now
+        spawn_then_wake.apply(args=["spawn"], task_id="the-first-call").get()
+        assert seen["during"] == "the-first-call"
+        spawn_then_wake.apply(args=["wake"], task_id="the-next-call").get()
+        assert seen["after"] is None
     finally:
         runner.close_thread_loop()
+
+
+def test_a_revocation_poll_that_would_spin_is_refused_when_the_task_is_made() -> None:
+    app = Celery("poll", set_as_current=False)
+    for poll in (0, -1, math.nan):
+
+        @app.task(base=AsyncTask, shared=False, revocation_poll=poll)  # type: ignore[untyped-decorator]
+        async def spin() -> None: ...
+
+        with pytest.raises(ValueError, match="revocation_poll must be a positive number"):
+            spin.delay  # noqa: B018 - Celery makes the task class on first use
+
+    @app.task(base=AsyncTask, shared=False, revocation_poll=math.inf)  # type: ignore[untyped-decorator]
+    async def never_polls() -> None: ...
+
+    assert never_polls.revocation_poll == math.inf
 
 
 def test_a_bound_task_retries_itself_on_the_loop(

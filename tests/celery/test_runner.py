@@ -6,8 +6,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -449,3 +451,142 @@ def test_a_forked_child_starts_its_own_process_loop_and_the_parent_keeps_its_own
     assert runner.process_loop() is parent_loop
     (pool,) = registry.pools()
     assert pool.stats()["drivers_created"] == 1
+
+
+# -- how a call ends, whatever ends it ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def runner_mode(process: bool) -> Iterator[None]:
+    """The runner on the process loop or a loop per thread; every loop closed after."""
+    runner.use_process_loop(process)
+    try:
+        yield
+    finally:
+        runner.use_process_loop(False)
+        runner.close_all_loops(10)
+        assert runner.calls_in_flight() == 0
+
+
+@pytest.fixture(params=["thread", "process"])
+def loop_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test once on a loop per thread and once on the process loop (no server)."""
+    with runner_mode(request.param == "process"):
+        yield request.param
+
+
+@pytest.fixture
+def bare_process_loop() -> Iterator[None]:
+    """The process loop, with no pool on it (no server)."""
+    with runner_mode(True):
+        yield
+
+
+async def spawn_slow_to_cancel(cleaning: threading.Event) -> asyncio.Task[None]:
+    """Spawn a task whose cleanup, once cancelled, takes a moment (closing a session, say)."""
+
+    async def child() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.3)
+            raise
+
+    task = asyncio.get_running_loop().create_task(child())
+    await asyncio.sleep(0)  # it is under way
+    return task
+
+
+def test_a_call_that_failed_keeps_its_error_when_a_cancel_comes_as_its_leftovers_end(
+    loop_mode: str,
+) -> None:
+    """A warm shutdown's deadline passing while a failed task's leftovers are being
+    cancelled: the caller still gets the task's own error (so Celery records a
+    failure, not a cut-off task to requeue), and nothing the call spawned is left."""
+    cleaning = threading.Event()
+    spawned: list[asyncio.Task[None]] = []
+
+    async def fail() -> None:
+        spawned.append(await spawn_slow_to_cancel(cleaning))
+        raise ValueError("the task's own failure")
+
+    def deadline_passes() -> None:
+        assert cleaning.wait(10)
+        runner.cancel_calls("the drain deadline passed")
+
+    (cancelled,) = in_threads(1, deadline_passes)
+    with pytest.raises(ValueError, match="the task's own failure"):
+        neopool.run(fail())
+    cancelled.result(10)
+    assert spawned[0].done()
+    assert runner.calls_in_flight() == 0
+
+
+def test_systemexit_reaches_its_caller_after_what_the_call_spawned_has_ended(
+    loop_mode: str,
+) -> None:
+    cleaning = threading.Event()
+    spawned: list[asyncio.Task[None]] = []
+
+    async def exit_now() -> None:
+        spawned.append(await spawn_slow_to_cancel(cleaning))
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        neopool.run(exit_now())
+    assert spawned[0].done()
+    assert runner.calls_in_flight() == 0
+
+
+def test_systemexit_in_a_task_spawned_on_the_process_loop_tells_every_caller_why(
+    bare_process_loop: None,
+) -> None:
+    """asyncio stops a loop whose task raises SystemExit; on the shared loop every
+    call in flight is then cut off, and says so."""
+    started = threading.Event()
+
+    async def wait_long() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    (other,) = in_threads(1, lambda: neopool.run(wait_long()))
+    assert started.wait(10)
+
+    async def spawn_an_exit() -> None:
+        async def helper() -> None:
+            sys.exit(3)  # a library giving up, in a background task
+
+        asyncio.get_running_loop().create_task(helper())
+        await asyncio.sleep(3600)
+
+    with pytest.raises(runner.CallCancelled, match=r"a task raised SystemExit\(3\)"):
+        neopool.run(spawn_an_exit())
+    with pytest.raises(runner.CallCancelled, match=r"a task raised SystemExit\(3\)"):
+        other.result(10)
+    assert neopool.run(asyncio.sleep(0, result="a new loop")) == "a new loop"
+
+
+def test_close_all_loops_takes_an_infinite_timeout_while_a_loop_is_busy(
+    loop_mode: str,
+) -> None:
+    """Waited for as long as it takes: a thread's loop after its call; the process
+    loop at once (its calls are cut off, as documented)."""
+    started = threading.Event()
+
+    async def briefly_busy() -> str:
+        started.set()
+        await asyncio.sleep(0.3)
+        return "finished"
+
+    worker = WorkerThread("briefly-busy")
+    busy = worker.submit(lambda: neopool.run(briefly_busy()))
+    assert started.wait(10)
+    assert runner.close_all_loops(math.inf) == 1
+    if loop_mode == "thread":
+        assert busy.result(10) == "finished"
+    else:
+        with pytest.raises(runner.CallCancelled):
+            busy.result(10)
+    assert runner.loops() == {}
+    worker.end()

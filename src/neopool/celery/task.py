@@ -83,8 +83,18 @@ class AsyncTask(Task):  # type: ignore[misc]
     """A Celery task base class whose ``run`` may be an ``async def``."""
 
     abstract = True
-    #: Seconds between checks for revocation of a running task (threads/solo).
+    #: Seconds between checks for revocation of a running task (threads/solo);
+    #: ``math.inf`` never checks.
     revocation_poll: float = 0.25
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        poll = cls.revocation_poll
+        if not (isinstance(poll, (int, float)) and poll > 0):  # NaN fails this too
+            raise ValueError(
+                f"{cls.__name__}.revocation_poll must be a positive number of seconds, "
+                f"not {poll!r}: 0.25 checks four times a second, math.inf never"
+            )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         result = super().__call__(*args, **kwargs)
@@ -110,8 +120,10 @@ class AsyncTask(Task):  # type: ignore[misc]
         does not keep a finished call's request.
         """
         current = _current_request.get()
-        if current is not None and current[0] is self and not current[2].done():
-            return current[1]
+        if current is not None and current[0] is self:
+            # Once the call is over, none: Celery's own would be whatever the
+            # thread runs now, another call's request.
+            return current[1] if not current[2].done() else Context()
         return self._get_request()
 
     def _soft_time_limit(self) -> float | None:
