@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -29,8 +28,10 @@ from neopool.demo.app import WorkerKind
 from neopool.demo.environment import Endpoints
 from neopool.demo.main import DemoOptions, measure
 
-#: Seconds between socket samples while a mode runs.
-SAMPLE_EVERY = float(os.environ.get("SAMPLE_EVERY", "0.02"))
+#: Seconds between socket samples while a mode runs. The sockets of these modes live
+#: as long as their pools; sampling much more often (it reads /proc) took this
+#: process several ms of CPU per task, from the cores the modes compete for.
+SAMPLE_EVERY = 0.25
 #: Seconds after a round before the at-rest sample (results are back; let acks settle).
 SETTLE = 0.3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +104,26 @@ def test_soft_time_limit_cancels_the_coroutine_and_returns_its_lease(
     (loops,) = settled_stats(celery_app, worker, 2, {str(pid)})[str(pid)].values()
     assert loops["drivers_created"] == 1
     assert loops["borrows"] == 2
+
+
+def test_a_soft_time_limit_signalled_while_the_loop_runs_a_callback_still_cuts_the_task_off(
+    celery_app: Any, start_worker: Callable[..., CeleryWorkerProcess]
+) -> None:
+    """Prefork: Celery's signal raises wherever the child is. Landing in a plain loop
+    callback (a driver decoding a large result), asyncio logs it and goes on; the
+    task is then cut off by AsyncTask's backstop, not run to its end."""
+    worker = start_worker("prefork", 1)
+    started = f"neopool-test-started-{uuid.uuid4().hex}"
+    busy = celery_app.send_task(
+        "neopool.testing.hold_busy", args=[20.0, started], soft_time_limit=1, time_limit=30
+    )
+    pid = wait_for_pid(celery_app, started)
+    began = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded):
+        busy.get(timeout=60, propagate=True)
+    assert time.monotonic() - began < 10  # not the 20 s it would have run
+    (loops,) = settled_stats(celery_app, worker, 1, {str(pid)})[str(pid)].values()
+    assert loops["in_use"] == 0
 
 
 def test_revoking_a_running_task_cancels_it_and_returns_its_lease(

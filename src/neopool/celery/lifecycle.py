@@ -47,7 +47,7 @@ from typing import Any
 
 from neopool import runner
 from neopool.celery.stats import PublishDir, StatsPublisher, register_command
-from neopool.celery.task import enforce_soft_time_limits
+from neopool.celery.task import soft_time_limits_signalled
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, NeopoolError
 from neopool.registry import GlobalNeo4jConnectionPool
@@ -108,7 +108,7 @@ class _WorkerLifecycle:
         self._configure()
         self._use_loop_mode()
         # Prefork children get Celery's soft-time-limit signal; threads and solo get none.
-        enforce_soft_time_limits("prefork" not in pool.lower())
+        soft_time_limits_signalled("prefork" in pool.lower())
         if self.loop_mode == "process":
             logger.info(
                 "neopool: process-loop mode: every task of a worker process runs on its "

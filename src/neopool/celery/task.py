@@ -24,7 +24,9 @@ return their leases before the task ends:
 * a soft time limit: under the threads and solo pools, which have no time
   limits of their own, AsyncTask enforces it on the loop, cancelling the
   coroutine when it runs out; under prefork Celery's signal interrupts the
-  wait and the coroutine is cancelled the same way. The task fails with
+  wait and the coroutine is cancelled the same way (should the signal land in
+  a loop callback, where asyncio logs it and goes on, AsyncTask cuts the task
+  off :data:`SIGNAL_BACKSTOP` seconds later itself). The task fails with
   ``SoftTimeLimitExceeded``. (A hard time limit cannot stop a thread: under
   threads it is not enforced.)
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
@@ -65,18 +67,25 @@ _current_request: contextvars.ContextVar[tuple[AsyncTask, Context, asyncio.Task[
     contextvars.ContextVar("neopool_celery_request", default=None)
 )
 
-#: Whether AsyncTask enforces soft time limits itself (not where the pool signals them).
-_enforce_soft_time_limits = True
+#: Where the worker's pool signals soft time limits (prefork), how long after one
+#: AsyncTask cuts the task off itself. Celery's signal raises wherever the process
+#: is; in a loop callback (a driver decoding records) asyncio logs the exception and
+#: goes on, so the task would run on until its hard limit.
+SIGNAL_BACKSTOP = 1.0
+#: Seconds after its soft time limit at which AsyncTask cuts a task off: 0 where
+#: nothing else does (threads, solo), :data:`SIGNAL_BACKSTOP` under prefork.
+_soft_limit_grace = 0.0
 
 
-def enforce_soft_time_limits(enabled: bool) -> None:
-    """Whether AsyncTask enforces soft time limits on the loop (the worker's pool does not).
+def soft_time_limits_signalled(signalled: bool) -> None:
+    """Whether the worker's pool signals soft time limits to the task (prefork does).
 
-    :func:`neopool.celery.setup` turns it off for the prefork pool, whose
-    children get Celery's own signal: two timers for one limit would race.
+    :func:`neopool.celery.setup` says so for prefork: AsyncTask then cuts a task
+    off :data:`SIGNAL_BACKSTOP` seconds after its limit, should Celery's signal
+    have been lost, rather than at it, where the two would race.
     """
-    global _enforce_soft_time_limits
-    _enforce_soft_time_limits = enabled
+    global _soft_limit_grace
+    _soft_limit_grace = SIGNAL_BACKSTOP if signalled else 0.0
 
 
 class AsyncTask(Task):  # type: ignore[misc]
@@ -127,9 +136,7 @@ class AsyncTask(Task):  # type: ignore[misc]
         return self._get_request()
 
     def _soft_time_limit(self) -> float | None:
-        """This run's soft time limit (message, task or app), if AsyncTask enforces it."""
-        if not _enforce_soft_time_limits:
-            return None
+        """This run's soft time limit (message, task or app), if it has one."""
         limits = getattr(self.request, "timelimit", None) or (None, None)
         soft = limits[1] if len(limits) > 1 else None
         soft = soft or self.soft_time_limit or self.app.conf.task_soft_time_limit
@@ -168,7 +175,7 @@ async def _supervised(
     from celery.worker import state as worker_state
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + soft_limit if soft_limit is not None else math.inf
+    deadline = loop.time() + soft_limit + _soft_limit_grace if soft_limit is not None else math.inf
     work: asyncio.Future[T] = asyncio.ensure_future(_as_coroutine(awaitable))
     try:
         while True:

@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import os
 import threading
+import time
 from typing import Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase
@@ -169,6 +170,35 @@ def _register_tasks(app: Any) -> None:
                 _redis(app).rpush(started_key, os.getpid())
             await asyncio.sleep(seconds)
         return _where()
+
+    @app.task(name="neopool.testing.hold_busy", base=AsyncTask)  # type: ignore[untyped-decorator]
+    async def hold_busy(seconds: float, started_key: str) -> dict[str, Any]:
+        """Keep a lease while the loop is busy in callbacks for ``seconds``."""
+        async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+            await borrowed.get_driver()
+            _redis(app).rpush(started_key, os.getpid())
+            await _busy_in_callbacks(seconds)
+        return _where()
+
+
+async def _busy_in_callbacks(seconds: float) -> None:
+    """Keep the loop busy for ``seconds`` in plain callbacks, 20 ms each, as a driver
+    decoding a large result is: a signal then lands in a callback, not in a task."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    end = time.monotonic() + seconds
+
+    def decode_a_chunk() -> None:
+        until = time.monotonic() + 0.02
+        while time.monotonic() < until:
+            pass
+        if time.monotonic() < end:
+            loop.call_soon(decode_a_chunk)
+        elif not finished.done():
+            finished.set_result(None)
+
+    loop.call_soon(decode_a_chunk)
+    await finished
 
 
 async def _stall_first_run(app: Any, crash_key: str) -> None:
