@@ -734,7 +734,10 @@ class EventLoopConnectionPool:
         transports = {id(t): t for t in self._closing}
         for driver in self._drivers():
             transports.update((id(t), t) for t in driver_transports(driver))
-        released = release_transports(list(transports.values()), loop_runs=on_loop)
+        loop_closed = self.pid == os.getpid() and self._loop is not None and self._loop.is_closed()
+        released = release_transports(
+            list(transports.values()), loop_runs=on_loop, loop_closed=loop_closed
+        )
         self._opening, self._retired, self._closing = None, [], []
         if self._in_use and self.pid == os.getpid():
             self._report_leaks()

@@ -37,6 +37,7 @@ import weakref
 from typing import ClassVar
 
 from neopool import runner
+from neopool._ending_thread import run_off_ending_thread
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
@@ -413,6 +414,10 @@ def _running_loop(action: str) -> asyncio.AbstractEventLoop:
         ) from None
 
 
+#: How long an ending thread waits for the sweep after it (sweeps send nothing: quick).
+_SWEEP_WAIT = 5.0
+
+
 class _ThreadWatch:
     """Kept in a thread-local: collected when its thread ends, which sweeps that thread's loops."""
 
@@ -431,8 +436,14 @@ def _watch_thread_end(registry: GlobalNeo4jConnectionPool) -> None:
 
 def _thread_ended(registry: GlobalNeo4jConnectionPool, thread: threading.Thread) -> None:
     """A thread that made pools is ending: its idle loops can never run again."""
-    try:
-        registry._ended_threads.add(thread)
-        registry.sweep()
-    except Exception:  # a finalizer must not raise
-        logger.debug("neopool: sweeping after thread %s ended failed", thread.name, exc_info=True)
+
+    def sweep() -> None:
+        try:
+            registry._ended_threads.add(thread)
+            registry.sweep()
+        except Exception:  # a finalizer must not raise
+            logger.debug(
+                "neopool: sweeping after thread %s ended failed", thread.name, exc_info=True
+            )
+
+    run_off_ending_thread(sweep, _SWEEP_WAIT)

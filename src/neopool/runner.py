@@ -58,6 +58,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
+from neopool._ending_thread import run_off_ending_thread
 from neopool._release import keep_inherited_loop
 from neopool.errors import NeopoolError
 
@@ -213,7 +214,7 @@ class _PersistentLoop:
     def close_after_call(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """A close found the loop busy: its thread closes it, within ``timeout``, as soon
         as the call it is running returns (a thread cannot wait for its own loop)."""
-        self.close_timeout = max(0.0, timeout)
+        self.close_timeout = _bounded(timeout)
         self.close_requested = True
 
     @property
@@ -246,11 +247,14 @@ class _PersistentLoop:
 
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
+        deadline = time.monotonic() + _bounded(timeout)
         if not self.lock.acquire(timeout=_bounded(timeout)):
-            self.close_after_call()
-            return False
+            self.close_after_call(timeout)
+            # Whoever held it may have let go before the request was made: look again.
+            if not self.lock.acquire(blocking=False):
+                return False
         try:
-            self.close_locked(timeout)
+            self.close_locked(deadline - time.monotonic())
             return True
         finally:
             self.lock.release()
@@ -275,6 +279,7 @@ def _close_runner(
     """
     if loop.is_closed():
         return
+    timeout = _bounded(timeout)
     stop = loop.call_later(timeout, loop.stop)
     try:
         runner.close()
@@ -296,6 +301,10 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
     me = asyncio.current_task()
     assert me is not None
     call.main = me
+    # In the task's own context, which the tasks it spawns copy: the Runner is asked
+    # for a context with it set too, but its Python 3.10 backport cannot give one to
+    # a task that this loop's task factory makes.
+    _current_call.set(call)
     try:
         if call.cancel_requested:  # cancelled before it could start
             coro.close()
@@ -323,15 +332,18 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
         return
     for task in leftovers:
         task.cancel()
-    # Shielded: the call is cancelled from outside (its loop closing, a signal) only
-    # after its leftovers have ended, so none is left pending when it returns.
+    # The call's coroutine has ended, and its outcome stands: a cancel from outside
+    # now (a signal, its loop closing) does not replace it. The wait is shielded
+    # from it; only a closing loop, which cancels every task (this wait too, and
+    # then awaits them all itself), ends it early.
     waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=LEFTOVER_TIMEOUT))
-    cancelled: asyncio.CancelledError | None = None
-    try:
-        _, stuck = await asyncio.shield(waiting)
-    except asyncio.CancelledError as exc:
-        cancelled = exc
-        _, stuck = await waiting  # a second cancel stops this wait too
+    while True:
+        try:
+            _, stuck = await asyncio.shield(waiting)
+            break
+        except asyncio.CancelledError:
+            if waiting.cancelled():
+                return
     for task in stuck:
         logger.warning(
             "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
@@ -339,8 +351,6 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
             task,
             LEFTOVER_TIMEOUT,
         )
-    if cancelled is not None:
-        raise cancelled
 
 
 @contextlib.contextmanager
@@ -929,12 +939,16 @@ def _thread_ended(state: _PersistentLoop) -> None:
     if state.pid != os.getpid():
         keep_inherited_loop(state.loop)
         return
-    try:
-        if state.close(timeout=DEFAULT_CLOSE_TIMEOUT):
-            _forget(state)
-        # Else a helper thread holds it, and closes it when done (see run_on_idle_loop).
-    except BaseException:  # a finaliser must not raise
-        logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
+
+    def close() -> None:
+        try:
+            if state.close(timeout=DEFAULT_CLOSE_TIMEOUT):
+                _forget(state)
+            # Else a helper thread holds it, and closes it when done (see run_on_idle_loop).
+        except BaseException:  # a finaliser must not raise
+            logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
+
+    run_off_ending_thread(close, DEFAULT_CLOSE_TIMEOUT + _CUT_SHORT_MARGIN)
 
 
 def _sweep_pools() -> None:

@@ -110,8 +110,8 @@ def test_a_soft_time_limit_signalled_while_the_loop_runs_a_callback_still_cuts_t
     celery_app: Any, start_worker: Callable[..., CeleryWorkerProcess]
 ) -> None:
     """Prefork: Celery's signal raises wherever the child is. Landing in a plain loop
-    callback (a driver decoding a large result), asyncio logs it and goes on; the
-    task is then cut off by AsyncTask's backstop, not run to its end."""
+    callback (a driver decoding a large result), asyncio would log it and go on;
+    AsyncTask catches it there and cuts the task off, instead of letting it run."""
     worker = start_worker("prefork", 1)
     started = f"neopool-test-started-{uuid.uuid4().hex}"
     busy = celery_app.send_task(
@@ -122,6 +122,25 @@ def test_a_soft_time_limit_signalled_while_the_loop_runs_a_callback_still_cuts_t
     with pytest.raises(SoftTimeLimitExceeded):
         busy.get(timeout=60, propagate=True)
     assert time.monotonic() - began < 10  # not the 20 s it would have run
+    (loops,) = settled_stats(celery_app, worker, 1, {str(pid)})[str(pid)].values()
+    assert loops["in_use"] == 0
+
+
+def test_a_task_that_catches_its_soft_time_limit_may_clean_up_and_return(
+    celery_app: Any, start_worker: Callable[..., CeleryWorkerProcess]
+) -> None:
+    """Prefork: the signal raises in the task's own code, which catches it and takes
+    its time to clean up (Celery's pattern); nothing of neopool's cuts that short."""
+    worker = start_worker("prefork", 1)
+    started = f"neopool-test-started-{uuid.uuid4().hex}"
+    cleaning = celery_app.send_task(
+        "neopool.testing.clean_up_on_soft_limit",
+        args=[started, 2.0],
+        soft_time_limit=1,
+        time_limit=30,
+    )
+    pid = wait_for_pid(celery_app, started)
+    assert cleaning.get(timeout=60)["cleaned_up"] is True
     (loops,) = settled_stats(celery_app, worker, 1, {str(pid)})[str(pid)].values()
     assert loops["in_use"] == 0
 

@@ -22,7 +22,7 @@ from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
 from neopool._release import driver_is_closed
 from neopool.runner import LoopAlreadyRunning, close_thread_loop
 from neopool.testing import BoltTarget, TcpProxy
-from polling import eventually
+from polling import eventually, eventually_async
 from user_code import WorkerThread
 
 T = TypeVar("T")
@@ -458,7 +458,8 @@ def test_a_forked_child_starts_its_own_process_loop_and_the_parent_keeps_its_own
 
 @contextlib.contextmanager
 def runner_mode(process: bool) -> Iterator[None]:
-    """The runner on the process loop or a loop per thread; every loop closed after."""
+    """The runner on the process loop or a loop per thread; no loop before, none after."""
+    runner.close_all_loops(10)
     runner.use_process_loop(process)
     try:
         yield
@@ -482,15 +483,22 @@ def bare_process_loop() -> Iterator[None]:
         yield
 
 
-async def spawn_slow_to_cancel(cleaning: threading.Event) -> asyncio.Task[None]:
-    """Spawn a task whose cleanup, once cancelled, takes a moment (closing a session, say)."""
+async def spawn_slow_to_cancel(
+    cleaning: threading.Event, until: threading.Event | None = None, seconds: float = 0.3
+) -> asyncio.Task[None]:
+    """Spawn a task whose cleanup, once cancelled, takes a moment (closing a session,
+    say): until ``until`` is set and the loop has gone round once more, or ``seconds``."""
 
     async def child() -> None:
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
             cleaning.set()
-            await asyncio.sleep(0.3)
+            if until is not None:
+                assert await eventually_async(until.is_set)
+                await asyncio.sleep(0)  # what was sent with it has run
+            else:
+                await asyncio.sleep(seconds)
             raise
 
     task = asyncio.get_running_loop().create_task(child())
@@ -505,15 +513,17 @@ def test_a_call_that_failed_keeps_its_error_when_a_cancel_comes_as_its_leftovers
     cancelled: the caller still gets the task's own error (so Celery records a
     failure, not a cut-off task to requeue), and nothing the call spawned is left."""
     cleaning = threading.Event()
+    cancel_sent = threading.Event()
     spawned: list[asyncio.Task[None]] = []
 
     async def fail() -> None:
-        spawned.append(await spawn_slow_to_cancel(cleaning))
+        spawned.append(await spawn_slow_to_cancel(cleaning, until=cancel_sent))
         raise ValueError("the task's own failure")
 
     def deadline_passes() -> None:
         assert cleaning.wait(10)
-        runner.cancel_calls("the drain deadline passed")
+        assert runner.cancel_calls("the drain deadline passed") == 1  # the call is in flight
+        cancel_sent.set()
 
     (cancelled,) = in_threads(1, deadline_passes)
     with pytest.raises(ValueError, match="the task's own failure"):
@@ -521,6 +531,28 @@ def test_a_call_that_failed_keeps_its_error_when_a_cancel_comes_as_its_leftovers
     cancelled.result(10)
     assert spawned[0].done()
     assert runner.calls_in_flight() == 0
+
+
+def test_closing_the_process_loop_keeps_the_outcome_of_a_call_that_has_ended(
+    bare_process_loop: None,
+) -> None:
+    """Its coroutine has raised, and what it spawned is being cancelled, when the
+    loop closes: the caller gets the coroutine's error, not ``CallCancelled``."""
+    cleaning = threading.Event()
+
+    async def fail() -> None:
+        # Its cleanup outlasts the close's start: the close's cancel ends it.
+        await spawn_slow_to_cancel(cleaning, seconds=runner.LEFTOVER_TIMEOUT / 2)
+        raise ValueError("the task's own failure")
+
+    def close_it() -> bool:
+        assert cleaning.wait(10)
+        return runner.close_process_loop(10)
+
+    (closed,) = in_threads(1, close_it)
+    with pytest.raises(ValueError, match="the task's own failure"):
+        neopool.run(fail())
+    assert closed.result(10)
 
 
 def test_systemexit_reaches_its_caller_after_what_the_call_spawned_has_ended(
@@ -573,10 +605,12 @@ def test_close_all_loops_takes_an_infinite_timeout_while_a_loop_is_busy(
     """Waited for as long as it takes: a thread's loop after its call; the process
     loop at once (its calls are cut off, as documented)."""
     started = threading.Event()
+    # On the process loop the call is cut off whatever it does: make that certain.
+    busy_for = 0.3 if loop_mode == "thread" else 3600
 
     async def briefly_busy() -> str:
         started.set()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(busy_for)
         return "finished"
 
     worker = WorkerThread("briefly-busy")

@@ -24,11 +24,11 @@ return their leases before the task ends:
 * a soft time limit: under the threads and solo pools, which have no time
   limits of their own, AsyncTask enforces it on the loop, cancelling the
   coroutine when it runs out; under prefork Celery's signal interrupts the
-  wait and the coroutine is cancelled the same way (should the signal land in
-  a loop callback, where asyncio logs it and goes on, AsyncTask cuts the task
-  off :data:`SIGNAL_BACKSTOP` seconds later itself). The task fails with
-  ``SoftTimeLimitExceeded``. (A hard time limit cannot stop a thread: under
-  threads it is not enforced.)
+  wait and the coroutine is cancelled the same way (landing in a plain loop
+  callback, where asyncio would log it and go on, it is caught there and does
+  the same). The task fails with ``SoftTimeLimitExceeded``, unless its code
+  catches it (Celery's pattern for cleaning up) and returns. (A hard time
+  limit cannot stop a thread: under threads it is not enforced.)
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
 * under threads, where Celery cannot signal a thread, a revoked running task
@@ -48,7 +48,8 @@ import contextvars
 import inspect
 import logging
 import math
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from celery.app.task import Context
@@ -67,25 +68,19 @@ _current_request: contextvars.ContextVar[tuple[AsyncTask, Context, asyncio.Task[
     contextvars.ContextVar("neopool_celery_request", default=None)
 )
 
-#: Where the worker's pool signals soft time limits (prefork), how long after one
-#: AsyncTask cuts the task off itself. Celery's signal raises wherever the process
-#: is; in a loop callback (a driver decoding records) asyncio logs the exception and
-#: goes on, so the task would run on until its hard limit.
-SIGNAL_BACKSTOP = 1.0
-#: Seconds after its soft time limit at which AsyncTask cuts a task off: 0 where
-#: nothing else does (threads, solo), :data:`SIGNAL_BACKSTOP` under prefork.
-_soft_limit_grace = 0.0
+#: Whether the worker's pool signals soft time limits to the task (prefork).
+_soft_limits_signalled = False
 
 
 def soft_time_limits_signalled(signalled: bool) -> None:
     """Whether the worker's pool signals soft time limits to the task (prefork does).
 
-    :func:`neopool.celery.setup` says so for prefork: AsyncTask then cuts a task
-    off :data:`SIGNAL_BACKSTOP` seconds after its limit, should Celery's signal
-    have been lost, rather than at it, where the two would race.
+    :func:`neopool.celery.setup` says so for prefork. AsyncTask then keeps no
+    timer of its own (two for one limit would race) and instead catches the
+    signal where asyncio would drop it: see :func:`_catch_a_lost_soft_limit`.
     """
-    global _soft_limit_grace
-    _soft_limit_grace = SIGNAL_BACKSTOP if signalled else 0.0
+    global _soft_limits_signalled
+    _soft_limits_signalled = signalled
 
 
 class AsyncTask(Task):  # type: ignore[misc]
@@ -111,7 +106,8 @@ class AsyncTask(Task):  # type: ignore[misc]
             return result  # a sync task: it may call neopool.run itself
         # Taken here, on Celery's thread: the coroutine may run on another one.
         request = self.request
-        watched = _supervised(result, self, request, self.revocation_poll, self._soft_time_limit())
+        soft_limit = None if _soft_limits_signalled else self._soft_time_limit()
+        watched = _supervised(result, self, request, self.revocation_poll, soft_limit)
         try:
             return run(watched)
         except CallCancelled as exc:
@@ -170,17 +166,24 @@ async def _supervised(
     assert call is not None
     _current_request.set((task, request, call))
     task_id = getattr(request, "id", None)
-    if task_id is None and soft_limit is None:
+    # Signal handlers run in the main thread: only a loop there can be hit by one.
+    signalled = _soft_limits_signalled and threading.current_thread() is threading.main_thread()
+    if task_id is None and soft_limit is None and not signalled:
         return await awaitable
     from celery.worker import state as worker_state
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + soft_limit + _soft_limit_grace if soft_limit is not None else math.inf
+    deadline = loop.time() + soft_limit if soft_limit is not None else math.inf
     work: asyncio.Future[T] = asyncio.ensure_future(_as_coroutine(awaitable))
+    lost: list[BaseException] = []
+    restore = _catch_a_lost_soft_limit(loop, work, lost) if signalled else None
     try:
         while True:
             wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
             done, _ = await asyncio.wait({work}, timeout=max(0.0, wait))
+            if lost:  # Celery's signal landed in a loop callback: it ends the task here
+                await _cancel(work)
+                raise lost[0]
             if done:
                 return work.result()
             if task_id is not None and task_id in worker_state.revoked:
@@ -190,8 +193,38 @@ async def _supervised(
                 await _cancel(work)
                 raise SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
     finally:
+        if restore is not None:
+            restore()
         if not work.done():  # we were cancelled (a signal, a shutdown): pass it on
             await _cancel(work)
+
+
+def _catch_a_lost_soft_limit(
+    loop: asyncio.AbstractEventLoop, work: asyncio.Future[Any], lost: list[BaseException]
+) -> Callable[[], None]:
+    """Under prefork, catch Celery's soft-limit signal where asyncio would drop it.
+
+    The signal raises ``SoftTimeLimitExceeded`` wherever the main thread is. In
+    the task's code, or while the loop waits, it ends the task as it should; in
+    a plain loop callback (a driver decoding records) asyncio logs the exception
+    and goes on, and the task would run until its hard limit. This loop's
+    exception handler takes it instead: ``work`` is cancelled and ``lost`` says
+    why. Returns what puts the previous handler back.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, SoftTimeLimitExceeded) and not work.done():
+            lost.append(error)
+            work.cancel()
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return lambda: loop.set_exception_handler(previous)
 
 
 async def _cancel(work: asyncio.Future[Any]) -> None:

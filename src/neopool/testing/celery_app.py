@@ -171,6 +171,24 @@ def _register_tasks(app: Any) -> None:
             await asyncio.sleep(seconds)
         return _where()
 
+    @app.task(name="neopool.testing.clean_up_on_soft_limit", base=AsyncTask)  # type: ignore[untyped-decorator]
+    async def clean_up_on_soft_limit(started_key: str, cleanup_s: float) -> dict[str, Any]:
+        """Busy in its own code until the soft time limit, then clean up (Celery's
+        pattern: catch ``SoftTimeLimitExceeded``) for ``cleanup_s`` and return."""
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+            await borrowed.get_driver()
+            _redis(app).rpush(started_key, os.getpid())
+            try:
+                end = time.monotonic() + 30
+                while time.monotonic() < end:  # the signal raises here, in the coroutine
+                    pass
+            except SoftTimeLimitExceeded:
+                await asyncio.sleep(cleanup_s)
+                return {"cleaned_up": True, **_where()}
+        return {"cleaned_up": False, **_where()}
+
     @app.task(name="neopool.testing.hold_busy", base=AsyncTask)  # type: ignore[untyped-decorator]
     async def hold_busy(seconds: float, started_key: str) -> dict[str, Any]:
         """Keep a lease while the loop is busy in callbacks for ``seconds``."""
