@@ -15,12 +15,17 @@ import threading
 from collections.abc import Callable
 
 
-def run_off_ending_thread(work: Callable[[], None], timeout: float) -> None:
-    """Run ``work`` on a new thread and wait up to ``timeout`` seconds for it.
+def run_off_ending_thread(work: Callable[[], None], ending: int | None, timeout: float) -> None:
+    """Run ``work`` for the thread ``ending`` (its ident), and wait up to ``timeout`` s.
 
-    ``work`` must not raise. At interpreter shutdown, when no thread can start,
-    it runs here.
+    On that thread itself (its locals going), ``work`` runs on a new thread; anywhere
+    else (a forked child dropping its parent's threads, a replaced thread-local) it
+    runs here. ``work`` must not raise. At interpreter shutdown, when no thread can
+    start, it runs here too.
     """
+    if threading.get_ident() != ending:  # asks nobody's name: safe on an ending thread
+        work()
+        return
     done = threading.Event()
 
     def run() -> None:

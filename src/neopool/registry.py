@@ -446,4 +446,4 @@ def _thread_ended(registry: GlobalNeo4jConnectionPool, thread: threading.Thread)
                 "neopool: sweeping after thread %s ended failed", thread.name, exc_info=True
             )
 
-    run_off_ending_thread(sweep, _SWEEP_WAIT)
+    run_off_ending_thread(sweep, thread.ident, _SWEEP_WAIT)

@@ -214,8 +214,13 @@ class _PersistentLoop:
     def close_after_call(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """A close found the loop busy: its thread closes it, within ``timeout``, as soon
         as the call it is running returns (a thread cannot wait for its own loop)."""
-        self.close_timeout = _bounded(timeout)
+        self.close_timeout = timeout
         self.close_requested = True
+
+    def close_if_requested(self) -> None:
+        """Whoever holds the lock and is done with the loop: close it if a close was asked."""
+        if self.close_requested:
+            self.close_locked(self.close_timeout)
 
     @property
     def closed(self) -> bool:
@@ -224,8 +229,7 @@ class _PersistentLoop:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run one call (the caller holds :attr:`lock`)."""
         call = _Call(self.loop)
-        context = contextvars.copy_context()
-        context.run(_current_call.set, call)
+        context = contextvars.copy_context()  # each call a context of its own
         _begin(call)
         try:
             return self.runner.run(_as_call(coro, call), context=context)
@@ -247,8 +251,9 @@ class _PersistentLoop:
 
     def close(self, timeout: float) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
-        deadline = time.monotonic() + _bounded(timeout)
-        if not self.lock.acquire(timeout=_bounded(timeout)):
+        timeout = _bounded(timeout)
+        deadline = time.monotonic() + timeout
+        if not self.lock.acquire(timeout=timeout):
             self.close_after_call(timeout)
             # Whoever held it may have let go before the request was made: look again.
             if not self.lock.acquire(blocking=False):
@@ -301,9 +306,9 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
     me = asyncio.current_task()
     assert me is not None
     call.main = me
-    # In the task's own context, which the tasks it spawns copy: the Runner is asked
-    # for a context with it set too, but its Python 3.10 backport cannot give one to
-    # a task that this loop's task factory makes.
+    # The one place the call is marked: in its task's own context, which the tasks
+    # it spawns copy. (Not in the context handed to the Runner: its Python 3.10
+    # backport cannot give that to a task this loop's task factory makes.)
     _current_call.set(call)
     try:
         if call.cancel_requested:  # cancelled before it could start
@@ -426,15 +431,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     while True:
         state = _thread_loop()
         with state.lock:
-            if state.close_requested:  # asked while it ran something other than run()
-                state.close_locked(state.close_timeout)
+            state.close_if_requested()  # asked while it ran something other than run()
             if state.closed:  # closed by close_all_loops() since: start a new one
                 continue
             try:
                 return state.run(coro)
             finally:
-                if state.close_requested:
-                    state.close_locked(state.close_timeout)
+                state.close_if_requested()
 
 
 # -- the process loop -------------------------------------------------------------------
@@ -583,8 +586,7 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
         state = _the_process_loop()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         call = _Call(state.loop, future)
-        context = contextvars.copy_context()
-        context.run(_current_call.set, call)
+        context = contextvars.copy_context()  # each call a context of its own
         _begin(call)  # before it is submitted: a close that misses it here settles it
         try:
             state.loop.call_soon_threadsafe(_start_call, state, call, coro, context=context)
@@ -756,8 +758,7 @@ def run_on_idle_loop(
             done.set_exception(exc)
         finally:
             try:
-                if state.close_requested:  # a close found the loop busy with this work
-                    state.close_locked(state.close_timeout)
+                state.close_if_requested()  # a close found the loop busy with this work
             finally:
                 state.lock.release()
 
@@ -939,6 +940,9 @@ def _thread_ended(state: _PersistentLoop) -> None:
     if state.pid != os.getpid():
         keep_inherited_loop(state.loop)
         return
+    if state.closed:  # its holder was replaced after a close: nothing left to do
+        _forget(state)
+        return
 
     def close() -> None:
         try:
@@ -948,7 +952,7 @@ def _thread_ended(state: _PersistentLoop) -> None:
         except BaseException:  # a finaliser must not raise
             logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
 
-    run_off_ending_thread(close, DEFAULT_CLOSE_TIMEOUT + _CUT_SHORT_MARGIN)
+    run_off_ending_thread(close, state.thread_ident, DEFAULT_CLOSE_TIMEOUT + _CUT_SHORT_MARGIN)
 
 
 def _sweep_pools() -> None:
