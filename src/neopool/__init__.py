@@ -16,6 +16,7 @@ from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import (
     ConfigError,
+    CredentialsTimeout,
     InvalidName,
     LeaseError,
     NeopoolError,
@@ -34,6 +35,7 @@ from neopool.stats import PoolStats
 __all__ = [
     "BorrowedConnection",
     "ConfigError",
+    "CredentialsTimeout",
     "EventLoopConnectionPool",
     "GlobalNeo4jConnectionPool",
     "InvalidName",

@@ -39,10 +39,19 @@ Two things the driver's own managers do not do, and this one does:
   (Neo4j: 3 failures lock it for 5 s by default; ArcadeDB: 5 failures, about
   30 s, even for the right password).
 
-A plain function runs in a worker thread (:func:`asyncio.to_thread`), so a
-provider that reads a file or asks a secrets manager synchronously never
-blocks the event loop; an ``async`` function runs on the loop. Either may be
-called from several loops (threads) at once. The provider must always return
+A plain function runs in a thread of its own (a daemon thread, so a provider
+that never answers cannot hold up the interpreter's exit), so a provider that
+reads a file or asks a secrets manager synchronously never blocks the event
+loop; an ``async`` function runs on the loop. Either may be called from
+several loops (threads) at once.
+
+A provider call is bounded: a logon waits for it at most the manager's
+``timeout`` (the config's ``connection_acquisition_timeout``, the time a query
+waits for a connection), then fails with :class:`~neopool.CredentialsTimeout`.
+One call is made at a time per manager: logons that need an answer while one
+is on its way wait for that one (each within its own bound), so a provider
+that hangs holds one thread, not one per logon, and no lock is held while it
+runs. The provider must always return
 credentials of the same user (the driver's rule for auth managers) and must not
 use neopool or the driver itself. An exception it raises reaches the borrower.
 
@@ -55,6 +64,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -62,6 +72,8 @@ from typing import TYPE_CHECKING, Any
 
 from neo4j import Auth
 from neo4j.auth_management import AsyncAuthManager, ExpiringAuth
+
+from neopool.errors import CredentialsTimeout
 
 if TYPE_CHECKING:
     from neo4j import AsyncDriver
@@ -80,6 +92,9 @@ RECHECK_MAX_S = 0.25
 #: ...for this long, before that credential is tried again anyway (seconds): longer than
 #: the usual gap between a server's password change and the secrets store's.
 REJECTED_GRACE_S = 5.0
+#: How long a logon waits for the provider when no config says (the driver's default
+#: ``connection_acquisition_timeout``); pools use their config's.
+DEFAULT_TIMEOUT_S = 30.0
 #: The server's errors that mean "these credentials are no longer good" (as ``bearer``).
 HANDLED_CODES = frozenset(
     ("Neo.ClientError.Security.Unauthorized", "Neo.ClientError.Security.TokenExpired")
@@ -98,37 +113,42 @@ class ProviderAuthManager(AsyncAuthManager):
 
     Made by :meth:`Neo4jConnectionConfig.driver_auth
     <neopool.Neo4jConnectionConfig.driver_auth>`; see the module documentation.
+    ``timeout`` bounds each logon's wait for the provider (seconds).
     """
 
-    def __init__(self, provider: CredentialsProvider) -> None:
+    def __init__(self, provider: CredentialsProvider, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._provider = provider
+        self.timeout = timeout
         self._current: ExpiringAuth | None = None
         self._rejected: Any = None  # the credential the server last turned down, if any
         self._refetch = False  # a borrower met an AuthError: ask the provider again
-        self._lock = asyncio.Lock()
+        #: The provider's answer on its way (one at a time); ``None`` when none is.
+        self._call: asyncio.Future[object] | None = None
 
     def __repr__(self) -> str:
         return f"<ProviderAuthManager of {_name(self._provider)}>"
 
     async def get_auth(self) -> Any:
         """The credentials for the next logon (or re-logon) of a connection."""
-        async with self._lock:
-            current = self._current
-            if current is None or self._refetch or _expired(current):
-                current = await self._refresh()
-            if self._rejected is not None and current.auth == self._rejected:
-                current = await self._await_another(current)
-            _last_logon.set((self, current.auth))
-            return current.auth
+        deadline = time.monotonic() + self.timeout
+        current = self._current
+        if current is None or self._refetch or _expired(current):
+            current = await self._refresh(deadline)
+        if self._rejected is not None and current.auth == self._rejected:
+            current = await self._await_another(current, deadline)
+        _last_logon.set((self, current.auth))
+        return current.auth
 
     async def handle_security_exception(self, auth: Any, error: Neo4jError) -> bool:
         """The server rejected ``auth`` on an open connection: fetch anew if it is current."""
         if error.code not in HANDLED_CODES:
             return False
-        async with self._lock:
-            self._rejected = auth
-            if self._current is not None and self._current.auth == auth:
-                await self._refresh()
+        self._rejected = auth
+        if self._current is not None and self._current.auth == auth:
+            try:
+                await self._refresh(time.monotonic() + self.timeout)
+            except Exception:  # the next logon asks again, and reports what it gets
+                self._refetch = True
         return True  # the driver marks the error retryable
 
     def reject(self, auth: Any) -> None:
@@ -139,32 +159,61 @@ class ProviderAuthManager(AsyncAuthManager):
         """Ask the provider again before the next logon (a refused credential, not known which)."""
         self._refetch = True
 
-    async def _await_another(self, current: ExpiringAuth) -> ExpiringAuth:
-        """Ask the provider until it stops returning the rejected credential, for a while."""
-        give_up = time.monotonic() + REJECTED_GRACE_S
+    async def _await_another(self, current: ExpiringAuth, deadline: float) -> ExpiringAuth:
+        """Ask the provider until it stops returning the rejected credential, for a while.
+
+        For :data:`REJECTED_GRACE_S` at most, and never past the logon's ``deadline``.
+        """
+        give_up = min(time.monotonic() + REJECTED_GRACE_S, deadline)
         pause = RECHECK_S
         while current.auth == self._rejected and time.monotonic() < give_up:
             await asyncio.sleep(min(pause, max(0.0, give_up - time.monotonic())))
             pause = min(2 * pause, RECHECK_MAX_S)
-            current = await self._refresh()
+            current = await self._refresh(deadline)
         # A different credential, or the same one after the grace: either way the server
         # decides now (a rejection on an open connection or by a borrower marks it again).
         self._rejected = None
         return current
 
-    async def _refresh(self) -> ExpiringAuth:
-        self._refetch = False
-        self._current = as_expiring_auth(await call_provider(self._provider), self._provider)
-        return self._current
+    async def _refresh(self, deadline: float) -> ExpiringAuth:
+        """The provider's next answer, waited for until ``deadline`` at most.
+
+        Joins the call on its way if there is one, otherwise starts one; the
+        wait is bounded, the call itself is not (a thread cannot be stopped):
+        it stays the one to join until it answers.
+        """
+        call = self._call
+        if call is None:
+            self._refetch = False
+            call = self._call = _start_call(self._provider)
+            call.add_done_callback(self._answered)
+        try:
+            result = await asyncio.wait_for(
+                asyncio.shield(call), max(0.0, deadline - time.monotonic())
+            )
+        except asyncio.TimeoutError:
+            raise CredentialsTimeout(_name(self._provider), self.timeout) from None
+        current = as_expiring_auth(result, self._provider)
+        if self._call is None:  # a newer call on its way would answer for now instead
+            self._current = current
+        return current
+
+    def _answered(self, call: asyncio.Future[object]) -> None:
+        if self._call is call:
+            self._call = None
+        if not call.cancelled():
+            call.exception()  # retrieved here: every logon waiting for it sees it too
 
 
-def auth_manager(provider: CredentialsProvider) -> ProviderAuthManager:
+def auth_manager(
+    provider: CredentialsProvider, timeout: float = DEFAULT_TIMEOUT_S
+) -> ProviderAuthManager:
     """A new driver auth manager that takes its credentials from ``provider``.
 
-    One per driver: the manager's lock belongs to the event loop of the driver
-    that uses it. Give the driver to :func:`track` once it is made.
+    One per driver: the manager's pending call belongs to the event loop of the
+    driver that uses it. Give the driver to :func:`track` once it is made.
     """
-    return ProviderAuthManager(provider)
+    return ProviderAuthManager(provider, timeout)
 
 
 #: The provider-fed manager of each driver neopool made (weakly: the driver owns it).
@@ -199,14 +248,80 @@ def _expired(auth: ExpiringAuth) -> bool:
 
 
 async def call_provider(provider: CredentialsProvider) -> object:
-    """Call ``provider`` without blocking the loop: plain functions run in a worker thread."""
+    """Call ``provider`` without blocking the loop: plain functions run in a daemon thread."""
+    return await _start_call(provider)
+
+
+def _start_call(provider: CredentialsProvider) -> asyncio.Future[object]:
+    """One call of ``provider``, started now; its answer (or error) as a future of this loop.
+
+    Runs outside the caller's context, so no call of neopool's runner claims it.
+    """
+    loop = asyncio.get_running_loop()
     if _is_async(provider):
-        result: object = provider()
-    else:
-        result = await asyncio.to_thread(provider)
+        return contextvars.Context().run(loop.create_task, _awaited(provider))
+    answer: asyncio.Future[object] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if answer.done():
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+
+    def run() -> None:
+        result: object = None
+        error: BaseException | None = None
+        try:
+            result = context.run(provider)
+        except BaseException as exc:
+            error = exc
+        try:
+            if error is None and inspect.isawaitable(result):  # awaited on the loop
+                loop.call_soon_threadsafe(_chain, answer, result)
+            else:
+                loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    thread = threading.Thread(
+        target=run, name=f"neopool-credentials-{_name(provider)}", daemon=True
+    )
+    thread.start()
+    return answer
+
+
+async def _awaited(provider: CredentialsProvider) -> object:
+    result: object = provider()
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def _chain(answer: asyncio.Future[object], awaitable: Awaitable[object]) -> None:
+    """On the loop: ``answer`` gets what ``awaitable`` (made by a plain provider) returns."""
+
+    async def wait() -> object:
+        return await awaitable
+
+    if answer.done():
+        return
+    task = contextvars.Context().run(asyncio.ensure_future, wait())
+
+    def done(task: asyncio.Future[object]) -> None:
+        if answer.done():
+            if not task.cancelled():
+                task.exception()
+        elif task.cancelled():
+            answer.cancel()
+        elif task.exception() is not None:
+            answer.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            answer.set_result(task.result())
+
+    task.add_done_callback(done)
 
 
 def as_expiring_auth(result: object, provider: object = None) -> ExpiringAuth:

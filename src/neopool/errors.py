@@ -76,3 +76,25 @@ class LeaseError(NeopoolError, RuntimeError):
 
 class NoRunningLoop(NeopoolError, RuntimeError):
     """An async entry point was called where no event loop is running."""
+
+
+class CredentialsTimeout(NeopoolError, TimeoutError):
+    """The credentials provider did not answer within the bound of a logon.
+
+    The bound is the config's ``connection_acquisition_timeout``. The provider
+    call itself goes on in its daemon thread; the next logon waits for that
+    same call again rather than starting another.
+    """
+
+    def __init__(self, provider: str, timeout: float) -> None:
+        self.provider = provider
+        self.timeout = timeout
+        super().__init__(
+            f"the credentials provider {provider} did not answer within {timeout:g}s, so a "
+            f"connection could not log on. Make the provider answer sooner (give its own "
+            f"requests a timeout, cache what it fetched) or raise "
+            f"connection_acquisition_timeout (NEO4J_CONNECTION_ACQUISITION_TIMEOUT)."
+        )
+
+    def __reduce__(self) -> tuple[type[CredentialsTimeout], tuple[str, float]]:
+        return (type(self), (self.provider, self.timeout))
