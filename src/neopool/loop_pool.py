@@ -415,8 +415,9 @@ class EventLoopConnectionPool:
         self._lost.append(lease_id)
         loop = self._loop
         try:
-            if loop is None or loop.is_closed():
-                raise RuntimeError("the loop is closed")
+            if loop is None or loop.is_closed() or self.pid != os.getpid():
+                # (an inherited loop's wake-up pipe is the parent's: nothing may be sent on it)
+                raise RuntimeError("the loop can never run this")
             loop.call_soon_threadsafe(self._reclaim_lost)
         except RuntimeError:
             self._reclaim_lost()

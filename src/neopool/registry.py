@@ -229,7 +229,8 @@ class GlobalNeo4jConnectionPool:
     def _pool_closed(self, pool: EventLoopConnectionPool) -> None:
         with self._lock:
             self._ending.discard(pool)
-        self._churn.pool_ended(time.monotonic() - pool.created_at, pool.borrows)
+        if pool.pid == os.getpid():  # a pool inherited through fork did not churn here
+            self._churn.pool_ended(time.monotonic() - pool.created_at, pool.borrows)
 
     # -- how a pool ends -----------------------------------------------------------
     def loop_state(self, pool: EventLoopConnectionPool) -> LoopState:
@@ -370,8 +371,14 @@ class GlobalNeo4jConnectionPool:
 
     # -- fork --------------------------------------------------------------------
     def after_fork_in_child(self) -> None:
-        """Start empty; terminate what was inherited, without sending a byte."""
+        """Start empty; terminate what was inherited, without sending a byte.
+
+        Every lock this takes, and ending a pool takes, is made anew first: a
+        parent thread may have held one at the moment of the fork, and no
+        thread of the child would ever release it.
+        """
         self._lock = threading.Lock()
+        self._churn = LoopChurnMonitor()
         self._pid = os.getpid()
         inherited = {*self._ending, *(ref() for ref in self._pools.values())}
         self._pools = weakref.WeakKeyDictionary()
