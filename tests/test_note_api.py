@@ -18,6 +18,7 @@ from neopool import (
     GlobalNeo4jConnectionPool,
     Neo4jConnectionConfig,
     Neo4jConnectionFactory,
+    PoolClosed,
     PooledConnectionManager,
 )
 from neopool._release import driver_is_closed, driver_socket_count
@@ -158,6 +159,39 @@ async def test_an_exception_in_the_block_still_returns_the_connection() -> None:
         await robust_lightrag_task()
     pool = await GlobalNeo4jConnectionPool().get_pool()
     assert (pool.in_use, pool.available) == (0, pool.total)
+
+
+async def test_close_all_pools_under_a_holder_says_the_pool_was_closed_under_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The holder did not leak its lease: the close came while it was at work, and says so."""
+    caplog.set_level(logging.WARNING, logger="neopool")
+    inside, resume = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with Neo4jConnectionFactory.borrow_connection() as conn:
+            await conn.get_driver()
+            inside.set()
+            await resume.wait()
+            with pytest.raises(PoolClosed):
+                await conn.get_driver()  # the pool was closed under it
+
+    holding = asyncio.create_task(holder())
+    await asyncio.wait_for(inside.wait(), 30)
+    pool = await GlobalNeo4jConnectionPool().get_pool()
+    await GlobalNeo4jConnectionPool().close_all_pools(timeout=1)
+    assert pool.state is PoolState.CLOSED
+    resume.set()
+    await asyncio.wait_for(holding, 30)  # leaving its async with raises nothing
+
+    (line,) = [r.getMessage() for r in caplog.records if "still in use" in r.getMessage()]
+    assert line.startswith(
+        f"neopool: the pool of event loop {pool.loop_id} was closed by close_all_pools() "
+        f"while a lease was still in use; it was borrowed at "
+    )
+    assert "test_note_api.py" in line  # where the holder borrowed it
+    assert "in holder" in line
+    assert "never returned" not in line  # the holder is not blamed for the close
 
 
 async def test_the_stats_have_the_notes_keys_and_the_monitor_snippet_runs(

@@ -306,25 +306,31 @@ def test_many_leaks_at_once_are_one_line_naming_each_site_once(
     warnings: pytest.LogCaptureFixture,
 ) -> None:
     report_leaks("L", [SITE_A] * 30 + [SITE_B] * 7 + [""])
-    (line,) = lines(warnings, "never returned")
-    assert line.startswith("neopool: 38 leases of event loop L were never returned")
+    (line,) = lines(warnings, "still in use")
+    assert line.startswith("neopool: the pool of event loop L was closed while 38 leases were")
     assert f"{SITE_A} (30x); {SITE_B} (7x); <unknown> (1x)" in line
     assert line.count(SITE_A) == 1
     assert "'async with'" in line
 
 
 def test_one_leak_is_one_line_with_its_site(warnings: pytest.LogCaptureFixture) -> None:
-    report_leaks("L", [SITE_A])
+    report_leaks("L", [SITE_A], closed_by="close_all_pools()")
     report_leaks("L", [])  # nothing leaked: nothing said
-    (line,) = lines(warnings, "never returned")
-    assert "a lease of event loop L was never returned" in line
+    (line,) = lines(warnings, "still in use")
+    # The pool was closed under the holder: the line says so, and by what.
+    assert line.startswith(
+        "neopool: the pool of event loop L was closed by close_all_pools() while a lease "
+        "was still in use"
+    )
     assert f"borrowed at {SITE_A}." in line
+    assert "PoolClosed" in line
+    assert "never returned" not in line
 
 
 def test_leak_sites_beyond_the_limit_are_counted(warnings: pytest.LogCaptureFixture) -> None:
     sites = [f"/app/t.py:{n} in f" for n in range(MAX_LEAK_SITES + 5)] * 2
     report_leaks("L", sites)
-    (line,) = lines(warnings, "never returned")
+    (line,) = lines(warnings, "still in use")
     assert line.count("/app/t.py:") == MAX_LEAK_SITES
     assert "and 10 more from 5 other places" in line
 
@@ -336,11 +342,11 @@ def test_leak_reports_across_pools_can_share_a_limiter(
     for n in range(20):  # pool after pool, each leaking
         report_leaks(f"L{n}", [SITE_A, SITE_B], limiter=limiter)
         clock.advance(1.0)
-    assert len(lines(warnings, "never returned")) == 1
+    assert len(lines(warnings, "still in use")) == 1
     clock.advance(INTERVAL)
     report_leaks("L99", [SITE_A], limiter=limiter)
-    _, second = lines(warnings, "never returned")
-    assert suppressed_in(second, "leaked leases") == 38
+    _, second = lines(warnings, "still in use")
+    assert suppressed_in(second, "leases in use at a close") == 38
 
 
 def test_leases_lost_by_their_holders_are_reported_per_batch(

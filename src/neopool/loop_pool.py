@@ -128,6 +128,8 @@ class EventLoopConnectionPool:
         #: ``time.monotonic()`` when the pool was made: its age tells a churned loop.
         self.created_at = time.monotonic()
         self._state = PoolState.OPEN
+        #: What closed the pool (``close_all_pools()``...), for the warning about leases in use.
+        self._closed_by = ""
         self._anchor: asyncio.TimerHandle | None = None
 
         self._available: list[PooledConnectionManager] = []
@@ -630,15 +632,16 @@ class EventLoopConnectionPool:
         self._teardown = sentinel
 
     # -- ending --------------------------------------------------------------------
-    def _begin_close(self) -> bool:
+    def _begin_close(self, reason: str | None) -> bool:
         """OPEN -> CLOSING, the one place it happens; ``False`` if it already had.
 
         Stops lending, takes the waiters out (failing them where their loop can
-        still hear it) and tells the registry once.
+        still hear it) and tells the registry once. ``reason`` says what closed it.
         """
         if self._state is not PoolState.OPEN:
             return False
         self._state = PoolState.CLOSING
+        self._closed_by = reason or ""
         waiters, self._waiters = self._waiters, deque()
         if self.on_own_loop():
             for waiter in waiters:
@@ -657,7 +660,7 @@ class EventLoopConnectionPool:
         drivers = [self._driver, self._opening, *(r.driver for r in self._retired)]
         return [driver for driver in drivers if driver is not None]
 
-    async def close(self, timeout: float | None = None) -> None:
+    async def close(self, timeout: float | None = None, *, reason: str | None = None) -> None:
         """Stop lending, wait for borrowed leases, close the drivers: all within ``timeout``.
 
         ``timeout`` defaults to ``close_timeout``. Waiting borrowers get
@@ -665,15 +668,18 @@ class EventLoopConnectionPool:
         the drivers are reported with where they were borrowed. If the close
         fails, runs out of time or is cancelled, the pool is terminated (its
         sockets released without I/O). Safe to call twice and to cancel: the
-        close itself runs to the end, on the pool's loop.
+        close itself runs to the end, on the pool's loop. ``reason`` (what is
+        closing it, e.g. ``"close_all_pools()"``) is named in that report.
         """
-        task = self.start_close(timeout)
+        task = self.start_close(timeout, reason=reason)
         if task is not None and task is not asyncio.current_task():
             # Wait for it without taking its end as ours: a close task that was cancelled
             # ended the pool (in terminate), and only this caller's own cancellation raises.
             await asyncio.wait([task])
 
-    def start_close(self, timeout: float | None = None) -> asyncio.Task[None] | None:
+    def start_close(
+        self, timeout: float | None = None, *, reason: str | None = None
+    ) -> asyncio.Task[None] | None:
         """:meth:`close` without waiting: the task that finishes it (``None`` if never needed).
 
         Must run on the pool's loop; a second call returns the first one's task.
@@ -681,7 +687,7 @@ class EventLoopConnectionPool:
         self._check_loop("close the pool")
         budget = self.config.close_timeout if timeout is None else _check_timeout(timeout)
         if self._close_task is None and self._state is not PoolState.CLOSED:
-            self._begin_close()
+            self._begin_close(reason)
             self._close_task = self._spawn(self._finish_close(budget))
         return self._close_task
 
@@ -716,15 +722,15 @@ class EventLoopConnectionPool:
         else:
             self.terminate()  # every driver closed: this only records the end
 
-    def terminate(self) -> int:
+    def terminate(self, *, reason: str | None = None) -> int:
         """End the pool now, without awaiting: release its drivers' sockets; return how many.
 
         For a loop that can never run again (closed without teardown, its
         thread gone, inherited through ``fork``), and as the end of a close that
         failed. Sends nothing on any socket. Safe to call twice and from any
-        thread.
+        thread. ``reason`` is as for :meth:`close`.
         """
-        self._begin_close()
+        self._begin_close(reason)
         if self._state is PoolState.CLOSED:
             return 0
         self._state = PoolState.CLOSED
@@ -788,7 +794,7 @@ class EventLoopConnectionPool:
     def _report_leaks(self) -> None:
         if self._in_use:
             sites = [_site_text(self._borrow_sites.get(i)) for i in self._in_use]
-            report_leaks(self._loop_id, sites)
+            report_leaks(self._loop_id, sites, closed_by=self._closed_by)
 
     def _finish_teardown(self) -> None:
         """Finish the teardown sentinel here, so nothing is left for a finalizer."""
@@ -843,9 +849,13 @@ def _check_timeout(timeout: float) -> float:
     return float(timeout)
 
 
+#: What closes a pool when its loop shuts down, as the warning about leases in use says it.
+_TEARDOWN = "the shutdown of its event loop (the end of asyncio.run or asyncio.Runner)"
+
+
 async def _teardown_sentinel(pool: EventLoopConnectionPool) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
         if pool.state is not PoolState.CLOSED:  # the loop is shutting down: close while it runs
-            await pool.close(timeout=pool.config.close_timeout)
+            await pool.close(timeout=pool.config.close_timeout, reason=_TEARDOWN)

@@ -49,6 +49,9 @@ logger = logging.getLogger("neopool")
 #: A pool's end under way: awaitable on the running loop, or a future from another thread.
 Ending = asyncio.Future[None] | concurrent.futures.Future[None]
 
+#: What ends a pool whose loop can never run again, as the warning about leases in use says it.
+_CANNOT_RUN = "the registry: its event loop can never run again (closed, or its thread ended)"
+
 #: Seconds ``close_all_pools()`` takes at most when no config says otherwise.
 DEFAULT_CLOSE_TIMEOUT = 5.0
 
@@ -248,10 +251,13 @@ class GlobalNeo4jConnectionPool:
             return LoopState.THREAD_ENDED
         return LoopState.IDLE
 
-    def end_pool(self, pool: EventLoopConnectionPool, timeout: float) -> Ending | None:
+    def end_pool(
+        self, pool: EventLoopConnectionPool, timeout: float, reason: str | None = None
+    ) -> Ending | None:
         """Begin ending ``pool`` the only way its loop allows; what to wait on, if anything.
 
-        The one dispatcher: every path that ends pools comes here.
+        The one dispatcher: every path that ends pools comes here. ``reason``
+        (what ends it) is named if leases were still in use.
         """
         if pool.state is PoolState.CLOSED:
             return None
@@ -259,7 +265,7 @@ class GlobalNeo4jConnectionPool:
         loop = pool.loop
         if not state.can_run or loop is None:
             self._detach(pool)
-            released = pool.terminate()
+            released = pool.terminate(reason=reason or _CANNOT_RUN)
             if released and state is not LoopState.INHERITED:
                 logger.info(
                     "neopool: event loop %s was %s without closing its pool; released %d "
@@ -272,16 +278,18 @@ class GlobalNeo4jConnectionPool:
             return None
         self._detach(pool)
         if state is LoopState.CURRENT:
-            return asyncio.ensure_future(pool.close(timeout))
+            return asyncio.ensure_future(pool.close(timeout, reason=reason))
         if state is LoopState.IDLE:
-            ending = runner.run_on_idle_loop(loop, lambda: pool.close(timeout), timeout)
+            ending = runner.run_on_idle_loop(
+                loop, lambda: pool.close(timeout, reason=reason), timeout
+            )
             if ending is not None:
                 return ending
         ended: concurrent.futures.Future[None] = concurrent.futures.Future()
         try:
-            loop.call_soon_threadsafe(_start_close, pool, timeout, ended)
+            loop.call_soon_threadsafe(_start_close, pool, timeout, ended, reason)
         except RuntimeError:  # it closed in the meantime
-            return self.end_pool(pool, timeout)
+            return self.end_pool(pool, timeout, reason)
         # An idle loop that is not ours closes its pool when it runs next: nothing to wait for.
         return ended if state is LoopState.RUNNING else None
 
@@ -299,14 +307,14 @@ class GlobalNeo4jConnectionPool:
                 ended += 1
         return ended
 
-    def _begin_ending_all(self, timeout: float) -> list[Ending]:
+    def _begin_ending_all(self, timeout: float, reason: str) -> list[Ending]:
         with self._lock:
             refs = list(self._pools.values())
             candidates = {*self._ending, *(ref() for ref in refs)}
         endings = []
         for pool in candidates:
             if pool is not None:
-                ending = self.end_pool(pool, timeout)
+                ending = self.end_pool(pool, timeout, reason)
                 if ending is not None:
                     endings.append(ending)
         return endings
@@ -328,7 +336,7 @@ class GlobalNeo4jConnectionPool:
         afterwards starts new pools.
         """
         budget = self._close_budget(timeout)
-        endings = self._begin_ending_all(budget)
+        endings = self._begin_ending_all(budget, "close_all_pools()")
         waits = [e if isinstance(e, asyncio.Future) else asyncio.wrap_future(e) for e in endings]
         if not waits:
             return
@@ -345,7 +353,11 @@ class GlobalNeo4jConnectionPool:
         :meth:`close_all_pools` there instead.
         """
         budget = self._close_budget(timeout)
-        endings = [e for e in self._begin_ending_all(budget) if not isinstance(e, asyncio.Future)]
+        endings = [
+            e
+            for e in self._begin_ending_all(budget, "shutdown()")
+            if not isinstance(e, asyncio.Future)
+        ]
         concurrent.futures.wait(endings, timeout=budget)
 
     # -- the note's borrow / return API ------------------------------------------
@@ -397,11 +409,14 @@ class GlobalNeo4jConnectionPool:
 
 
 def _start_close(
-    pool: EventLoopConnectionPool, timeout: float, ended: concurrent.futures.Future[None]
+    pool: EventLoopConnectionPool,
+    timeout: float,
+    ended: concurrent.futures.Future[None],
+    reason: str | None,
 ) -> None:
     """On the pool's loop: start its close; ``ended`` resolves when it has (however it ended)."""
     try:
-        task = pool.start_close(timeout)
+        task = pool.start_close(timeout, reason=reason)
     except Exception as exc:  # reported to the waiting caller, not to the loop's handler
         ended.set_exception(exc)
         return

@@ -306,22 +306,54 @@ _ADVICE = "Return connections with 'async with' or in a finally block."
 
 
 def report_leaks(
-    loop_id: str, sites: Iterable[str | None], *, limiter: SayOnce | None = None
+    loop_id: str,
+    sites: Iterable[str | None],
+    *,
+    closed_by: str = "",
+    limiter: SayOnce | None = None,
 ) -> None:
-    """Log the leases still out when their pool closed: one line, whatever their number.
+    """Log the leases still in use when their pool was closed: one line, whatever their number.
 
-    ``sites`` has the ``borrowed_at`` of each leaked lease (empty or None where
-    unknown). The line gives the number of leases and each distinct borrow
-    site once, the most frequent first, with its count. Pass a ``limiter``
-    (one per process, say) to rate-limit reports across pools too.
+    The pool was closed under their holders (``closed_by`` says by what, when
+    known): a holder may well have been at work still. ``sites`` has the
+    ``borrowed_at`` of each such lease (empty or None where unknown). The line
+    gives the number of leases and each distinct borrow site once, the most
+    frequent first, with its count. Pass a ``limiter`` (one per process, say)
+    to rate-limit reports across pools too.
     """
-    _report(
+    counts = Counter(site or "<unknown>" for site in sites)
+    total = sum(counts.values())
+    if not total:
+        return
+    note = ""
+    if limiter is not None:
+        say = limiter.occurred(total)
+        limiter.cleared()  # an event: nothing goes on after it
+        if say is None:
+            return
+        note = say.note("leases in use at a close")
+    by = f" by {closed_by}" if closed_by else ""
+    if total == 1:
+        what, where = "a lease was", f"it was borrowed at {next(iter(counts))}"
+    else:
+        what, where = f"{total} leases were", f"they were borrowed at {_ranked(counts)}"
+    logger.warning(
+        "neopool: the pool of event loop %s was closed%s while %s still in use; %s. %s%s",
         loop_id,
-        sites,
-        limiter,
-        "was never returned before its pool closed; it was borrowed at",
-        "were never returned before their pool closed; they were borrowed at",
+        by,
+        what,
+        where,
+        _CLOSED_UNDER_ADVICE,
+        note,
     )
+
+
+#: What to do about leases in use when their pool was closed.
+_CLOSED_UNDER_ADVICE = (
+    "Using such a lease from now on fails with PoolClosed. Close pools after the work "
+    "that borrows from them has ended, or give the close a longer timeout; code that "
+    "keeps a lease should return it with 'async with' or in a finally block."
+)
 
 
 def report_lost_leases(
@@ -372,17 +404,22 @@ def _report(
             note,
         )
         return
-    ranked = counts.most_common()
-    named = "; ".join(f"{site} ({n}x)" for site, n in ranked[:MAX_LEAK_SITES])
-    if len(ranked) > MAX_LEAK_SITES:
-        rest = sum(n for _, n in ranked[MAX_LEAK_SITES:])
-        named += f"; and {rest} more from {len(ranked) - MAX_LEAK_SITES} other places"
     logger.warning(
         "neopool: %d leases of event loop %s %s %s. %s%s",
         total,
         loop_id,
         many,
-        named,
+        _ranked(counts),
         _ADVICE,
         note,
     )
+
+
+def _ranked(counts: Counter[str]) -> str:
+    """Each site once with its count, the most frequent first, the first MAX_LEAK_SITES."""
+    ranked = counts.most_common()
+    named = "; ".join(f"{site} ({n}x)" for site, n in ranked[:MAX_LEAK_SITES])
+    if len(ranked) > MAX_LEAK_SITES:
+        rest = sum(n for _, n in ranked[MAX_LEAK_SITES:])
+        named += f"; and {rest} more from {len(ranked) - MAX_LEAK_SITES} other places"
+    return named

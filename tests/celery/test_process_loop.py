@@ -128,6 +128,7 @@ def test_tasks_in_flight_share_one_loop_one_driver_and_are_reported(
         worker.log_tail()
     )
     assert "never returned" not in log
+    assert "still in use" not in log
     assert bolt_proxy.active_connections == 0
 
 
@@ -329,6 +330,7 @@ def test_a_forked_child_starts_a_process_loop_of_its_own(
         assert loop["drivers_created"] == 1
     assert worker.stop() == 0
     assert "never returned" not in worker.log()
+    assert "still in use" not in worker.log()
 
 
 @pytest.mark.lightrag

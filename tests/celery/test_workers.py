@@ -93,6 +93,7 @@ def test_tasks_reuse_one_driver_per_worker_loop(
     assert "pool(s) left open" in log
     assert "1 pool(s) left open" not in log, worker.log_tail()
     assert "never returned" not in log, worker.log_tail()
+    assert "still in use" not in log, worker.log_tail()
     # The worker has exited: the proxy sees its last connections end.
     assert eventually(lambda: bolt_proxy.active_connections == 0)
 

@@ -110,6 +110,7 @@ def test_prefork_children_ingest_shared_entities_without_duplicates_or_strays(
     assert worker.stop() == 0
     log = worker.log()
     assert "never returned" not in log
+    assert "still in use" not in log
     assert "garbage-collected" not in log
     assert "entity_id is not unique" not in log
     assert "refused a uniqueness constraint" not in log

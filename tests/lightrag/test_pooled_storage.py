@@ -245,6 +245,7 @@ async def test_storages_dropped_after_a_crash_give_back_everything_with_one_warn
     assert "10 session(s) still open" in dropped[0]
     assert __file__ in dropped[0]  # where they were initialised
     assert not [r for r in caplog.records if "was never returned" in r.getMessage()]
+    assert not [r for r in caplog.records if "still in use" in r.getMessage()]
     await fresh.drop()
     await fresh.finalize()
 

@@ -35,7 +35,11 @@ def _run_like_many_celery_apps(body: Any) -> Any:
 
 
 def _leak_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if "was never returned" in r.getMessage()]
+    return [
+        r
+        for r in caplog.records
+        if "was never returned" in r.getMessage() or "still in use" in r.getMessage()
+    ]
 
 
 def test_loops_closed_without_teardown_release_their_sockets_at_the_next_pool(
