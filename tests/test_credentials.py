@@ -53,7 +53,9 @@ from neopool import (
     PoolStats,
     credentials,
 )
-from neopool.credentials import as_expiring_auth, auth_manager, call_provider
+from neopool.credentials import _as_expiring_auth as as_expiring_auth
+from neopool.credentials import _call_provider as call_provider
+from neopool.credentials import auth_manager
 from neopool.embedded import BoltServer
 from neopool.testing import BoltTarget, TcpProxy, reset_registry
 
@@ -483,7 +485,7 @@ class _borrowed:
 async def test_a_rejected_password_is_not_tried_again_while_the_store_still_has_it(
     neopool_bolt: BoltTarget, account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(credentials, "REJECTED_GRACE_S", 0.4)
+    monkeypatch.setattr(credentials, "_REJECTED_GRACE_S", 0.4)
     manager = auth_manager(account.async_provider)
     assert await manager.get_auth() == (account.name, account.password)
     refused = await _refused_logon(neopool_bolt)  # a real one, from the server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -349,3 +350,58 @@ async def test_a_lease_repr_names_its_loop_and_state(pool: EventLoopConnectionPo
     await pool.return_connection(lease)
     with pytest.raises(LeaseError, match="already returned"):
         lease.mark_available()
+
+
+async def test_mark_available_returns_the_lease_through_its_pool(
+    pool: EventLoopConnectionPool,
+) -> None:
+    """The design note's name for a return: the pool's books and waiters stay right."""
+    first, second = await pool.borrow(), await pool.borrow()
+    waiter = asyncio.create_task(pool.borrow())
+    assert await eventually_async(lambda: pool.waiting == 1)
+    first.mark_available()  # no await: it never waits
+    third = await waiter  # the waiting borrower got the lease, first in line
+    assert third.in_use
+    assert (pool.in_use, pool.waiting) == (2, 0)
+    second.mark_available()
+    assert not second.in_use
+    with pytest.raises(LeaseError, match="already returned"):
+        second.mark_available()
+    third.mark_available()
+    assert (pool.in_use, pool.available) == (0, pool.total)
+
+
+async def test_mark_in_use_refuses_and_leaves_the_pool_as_it_was(
+    pool: EventLoopConnectionPool,
+) -> None:
+    lease = await pool.borrow()
+    await pool.return_connection(lease)
+    before = (pool.in_use, pool.available, pool.total)
+    with pytest.raises(LeaseError, match="only by a borrow") as refused:
+        lease.mark_in_use()  # once, this took the lease past the pool's books
+    assert "borrow_connection()" in str(refused.value)
+    assert not lease.in_use
+    assert (pool.in_use, pool.available, pool.total) == before
+    with pytest.raises(LeaseError, match="was returned to its pool"):
+        await lease.get_driver()
+    again = await pool.borrow()  # the pool lends it as before
+    await pool.return_connection(again)
+    assert pool.in_use == 0
+
+
+async def test_a_lease_is_returned_only_on_its_own_loop(pool: EventLoopConnectionPool) -> None:
+    lease = await pool.borrow()
+    error: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            lease.mark_available()
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert isinstance(error[0], NoRunningLoop)
+    assert lease.in_use
+    lease.mark_available()

@@ -24,6 +24,7 @@ from neopool.errors import (
     PoolClosed,
     PoolTimeout,
     PrepareTimeout,
+    UnsafeStatsDir,
 )
 from neopool.factory import Neo4jConnectionFactory
 from neopool.lease import PooledConnectionManager
@@ -49,6 +50,7 @@ __all__ = [
     "PoolTimeout",
     "PooledConnectionManager",
     "PrepareTimeout",
+    "UnsafeStatsDir",
     "__version__",
     "run",
 ]

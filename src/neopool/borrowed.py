@@ -11,6 +11,8 @@ from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
 from neopool.registry import GlobalNeo4jConnectionPool
 
+__all__ = ["BorrowedConnection"]
+
 
 class BorrowedConnection:
     """A borrow of the running loop's pool, as an async context manager.
@@ -53,7 +55,7 @@ class BorrowedConnection:
     ) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:  # exiting twice is harmless, as finalize() may run twice
-            lease._pool.return_nowait(lease, exc)
+            lease._pool._return_nowait(lease, exc)
 
     @property
     def connection(self) -> PooledConnectionManager | None:
@@ -72,7 +74,7 @@ class BorrowedConnection:
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
         lease = self._lease
-        return (lease if lease is not None else self._held()).driver_now()
+        return (lease if lease is not None else self._held())._driver_now()
 
     async def prepare_database(
         self, workspace: str | None = None, database: str | None = None
@@ -84,7 +86,7 @@ class BorrowedConnection:
         actually used, which is the server's default where it cannot create one.
         """
         lease = self._held()
-        driver = lease.driver_now()
+        driver = lease._driver_now()
         return await preparer.prepare(driver, lease.pool.config, workspace, database)
 
     def __repr__(self) -> str:

@@ -32,10 +32,10 @@ Two things the driver's own managers do not do, and this one does:
   (the server changed first) would make the driver's manager fetch the old
   password again and keep it. This one does not hand out a credential the
   server turned down straight away: it asks the provider again (after
-  :data:`RECHECK_S` seconds, then backing off to every :data:`RECHECK_MAX_S`)
-  for up to :data:`REJECTED_GRACE_S`, until it returns a different one (used
-  at once), and only then tries the old one again. Connections wait that long
-  instead of failing logons, which servers count towards locking the user out
+  0.02 s, then backing off to every 0.25 s) for up to 5 s (never longer than
+  the logon's bound), until it returns a different one (used at once), and
+  only then tries the old one again. Connections wait that long instead of
+  failing logons, which servers count towards locking the user out
   (Neo4j: 3 failures lock it for 5 s by default; ArcadeDB: 5 failures, about
   30 s, even for the right password).
 
@@ -79,6 +79,8 @@ if TYPE_CHECKING:
     from neo4j import AsyncDriver
     from neo4j.exceptions import Neo4jError
 
+__all__ = ["Credentials", "CredentialsProvider", "ProviderAuthManager"]
+
 #: What a credentials provider may return.
 Credentials = tuple[str, str] | Auth | ExpiringAuth
 #: A plain or ``async`` function of no arguments returning :data:`Credentials`.
@@ -86,17 +88,17 @@ CredentialsProvider = Callable[[], Credentials | Awaitable[Credentials]]
 
 
 #: While the provider keeps returning a credential the server rejected, it is asked again
-#: after this many seconds, then twice as long each time up to RECHECK_MAX_S...
-RECHECK_S = 0.02
-RECHECK_MAX_S = 0.25
+#: after this many seconds, then twice as long each time up to _RECHECK_MAX_S...
+_RECHECK_S = 0.02
+_RECHECK_MAX_S = 0.25
 #: ...for this long, before that credential is tried again anyway (seconds): longer than
 #: the usual gap between a server's password change and the secrets store's.
-REJECTED_GRACE_S = 5.0
+_REJECTED_GRACE_S = 5.0
 #: How long a logon waits for the provider when no config says (the driver's default
 #: ``connection_acquisition_timeout``); pools use their config's.
-DEFAULT_TIMEOUT_S = 30.0
+_DEFAULT_TIMEOUT_S = 30.0
 #: The server's errors that mean "these credentials are no longer good" (as ``bearer``).
-HANDLED_CODES = frozenset(
+_HANDLED_CODES = frozenset(
     ("Neo.ClientError.Security.Unauthorized", "Neo.ClientError.Security.TokenExpired")
 )
 
@@ -116,7 +118,7 @@ class ProviderAuthManager(AsyncAuthManager):
     ``timeout`` bounds each logon's wait for the provider (seconds).
     """
 
-    def __init__(self, provider: CredentialsProvider, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, provider: CredentialsProvider, timeout: float = _DEFAULT_TIMEOUT_S) -> None:
         self._provider = provider
         self.timeout = timeout
         self._current: ExpiringAuth | None = None
@@ -141,7 +143,7 @@ class ProviderAuthManager(AsyncAuthManager):
 
     async def handle_security_exception(self, auth: Any, error: Neo4jError) -> bool:
         """The server rejected ``auth`` on an open connection: fetch anew if it is current."""
-        if error.code not in HANDLED_CODES:
+        if error.code not in _HANDLED_CODES:
             return False
         self._rejected = auth
         if self._current is not None and self._current.auth == auth:
@@ -162,13 +164,13 @@ class ProviderAuthManager(AsyncAuthManager):
     async def _await_another(self, current: ExpiringAuth, deadline: float) -> ExpiringAuth:
         """Ask the provider until it stops returning the rejected credential, for a while.
 
-        For :data:`REJECTED_GRACE_S` at most, and never past the logon's ``deadline``.
+        For ``_REJECTED_GRACE_S`` (5 s) at most, and never past the logon's ``deadline``.
         """
-        give_up = min(time.monotonic() + REJECTED_GRACE_S, deadline)
-        pause = RECHECK_S
+        give_up = min(time.monotonic() + _REJECTED_GRACE_S, deadline)
+        pause = _RECHECK_S
         while current.auth == self._rejected and time.monotonic() < give_up:
             await asyncio.sleep(min(pause, max(0.0, give_up - time.monotonic())))
-            pause = min(2 * pause, RECHECK_MAX_S)
+            pause = min(2 * pause, _RECHECK_MAX_S)
             current = await self._refresh(deadline)
         # A different credential, or the same one after the grace: either way the server
         # decides now (a rejection on an open connection or by a borrower marks it again).
@@ -193,7 +195,7 @@ class ProviderAuthManager(AsyncAuthManager):
             )
         except asyncio.TimeoutError:
             raise CredentialsTimeout(_name(self._provider), self.timeout) from None
-        current = as_expiring_auth(result, self._provider)
+        current = _as_expiring_auth(result, self._provider)
         if self._call is None:  # a newer call on its way would answer for now instead
             self._current = current
         return current
@@ -206,7 +208,7 @@ class ProviderAuthManager(AsyncAuthManager):
 
 
 def auth_manager(
-    provider: CredentialsProvider, timeout: float = DEFAULT_TIMEOUT_S
+    provider: CredentialsProvider, timeout: float = _DEFAULT_TIMEOUT_S
 ) -> ProviderAuthManager:
     """A new driver auth manager that takes its credentials from ``provider``.
 
@@ -247,7 +249,7 @@ def _expired(auth: ExpiringAuth) -> bool:
     return auth.expires_at is not None and auth.expires_at < time.time()
 
 
-async def call_provider(provider: CredentialsProvider) -> object:
+async def _call_provider(provider: CredentialsProvider) -> object:
     """Call ``provider`` without blocking the loop: plain functions run in a daemon thread."""
     return await _start_call(provider)
 
@@ -324,7 +326,7 @@ def _chain(answer: asyncio.Future[object], awaitable: Awaitable[object]) -> None
     task.add_done_callback(done)
 
 
-def as_expiring_auth(result: object, provider: object = None) -> ExpiringAuth:
+def _as_expiring_auth(result: object, provider: object = None) -> ExpiringAuth:
     """``result`` as the driver's :class:`ExpiringAuth`; a clear ``TypeError`` if it is none.
 
     The message names the type that came back, never its value.

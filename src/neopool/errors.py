@@ -74,6 +74,14 @@ class LeaseError(NeopoolError, RuntimeError):
     """
 
 
+class UnsafeStatsDir(NeopoolError, OSError):
+    """The stats directory is not the private one neopool created: nothing is done in it.
+
+    Raised by the Celery integration, which publishes each prefork child's
+    stats in a directory of its own making and never trusts one it did not make.
+    """
+
+
 class NoRunningLoop(NeopoolError, RuntimeError):
     """An async entry point was called where no event loop is running."""
 

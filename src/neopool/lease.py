@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from neopool.errors import LeaseError
 
+__all__ = ["PooledConnectionManager"]
+
 if TYPE_CHECKING:
     from neo4j import AsyncDriver
 
@@ -42,6 +44,10 @@ class PooledConnectionManager:
     While borrowed, the pool refers to it only weakly: a lease whose holder is
     collected without returning it goes back to its pool (with a warning naming
     where it was borrowed).
+
+    Its state (:attr:`in_use`) is the pool's to change, when it lends the lease
+    and when the lease comes back; :meth:`mark_available` returns it through
+    the pool, and :meth:`mark_in_use` refuses (only a borrow takes a lease).
     """
 
     __slots__ = ("__weakref__", "_in_use", "_pool", "_ref", "lease_id")
@@ -64,18 +70,30 @@ class PooledConnectionManager:
 
         self._ref = weakref.ref(self, lost)
 
-    # -- state (changed by the pool only, in one synchronous step) -------------
+    # -- state (changed by the pool only: when it lends the lease, when it is back) --
     def mark_in_use(self) -> None:
-        """Record that a borrower holds this lease."""
+        """Refuses: a lease is put in use only by a borrow, which waits its turn.
+
+        Marking a lease in use by hand would skip the borrowers waiting before
+        it and the pool's count of leases out, so this raises
+        :class:`LeaseError` saying how to borrow instead.
+        """
         if self._in_use:
             raise LeaseError(f"{self!r} is already in use")
-        self._in_use = True
+        raise LeaseError(
+            f"mark_in_use() cannot take {self!r}: a lease is put in use only by a borrow "
+            f"('async with Neo4jConnectionFactory.borrow_connection()', or "
+            f"'await GlobalNeo4jConnectionPool().borrow_connection()'), which waits its turn"
+        )
 
-    def mark_available(self) -> None:
-        """Record that the lease is back in its pool."""
-        if not self._in_use:
-            raise LeaseError(f"{self!r} was already returned")
-        self._in_use = False
+    def mark_available(self, error: BaseException | None = None) -> None:
+        """Return this lease to its pool: ``return_connection`` without the ``await``.
+
+        It never waits. Pass the exception the holder ended with, if any (as
+        for ``return_connection``). Raises :class:`LeaseError` if the lease
+        was already returned, or when called off its event loop.
+        """
+        self._pool._return_nowait(self, error)
 
     @property
     def in_use(self) -> bool:
@@ -104,17 +122,17 @@ class PooledConnectionManager:
         Raises :class:`LeaseError` if the lease was returned or is used from
         another event loop, where the driver's sockets cannot work.
         """
-        return self.driver_now()
+        return self._driver_now()
 
-    def driver_now(self) -> AsyncDriver:
-        """:meth:`get_driver` without the ``await``, for code that holds the lease."""
+    def _driver_now(self) -> AsyncDriver:
+        """:meth:`get_driver` without the ``await`` (for :class:`~neopool.BorrowedConnection`)."""
         if not self._in_use:
             raise LeaseError(
                 f"{self!r} was returned to its pool; borrow a new connection "
                 f"instead of keeping a returned one"
             )
         self._pool._check_loop("use a lease")
-        return self._pool.current_driver()
+        return self._pool._current_driver()
 
     def __repr__(self) -> str:
         state = "in use" if self._in_use else "available"

@@ -54,8 +54,10 @@ logger = logging.getLogger("neopool")
 
 DriverFactory = Callable[["Neo4jConnectionConfig"], AsyncDriver]
 
+__all__ = ["DriverFactory", "EventLoopConnectionPool", "PoolState", "create_driver"]
+
 #: Errors after which the driver is checked before the next borrow.
-CONNECTIVITY_ERRORS = (ServiceUnavailable, SessionExpired, ConnectionError)
+_CONNECTIVITY_ERRORS = (ServiceUnavailable, SessionExpired, ConnectionError)
 
 #: How often the loop's hold on its pool is renewed (it only has to outlive idle spells).
 _ANCHOR_S = 86_400.0
@@ -260,8 +262,6 @@ class EventLoopConnectionPool:
         self._borrow_sites[lease.lease_id] = caller_outside_package()
         return lease
 
-    borrow_connection = borrow
-
     async def return_connection(
         self, lease: PooledConnectionManager, error: BaseException | None = None
     ) -> None:
@@ -271,12 +271,16 @@ class EventLoopConnectionPool:
         connectivity error the driver is checked before the next borrow; after
         an ``AuthError`` a credentials provider is asked again.
         """
-        self.return_nowait(lease, error)
+        self._return_nowait(lease, error)
 
-    def return_nowait(
+    def _return_nowait(
         self, lease: PooledConnectionManager, error: BaseException | None = None
     ) -> None:
-        """:meth:`return_connection` as the plain function it is: it never waits."""
+        """:meth:`return_connection` as the plain function it is: it never waits.
+
+        The one way a lease comes back (:meth:`PooledConnectionManager.mark_available`,
+        ``BorrowedConnection`` and the registry's ``return_connection`` call it).
+        """
         if error is None:  # the usual case first
             self._check_loop("return a connection")
             self._release(lease)
@@ -290,7 +294,7 @@ class EventLoopConnectionPool:
             return
         self._check_loop("return a connection")
         self._release(lease)
-        if isinstance(error, CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
+        if isinstance(error, _CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
             self._driver_suspect = True
         elif isinstance(error, AuthError):
             credential_rejected(self._driver)  # a refused logon: the driver's manager never hears
@@ -443,7 +447,7 @@ class EventLoopConnectionPool:
         return "" if site is _RETURNED else _site_text(site)
 
     # -- the driver --------------------------------------------------------------
-    def current_driver(self) -> AsyncDriver:
+    def _current_driver(self) -> AsyncDriver:
         """The driver a lease uses now (only valid while the pool lends)."""
         if self._state is not PoolState.OPEN:
             raise PoolClosed(f"the pool of event loop {self._loop_id} is closed")
@@ -451,11 +455,16 @@ class EventLoopConnectionPool:
         return self._driver
 
     async def get_driver(self) -> AsyncDriver:
-        """The loop's driver, opened if needed (without taking a lease)."""
+        """The loop's driver, opened if needed, without taking a lease.
+
+        Nothing bounds its use then: ``pool_max_size`` counts leases only. For
+        a unit of work, borrow (``async with
+        Neo4jConnectionFactory.borrow_connection()``) and use the lease's driver.
+        """
         self._check_loop("get the driver")
         if not self._driver_ready():
             await self._ensure_driver()
-        return self.current_driver()
+        return self._current_driver()
 
     def _driver_ready(self) -> bool:
         """Whether the driver can be lent as it is: open, unsuspected, not closed by a user."""
@@ -492,7 +501,7 @@ class EventLoopConnectionPool:
         if old is not None and not driver_is_closed(old):
             try:
                 await asyncio.wait_for(old.verify_connectivity(), self.config.connection_timeout)
-            except (*CONNECTIVITY_ERRORS, DriverError, OSError, asyncio.TimeoutError) as exc:
+            except (*_CONNECTIVITY_ERRORS, DriverError, OSError, asyncio.TimeoutError) as exc:
                 logger.info(
                     "neopool: driver of event loop %s failed its check (%s); opening a new one",
                     self._loop_id,

@@ -27,6 +27,19 @@ from prometheus_client.registry import Collector
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import PoolStats
 
+__all__ = [
+    "LABELS",
+    "MetricsServer",
+    "NeopoolCollector",
+    "Sample",
+    "StatsSource",
+    "cluster_source",
+    "local_source",
+    "register",
+    "serve",
+    "unregister",
+]
+
 #: Labels on every series: Celery worker node ("" locally), process, loop, thread.
 LABELS = ("worker", "pid", "loop", "thread")
 

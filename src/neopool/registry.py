@@ -44,6 +44,8 @@ from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, PoolState, create_driver
 from neopool.stats import LoopChurnMonitor, PoolStats
 
+__all__ = ["GlobalNeo4jConnectionPool", "LoopState"]
+
 logger = logging.getLogger("neopool")
 
 #: A pool's end under way: awaitable on the running loop, or a future from another thread.
@@ -374,7 +376,7 @@ class GlobalNeo4jConnectionPool:
                 f"return_connection() takes the PooledConnectionManager that "
                 f"borrow_connection() returned, not {type(connection).__name__}"
             )
-        connection.pool.return_nowait(connection, error)
+        connection.pool._return_nowait(connection, error)
 
     async def get_pool_stats(self) -> dict[str, PoolStats]:
         """``{loop id: stats}`` for every live event loop's pool in this process."""

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, TypedDict
 
+__all__ = ["PoolStats"]
+
 logger = logging.getLogger("neopool")
 
 

@@ -43,9 +43,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from neopool.errors import NeopoolError
+from neopool.errors import UnsafeStatsDir
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import PoolStats
+
+__all__ = ["ClusterStats", "ProcessStats", "UnsafeStatsDir", "cluster_stats", "process_stats"]
 
 logger = logging.getLogger("neopool")
 
@@ -75,10 +77,6 @@ SUPPORTED = bool(_NOFOLLOW and _DIRECTORY and hasattr(os, "geteuid")) and (
 
 _PUBLISHED = re.compile(r"([0-9]+)\.json")
 _TEMPORARY = re.compile(r"\.([0-9]+)\.json\.tmp")
-
-
-class UnsafeStatsDir(NeopoolError, OSError):
-    """The stats directory is not the private one neopool created: nothing is done in it."""
 
 
 def process_stats() -> ProcessStats:

@@ -60,14 +60,14 @@ from neopool.stats import SayOnce
 
 logger = logging.getLogger("neopool")
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 STORAGE_NAME = "PooledNeo4JStorage"
 
 #: Attempts after the first for a write that lost a race to create the same entity.
-LOST_RACE_RETRIES = 5
+_LOST_RACE_RETRIES = 5
 #: Upper bound of the first jittered pause before such a retry (doubled each time).
-LOST_RACE_BACKOFF_S = 0.02
+_LOST_RACE_BACKOFF_S = 0.02
 
 #: ``Neo4jConnectionConfig`` field -> (environment variable, config.ini key), as stock reads them.
 _LIGHTRAG_SETTINGS = {
@@ -180,10 +180,10 @@ def _release(share: _Share, error: BaseException | None) -> None:
         return
     if share.finalizer.detach() is None:
         return  # the collector got there first and gave the lease back itself
-    share.pool.return_nowait(share.lease, error)
+    share.lease.mark_available(error)
 
 
-async def _retry_lost_races(attempt: Callable[[], Awaitable[T]]) -> T:
+async def _retry_lost_races(attempt: Callable[[], Awaitable[_T]]) -> _T:
     """Run a write; run it again if it lost a race to create the same unique entity.
 
     A ``MERGE`` that finds no node creates one; two concurrent ones (in two
@@ -194,14 +194,14 @@ async def _retry_lost_races(attempt: Callable[[], Awaitable[T]]) -> T:
     reruns it after transient errors), so this adds no new requirement. A write
     that conflicts every time (a real violation) fails after the retries.
     """
-    for retry in range(LOST_RACE_RETRIES + 1):
+    for retry in range(_LOST_RACE_RETRIES + 1):
         try:
             return await attempt()
         except ConstraintError:
-            if retry == LOST_RACE_RETRIES:
+            if retry == _LOST_RACE_RETRIES:
                 raise
-            races.lost += 1
-            await asyncio.sleep(random.uniform(0, LOST_RACE_BACKOFF_S * 2**retry))
+            _races.lost += 1
+            await asyncio.sleep(random.uniform(0, _LOST_RACE_BACKOFF_S * 2**retry))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -212,7 +212,12 @@ class _Races:
         self.lost = 0
 
 
-races = _Races()
+_races = _Races()
+
+
+def lost_races_retried() -> int:
+    """How many writes of this process lost a race for a new entity and were run again."""
+    return _races.lost
 
 
 class LeasedSession:
@@ -237,7 +242,7 @@ class LeasedSession:
             return self._session
         share = await _acquire(self._owner.registry, self._owner.site)
         try:
-            session = share.lease.driver_now().session(**self._config)
+            session = (await share.lease.get_driver()).session(**self._config)
         except BaseException as exc:
             _release(share, exc)
             raise
@@ -342,7 +347,7 @@ class LeasedDriver:
         share = await _acquire(self.registry, self.site)
         error: BaseException | None = None
         try:
-            driver = share.lease.driver_now()
+            driver = await share.lease.get_driver()
             return await _retry_lost_races(lambda: driver.execute_query(*args, **kwargs))
         except BaseException as exc:
             error = exc
@@ -581,15 +586,15 @@ def _share_dropped(
     try:
         if loop is None or loop.is_closed():
             raise RuntimeError("closed")
-        loop.call_soon_threadsafe(_give_back, pool, lease)
+        loop.call_soon_threadsafe(_give_back, lease)
     except RuntimeError:
         pass  # the loop is gone: its pool released everything when it ended
     _ask_loop_to_report(loop)
 
 
-def _give_back(pool: EventLoopConnectionPool, lease: PooledConnectionManager) -> None:
+def _give_back(lease: PooledConnectionManager) -> None:
     with contextlib.suppress(LeaseError):  # the pool ended meanwhile and accounted for it
-        pool.return_nowait(lease)
+        lease.mark_available()
 
 
 def _ask_loop_to_report(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -659,12 +664,11 @@ def register() -> None:
 
 
 __all__ = [
-    "LOST_RACE_RETRIES",
     "STORAGE_NAME",
     "LeasedDriver",
     "LeasedSession",
     "PooledNeo4JStorage",
     "lightrag_config",
-    "races",
+    "lost_races_retried",
     "register",
 ]

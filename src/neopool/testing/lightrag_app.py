@@ -171,11 +171,11 @@ async def ingest(
         await rag.ainsert(text, ids=doc_id)
     finally:
         await rag.finalize_storages()
-    from neopool.integrations.lightrag import races
+    from neopool.integrations.lightrag import lost_races_retried
 
     return {
         "pid": os.getpid(),
-        "lost_races": races.lost,  # writes of this process run again so far (cumulative)
+        "lost_races": lost_races_retried(),  # writes of this process run again so far (cumulative)
         "loop": str(id(loop)),
         "stray_tasks_before": stray,
         "tasks_after": len(asyncio.all_tasks()) - 1,
