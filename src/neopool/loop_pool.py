@@ -57,7 +57,7 @@ DriverFactory = Callable[["Neo4jConnectionConfig"], AsyncDriver]
 __all__ = ["DriverFactory", "EventLoopConnectionPool", "PoolState", "create_driver"]
 
 #: Errors after which the driver is checked before the next borrow.
-_CONNECTIVITY_ERRORS = (ServiceUnavailable, SessionExpired, ConnectionError)
+CONNECTIVITY_ERRORS = (ServiceUnavailable, SessionExpired, ConnectionError)
 
 #: How often the loop's hold on its pool is renewed (it only has to outlive idle spells).
 _ANCHOR_S = 86_400.0
@@ -294,7 +294,7 @@ class EventLoopConnectionPool:
             return
         self._check_loop("return a connection")
         self._release(lease)
-        if isinstance(error, _CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
+        if isinstance(error, CONNECTIVITY_ERRORS) and self._state is PoolState.OPEN:
             self._driver_suspect = True
         elif isinstance(error, AuthError):
             credential_rejected(self._driver)  # a refused logon: the driver's manager never hears
@@ -501,7 +501,7 @@ class EventLoopConnectionPool:
         if old is not None and not driver_is_closed(old):
             try:
                 await asyncio.wait_for(old.verify_connectivity(), self.config.connection_timeout)
-            except (*_CONNECTIVITY_ERRORS, DriverError, OSError, asyncio.TimeoutError) as exc:
+            except (*CONNECTIVITY_ERRORS, DriverError, OSError, asyncio.TimeoutError) as exc:
                 logger.info(
                     "neopool: driver of event loop %s failed its check (%s); opening a new one",
                     self._loop_id,
