@@ -109,9 +109,17 @@ def _in_child(lock_of: LockOf) -> int:
     return 0 if asyncio.run(_query(42)) == 42 and asyncio.run(_query(43)) == 43 else 4
 
 
-def _fork_holding(lock: Any, child: Callable[[], int]) -> int | None:
-    """Fork while another thread holds ``lock``; the child's exit code, ``None`` if it hung."""
+def _fork_holding(
+    lock: Any, child: Callable[[], int], let_go_after: float | None = None
+) -> int | None:
+    """Fork while another thread holds ``lock``; the child's exit code, ``None`` if it hung.
+
+    With ``let_go_after``, the thread lets go after that many seconds by itself
+    (for a lock the fork itself waits for).
+    """
     held, done = threading.Event(), threading.Event()
+    if let_go_after is not None:
+        threading.Timer(let_go_after, done.set).start()
 
     def hold() -> None:
         with lock:
@@ -153,3 +161,14 @@ def test_a_lock_held_by_a_parent_thread_at_fork_does_not_deadlock_the_child(
     assert status == 0, f"the child failed (exit status {status})"
     # The parent goes on as before, on its own pool.
     assert parent_loop.run_until_complete(_query(7)) == 7
+
+
+def test_fork_waits_for_the_registry_lock_and_the_child_gets_it_free(
+    parent_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The registry's own lock is taken by the fork (before it) and let go on both sides."""
+    registry = GlobalNeo4jConnectionPool()
+    status = _fork_holding(registry._lock, lambda: _in_child(lambda: registry._lock), 0.3)
+    assert status == 0, f"the child failed or hung (exit status {status})"
+    assert registry._lock.acquire(timeout=5)  # and the parent's is free again
+    registry._lock.release()
