@@ -11,9 +11,10 @@ one task never waits for a second lease, so it cannot deadlock even at
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from neo4j import AsyncDriver, AsyncSession
 
@@ -22,6 +23,8 @@ from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
+
+T = TypeVar("T")
 
 
 class _Holding:
@@ -236,29 +239,21 @@ class PooledSession:
         return f"<PooledSession {state}, {self._kwargs.get('database') or '(default database)'}>"
 
 
-async def execute_query(
-    query: Any,
-    parameters: dict[str, Any] | None = None,
-    database: str | None = None,
-    *,
-    timeout: float | None = None,
+async def on_lease(
+    action: str,
+    work: Callable[[AsyncDriver, PooledConnectionManager], Awaitable[T]],
     registry: GlobalNeo4jConnectionPool | None = None,
-    **kwargs: Any,
-) -> Any:
-    """``driver.execute_query`` on a lease of the running loop's pool (this task's, if held)."""
-    pool = (registry or GlobalNeo4jConnectionPool()).running_loop_pool("execute_query")
+) -> T:
+    """``work(driver, lease)`` on a lease of the running loop's pool (this task's, if held)."""
+    pool = (registry or GlobalNeo4jConnectionPool()).running_loop_pool(action)
     lease = _held_by_this_task(pool)
     if lease is not None:
-        return await lease.driver_now().execute_query(
-            query, parameters, database_=database, **kwargs
-        )
-    lease = await pool.borrow(timeout)
+        return await work(lease.driver_now(), lease)
+    lease = await pool.borrow()
     holding = _hold(lease)
     error: BaseException | None = None
     try:
-        return await lease.driver_now().execute_query(
-            query, parameters, database_=database, **kwargs
-        )
+        return await work(lease.driver_now(), lease)
     except BaseException as exc:
         error = exc
         raise

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from neopool.borrowed import BorrowedConnection, PooledSession, execute_query
+from neo4j import AsyncDriver
+
+from neopool.borrowed import BorrowedConnection, PooledSession, on_lease
 from neopool.config import Neo4jConnectionConfig
+from neopool.database import DEFAULT_SCHEMA, Schema, preparer
+from neopool.lease import PooledConnectionManager
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import PoolStats
 
@@ -50,7 +54,28 @@ class Neo4jConnectionFactory:
         summary, keys) unless a ``result_transformer_`` says otherwise. Uses the
         task's lease where it holds one, like :meth:`session`.
         """
-        return await execute_query(query, parameters, database, **kwargs)
+
+        async def run(driver: AsyncDriver, _: PooledConnectionManager) -> Any:
+            return await driver.execute_query(query, parameters, database_=database, **kwargs)
+
+        return await on_lease("execute_query", run)
+
+    @staticmethod
+    async def prepare_database(
+        workspace: str | None = None,
+        database: str | None = None,
+        *,
+        schema: Schema | None = DEFAULT_SCHEMA,
+    ) -> str | None:
+        """:meth:`BorrowedConnection.prepare_database` on a lease of its own (or the task's).
+
+        Once per process: later calls, from any loop or thread, run no Cypher.
+        """
+
+        async def prepare(driver: AsyncDriver, lease: PooledConnectionManager) -> str | None:
+            return await preparer.prepare(driver, lease.pool.config, workspace, database, schema)
+
+        return await on_lease("prepare_database", prepare)
 
     @staticmethod
     def set_config(config: Neo4jConnectionConfig) -> None:
