@@ -94,8 +94,8 @@ def measure(target: Target, quick: bool) -> dict[str, Any]:
                 ),
                 "one_query": await side_by_side(
                     variants(target.database, query=True),
-                    rounds=20 if quick else 300,
-                    block=20,
+                    rounds=20 if quick else 1000,
+                    block=10,
                 ),
             }
         finally:

@@ -44,9 +44,13 @@ class _Holding:
         self.active = True
 
     def end(self) -> None:
-        """Stop lending the lease, and uncover the holding it covered (in its own task only)."""
+        """Stop lending the lease, and uncover the holding it covered.
+
+        Only a context that shows this holding is changed: its own task's, or
+        that of a task it spawned that ends it (each has its own copy).
+        """
         self.active = False
-        if _holding.get() is self and asyncio.current_task() is self.task:
+        if _holding.get() is self:
             _holding.set(self.previous)
 
 
