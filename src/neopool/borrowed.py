@@ -224,6 +224,9 @@ class PooledSession:
         if session is None:
             return
         error = exc
+        if isinstance(exc, GeneratorExit):  # the coroutine is being closed: it cannot await
+            self._give_back(exc)
+            return
         try:  # closes the session; on cancellation, without waiting for the server
             await session.__aexit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
         except BaseException as close_error:

@@ -182,7 +182,7 @@ class DatabasePreparer:
         config: Neo4jConnectionConfig,
         workspace: str | None,
         database: str | None = None,
-        schema: Schema | None = None,
+        schema: Schema | None = DEFAULT_SCHEMA,
     ) -> str | None:
         """The database to use for ``workspace``, with ``schema``; prepared on first call only.
 
