@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -479,3 +480,5 @@ async def test_without_the_fallback_a_database_that_cannot_be_created_is_an_erro
     assert await schema_on(workspace, "neo4j") == before == ([], [])  # nothing written
     assert prepared_for(workspace) == []  # not cached: a later call tries again
     assert "using the default database" not in caplog.text
+    copy = pickle.loads(pickle.dumps(raised.value))  # as Celery sends a task's error back
+    assert (str(copy), copy.database) == (message, raised.value.database)

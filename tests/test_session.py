@@ -232,3 +232,22 @@ def test_a_session_works_in_loops_of_their_own(configure: Callable[..., Any]) ->
 
     assert asyncio.run(one()) == 1
     assert asyncio.run(one()) == 1
+
+
+async def test_a_lease_held_for_an_objects_life_is_lent_only_to_the_task_that_took_it(
+    configure: Callable[..., Any],
+) -> None:
+    """The design note's pattern: __aenter__ in initialize(), __aexit__ in finalize()."""
+    configure(pool_max_size=2, pool_min_size=0)
+    borrowed = Neo4jConnectionFactory.borrow_connection()
+    await asyncio.create_task(borrowed.__aenter__())  # initialize() ran in another task
+    pool = await this_loops_pool()
+
+    async def one_session() -> int:
+        async with Neo4jConnectionFactory.session(database="neo4j") as session:
+            await session.run("RETURN 1")
+            return pool.in_use
+
+    assert await one_session() == 2  # this task does not hold that lease: it borrows
+    await borrowed.__aexit__(None, None, None)
+    assert pool.in_use == 0
