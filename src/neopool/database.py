@@ -131,7 +131,7 @@ class Schema:
         return self.label if self.label is not None else workspace
 
     def describe(self, workspace: str) -> str:
-        """``uniqueness constraint on :`base`(entity_id)``, for logs."""
+        """``uniqueness constraint on :`base`(`entity_id`)``, for logs."""
         what = "uniqueness constraint" if self.kind == "constraint" else "index"
         return f"{what} on :{_shown_label(self.label_for(workspace))}({_shown_label(self.key)})"
 
