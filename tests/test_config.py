@@ -80,6 +80,48 @@ def test_explicit_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyP
     assert config.pool_max_size == 4
 
 
+def test_from_env_lets_the_environment_override_the_applications_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NEO4J_URI", "bolt://from-env:7687")
+    monkeypatch.setenv("NEOPOOL_POOL_MAX_SIZE", "4")
+    config = Neo4jConnectionConfig.from_env(
+        uri="bolt://app-default:7687", pool_max_size=20, pool_min_size=1, username="app"
+    )
+    assert config.uri == "bolt://from-env:7687"  # the environment wins over the application
+    assert config.pool_max_size == 4
+    assert config.pool_min_size == 1  # the application's default, where no variable is set
+    assert config.username == "app"
+    assert config.borrow_timeout == 30.0  # neopool's default, where neither says
+
+
+def test_from_env_without_the_environment_is_the_applications_defaults() -> None:
+    config = Neo4jConnectionConfig.from_env(uri="bolt://localhost:7687", database_fallback=False)
+    assert config.uri == "bolt://localhost:7687"
+    assert config.database_fallback is False
+    assert config == Neo4jConnectionConfig(uri="bolt://localhost:7687", database_fallback=False)
+
+
+def test_from_env_refuses_a_default_that_is_not_a_setting() -> None:
+    with pytest.raises(ConfigError, match="pool_max_sise is not a setting; known settings are"):
+        Neo4jConnectionConfig.from_env(uri="bolt://h", pool_max_sise=3)
+
+
+def test_from_env_checks_what_it_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEOPOOL_POOL_MIN_SIZE", "50")
+    with pytest.raises(ConfigError, match="pool_min_size \\(50\\) exceeds pool_max_size \\(20\\)"):
+        Neo4jConnectionConfig.from_env(uri="bolt://h", pool_max_size=20)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("0", False), ("true", True)])
+def test_database_fallback_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    assert Neo4jConnectionConfig(uri="bolt://h").database_fallback is True  # today's behaviour
+    monkeypatch.setenv("NEOPOOL_DATABASE_FALLBACK", value)
+    assert Neo4jConnectionConfig(uri="bolt://h").database_fallback is expected
+
+
 def test_blank_database_means_derive_it_from_the_workspace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

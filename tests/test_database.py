@@ -1,10 +1,11 @@
-"""prepare_database: LightRAG's rules, once per process, safe for any workspace name."""
+"""prepare_database: LightRAG's rules for the database, the caller's schema, once per process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -14,8 +15,14 @@ import pytest
 from neo4j import AsyncDriver, AsyncGraphDatabase
 
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
-from neopool.database import database_name_for, effective_workspace, preparer, quote_identifier
-from neopool.errors import InvalidName, PrepareTimeout
+from neopool.database import (
+    Schema,
+    database_name_for,
+    effective_workspace,
+    preparer,
+    quote_identifier,
+)
+from neopool.errors import InvalidName, MissingDatabase, PrepareTimeout
 from neopool.testing import BoltTarget, TcpProxy
 
 pytestmark = pytest.mark.usefixtures("neopool_registry")
@@ -328,3 +335,150 @@ async def test_names_are_logged_quoted_and_cut_short(caplog: pytest.LogCaptureFi
         assert "x" * 100 not in message
     assert any(repr(workspace[:60]) in message for message in messages)
     assert any(f"…({len(workspace)} characters)" in message for message in messages)
+
+
+# -- the schema is the caller's --------------------------------------------------------------
+async def schema_on(label: str, database: str | None) -> tuple[list[list[str]], list[list[str]]]:
+    """(properties with a uniqueness constraint, properties with any index) on ``label``."""
+    constraints, _, _ = await Neo4jConnectionFactory.execute_query(
+        "SHOW CONSTRAINTS", database=database
+    )
+    indexes, _, _ = await Neo4jConnectionFactory.execute_query("SHOW INDEXES", database=database)
+    unique = [
+        list(c["properties"])
+        for c in constraints
+        if c["labelsOrTypes"] == [label] and c["type"] in ("UNIQUENESS", "NODE_PROPERTY_UNIQUENESS")
+    ]
+    indexed = [list(i["properties"]) for i in indexes if i["labelsOrTypes"] == [label]]
+    return unique, indexed
+
+
+async def test_a_plain_index_on_a_label_and_key_of_the_callers_choice() -> None:
+    workspace, label = unique("tenant"), unique("Node")
+    database = await Neo4jConnectionFactory.prepare_database(
+        workspace, "neo4j", schema=Schema.index(label=label, key="node_id")
+    )
+    assert await schema_on(label, database) == ([], [["node_id"]])
+    assert await schema_on(workspace, database) == ([], [])  # the workspace label is untouched
+
+
+async def test_a_uniqueness_constraint_on_a_label_of_the_callers_choice() -> None:
+    workspace, label = unique("tenant"), unique("Shared")
+    database = await Neo4jConnectionFactory.prepare_database(
+        workspace, "neo4j", schema=Schema.unique(label=label)
+    )
+    unique_keys, indexed = await schema_on(label, database)
+    assert unique_keys == [["entity_id"]]
+    assert ["entity_id"] in indexed
+    assert preparer.unique_keys[(database, label, "entity_id")] is True
+    assert await schema_on(workspace, database) == ([], [])
+
+
+async def test_no_schema_creates_nothing() -> None:
+    workspace = unique("bare")
+    statements = preparer.statements_run
+    database = await Neo4jConnectionFactory.prepare_database(workspace, "neo4j", schema=None)
+    assert await schema_on(workspace, database) == ([], [])
+    assert preparer.statements_run - statements == 1  # the database probe only
+
+
+async def test_an_index_schema_keeps_an_existing_plain_index_and_adds_no_constraint() -> None:
+    label = unique("Indexed")
+    await Neo4jConnectionFactory.execute_query(
+        f"CREATE INDEX {quote_identifier(label + '_own')} IF NOT EXISTS "
+        f"FOR (n:{quote_identifier(label)}) ON (n.entity_id)",
+        database="neo4j",
+    )
+    before = await schema_on(label, "neo4j")
+    await Neo4jConnectionFactory.prepare_database(
+        unique("ws"), "neo4j", schema=Schema.index(label=label)
+    )
+    assert await schema_on(label, "neo4j") == before == ([], [["entity_id"]])
+
+
+async def test_the_schema_is_part_of_what_is_cached() -> None:
+    workspace = unique("twice")
+    await Neo4jConnectionFactory.prepare_database(workspace, "neo4j", schema=None)
+    statements = preparer.statements_run
+    await Neo4jConnectionFactory.prepare_database(workspace, "neo4j", schema=Schema.index())
+    assert preparer.statements_run > statements  # a new choice is prepared, not served cached
+    assert await schema_on(workspace, "neo4j") == ([], [["entity_id"]])
+    statements = preparer.statements_run
+    await Neo4jConnectionFactory.prepare_database(workspace, "neo4j", schema=Schema.index())
+    assert preparer.statements_run == statements
+
+
+async def test_the_log_line_says_what_was_created_on_which_label_in_which_database(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    workspace, label = unique("logged"), unique("Node")
+    with caplog.at_level(logging.INFO, logger="neopool"):
+        await Neo4jConnectionFactory.prepare_database(
+            workspace, "neo4j", schema=Schema.index(label=label, key="node_id")
+        )
+        await Neo4jConnectionFactory.prepare_database(unique("nothing"), "neo4j", schema=None)
+    messages = [r.getMessage() for r in caplog.records if "prepared in database" in r.getMessage()]
+    assert messages[0] == (
+        f"neopool: workspace {workspace!r} prepared in database 'neo4j': "
+        f"index on :`{label}`(`node_id`)"
+    )
+    assert messages[1].endswith("prepared in database 'neo4j': no schema asked for")
+
+
+def test_a_schema_refuses_what_it_cannot_create() -> None:
+    with pytest.raises(ValueError, match="Schema kind 'unique'"):
+        Schema("unique")  # type: ignore[arg-type]
+    with pytest.raises(InvalidName, match="label is empty"):
+        Schema.index(label=" ")
+    with pytest.raises(InvalidName, match="lone surrogate"):
+        Schema.unique(key="k\ud800")
+
+
+async def test_on_neo4j_a_plain_index_is_replaced_only_when_the_constraint_is_asked_for(
+    neopool_bolt: BoltTarget,
+) -> None:
+    """Neo4j refuses a constraint where a plain index covers the key; ArcadeDB does not."""
+    if not neopool_bolt.is_neo4j:
+        pytest.skip("only Neo4j refuses a constraint over a plain index (NEOPOOL_TEST_NEO4J_URI)")
+    label = unique("Legacy")
+    await Neo4jConnectionFactory.execute_query(
+        f"CREATE INDEX IF NOT EXISTS FOR (n:{quote_identifier(label)}) ON (n.entity_id)",
+        database="neo4j",
+    )
+    await Neo4jConnectionFactory.prepare_database(
+        unique("a"), "neo4j", schema=Schema.index(label=label)
+    )
+    assert await schema_on(label, "neo4j") == ([], [["entity_id"]])
+    await Neo4jConnectionFactory.prepare_database(
+        unique("b"), "neo4j", schema=Schema.unique(label=label)
+    )
+    unique_keys, indexed = await schema_on(label, "neo4j")
+    assert unique_keys == [["entity_id"]]
+    assert indexed == [["entity_id"]]  # the constraint's own index only
+
+
+# -- database_fallback -----------------------------------------------------------------------
+async def test_without_the_fallback_a_database_that_cannot_be_created_is_an_error(
+    neopool_bolt: BoltTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    if neopool_bolt.is_neo4j:
+        pytest.skip("whether a database can be created depends on the Neo4j edition")
+    GlobalNeo4jConnectionPool.set_config(neopool_bolt.config(database_fallback=False))
+    workspace = unique("tenant")
+    before = await schema_on(workspace, "neo4j")
+    statements = preparer.statements_run
+    with (
+        caplog.at_level(logging.WARNING, logger="neopool"),
+        pytest.raises(MissingDatabase) as raised,
+    ):
+        await Neo4jConnectionFactory.prepare_database(workspace)
+    message = str(raised.value)
+    assert raised.value.database == database_name_for(workspace)
+    assert f"database {database_name_for(workspace)!r} does not exist" in message
+    assert "database_fallback is off (NEOPOOL_DATABASE_FALLBACK=false)" in message
+    assert preparer.statements_run - statements == 2  # the probe and CREATE DATABASE, no more
+    assert await schema_on(workspace, "neo4j") == before == ([], [])  # nothing written
+    assert prepared_for(workspace) == []  # not cached: a later call tries again
+    assert "using the default database" not in caplog.text
+    copy = pickle.loads(pickle.dumps(raised.value))  # as Celery sends a task's error back
+    assert (str(copy), copy.database) == (message, raised.value.database)

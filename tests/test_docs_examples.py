@@ -38,7 +38,7 @@ from neopool.testing import BoltTarget
 from polling import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 _BLOCK = re.compile(
     r"(?:^<!--\s*example:\s*(?P<directive>[^>]*?)\s*-->[ \t]*\n)?"

@@ -12,13 +12,15 @@ The layers, from the outside in::
 
 from neopool import _fork  # noqa: F401  (registers the fork hook)
 from neopool._version import __version__
-from neopool.borrowed import BorrowedConnection
+from neopool.borrowed import BorrowedConnection, PooledSession
 from neopool.config import Neo4jConnectionConfig
+from neopool.database import Schema
 from neopool.errors import (
     ConfigError,
     CredentialsTimeout,
     InvalidName,
     LeaseError,
+    MissingDatabase,
     NeopoolError,
     NoRunningLoop,
     PoolClosed,
@@ -41,6 +43,7 @@ __all__ = [
     "GlobalNeo4jConnectionPool",
     "InvalidName",
     "LeaseError",
+    "MissingDatabase",
     "Neo4jConnectionConfig",
     "Neo4jConnectionFactory",
     "NeopoolError",
@@ -49,7 +52,9 @@ __all__ = [
     "PoolStats",
     "PoolTimeout",
     "PooledConnectionManager",
+    "PooledSession",
     "PrepareTimeout",
+    "Schema",
     "UnsafeStatsDir",
     "__version__",
     "run",

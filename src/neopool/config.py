@@ -66,9 +66,16 @@ def _env(name: str, default: Any = ..., **constraints: Any) -> Any:
 class Neo4jConnectionConfig(BaseSettings):
     """Settings of the Neo4j driver of each event loop and of its lease pool.
 
-    Explicit arguments win over environment variables; anything not passed is
-    read from the environment, then falls back to the default. The password is
-    a :class:`pydantic.SecretStr` and never appears in ``repr``, logs or stats.
+    Precedence, highest first:
+
+    * ``Neo4jConnectionConfig(**arguments)``: the arguments, then the
+      environment, then neopool's defaults (an argument is final);
+    * ``Neo4jConnectionConfig.from_env(**defaults)``: the environment, then the
+      application's ``defaults``, then neopool's (deployment can change any
+      of them).
+
+    The password is a :class:`pydantic.SecretStr` and never appears in
+    ``repr``, logs or stats.
     """
 
     model_config = SettingsConfigDict(
@@ -218,6 +225,15 @@ class Neo4jConnectionConfig(BaseSettings):
         gt=0,
         description="Seconds prepare_database may take, waiting for another caller included.",
     )
+    database_fallback: bool = _env(
+        "NEOPOOL_DATABASE_FALLBACK",
+        True,
+        description=(
+            "Where the database cannot be created (Neo4j Community, ArcadeDB), use the "
+            "server's default one, with a warning; false makes that an error (MissingDatabase), "
+            "for schemas that separate tenants by database only."
+        ),
+    )
 
     def __init__(self, **values: Any) -> None:
         if values.get("credentials") is not None and (
@@ -231,6 +247,34 @@ class Neo4jConnectionConfig(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+
+    @classmethod
+    def from_env(cls, **defaults: Any) -> Neo4jConnectionConfig:
+        """The environment's settings, with the application's ``defaults`` for the rest.
+
+        Each ``NEO4J_*``/``NEOPOOL_*`` variable that is set wins over the
+        default given here for its setting; ``defaults`` win over neopool's own.
+        Use it in every process (web app, worker, script), so that one set of
+        variables configures them all::
+
+            Neo4jConnectionConfig.from_env(uri="bolt://localhost:7687", pool_max_size=20)
+
+        A value the environment must not change goes to the constructor instead.
+        """
+        unknown = [name for name in defaults if not _field_for(name)]
+        if unknown:
+            known = ", ".join(cls.model_fields)
+            raise ConfigError(
+                f"invalid Neo4jConnectionConfig.from_env: {', '.join(sorted(unknown))} "
+                f"is not a setting; known settings are: {known}"
+            )
+        environment = _Environment(cls)()
+        values = {
+            name: value
+            for name, value in defaults.items()
+            if env_name(_field_for(name)) not in environment
+        }
+        return cls(**values)
 
     @classmethod
     def settings_customise_sources(

@@ -106,3 +106,20 @@ class CredentialsTimeout(NeopoolError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[CredentialsTimeout], tuple[str, float]]:
         return (type(self), (self.provider, self.timeout))
+
+
+class MissingDatabase(NeopoolError, LookupError):
+    """The database to use does not exist and cannot be created, and falling back is off.
+
+    Raised by ``prepare_database`` where ``database_fallback`` is ``False``
+    (``NEOPOOL_DATABASE_FALLBACK=false``) instead of using the server's default
+    database, which would put every workspace in one database. Nothing is
+    written anywhere, and nothing is cached: a later call tries again.
+    """
+
+    def __init__(self, message: str, database: str) -> None:
+        self.database = database
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[MissingDatabase], tuple[str, str]]:
+        return (type(self), (str(self), self.database))

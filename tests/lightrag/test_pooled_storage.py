@@ -328,7 +328,7 @@ async def test_a_write_that_loses_the_race_for_an_entity_is_run_again(
     storage = storage_factory()
     await storage.initialize()
     try:
-        assert preparer.unique_entity_ids[(storage._DATABASE, storage.workspace)]
+        assert preparer.unique_keys[(storage._DATABASE, storage.workspace, "entity_id")]
         await storage.upsert_node("taken", node("taken"))
         label = storage._get_workspace_label()
         attempts: list[str] = []

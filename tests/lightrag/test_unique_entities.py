@@ -64,7 +64,7 @@ async def test_a_new_workspace_gets_a_uniqueness_constraint(
     workspace = new_workspace("unique")
     database = await prepare(workspace)
     assert await schema(workspace, database) == (True, True)
-    assert preparer.unique_entity_ids[(database, workspace)] is True
+    assert preparer.unique_keys[(database, workspace, "entity_id")] is True
     label = quote_identifier(workspace)
     await run(f"CREATE (:{label} {{entity_id: 'x'}})", database)
     with pytest.raises(ConstraintError):
@@ -81,7 +81,7 @@ async def test_a_workspace_with_lightrags_plain_index_gets_the_constraint_too(
     await run(f"UNWIND range(1, 5) AS i CREATE (:{label} {{entity_id: 'e' + toString(i)}})")
     database = await prepare(workspace)
     assert await schema(workspace, database) == (True, True)
-    assert preparer.unique_entity_ids[(database, workspace)] is True
+    assert preparer.unique_keys[(database, workspace, "entity_id")] is True
 
 
 async def test_existing_duplicates_keep_the_index_and_are_counted_in_one_warning(
@@ -97,7 +97,7 @@ async def test_existing_duplicates_keep_the_index_and_are_counted_in_one_warning
     caplog.set_level(logging.WARNING, logger="neopool")
     database = await prepare(workspace)
     assert await schema(workspace, database) == (False, True)
-    assert preparer.unique_entity_ids[(database, workspace)] is False
+    assert preparer.unique_keys[(database, workspace, "entity_id")] is False
     warnings = [
         r.getMessage() for r in caplog.records if "entity_id is not unique" in r.getMessage()
     ]

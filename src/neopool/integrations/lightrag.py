@@ -51,7 +51,7 @@ from neo4j.exceptions import AuthError, ClientError, ConstraintError, TransientE
 
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
-from neopool.database import database_name_for, shown
+from neopool.database import Schema, database_name_for, shown
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import EventLoopConnectionPool
@@ -63,6 +63,11 @@ logger = logging.getLogger("neopool")
 _T = TypeVar("_T")
 
 STORAGE_NAME = "PooledNeo4JStorage"
+
+#: What LightRAG's graph needs in its database: ``entity_id`` unique on the workspace's
+#: label (stock LightRAG makes a plain index there; the constraint also stops two
+#: processes from creating one entity twice, and replaces that index where Neo4j insists).
+LIGHTRAG_SCHEMA = Schema.unique(label=None, key="entity_id")
 
 #: Attempts after the first for a write that lost a race to create the same entity.
 _LOST_RACE_RETRIES = 5
@@ -408,7 +413,7 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
             config = lease.pool.config
             # Neo4JStorage names the database after the namespace, not the workspace.
             database = await borrowed.prepare_database(
-                self.workspace, database_name_for(self.namespace)
+                self.workspace, database_name_for(self.namespace), schema=LIGHTRAG_SCHEMA
             )
         if self._driver is not None:
             return  # a concurrent initialize() of this storage finished first
