@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/*.md runs here, against a real server.
+"""Every ```python block of README.md and docs/**/*.md runs here, against a real server.
 
 Each block runs as a script in a fresh interpreter, in a working directory
 shared by the blocks of its page, with ``NEO4J_URI``, ``NEO4J_USERNAME`` and
@@ -16,7 +16,9 @@ before a block changes what happens to it:
 ``<!-- example: skip <reason> -->``
     only compile the block (for the few that cannot run on their own).
 
-The configuration table in README.md is also checked against the model here.
+Fragments that cannot run on their own use a ```py or ```text fence instead,
+which this file leaves alone. The configuration table of
+docs/reference/configuration.md is also checked against the model here.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from neopool.testing import BoltTarget
 from polling import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+CONFIG_PAGE = ROOT / "docs" / "reference" / "configuration.md"
 
 _BLOCK = re.compile(
     r"(?:^<!--\s*example:\s*(?P<directive>[^>]*?)\s*-->[ \t]*\n)?"
@@ -102,9 +105,9 @@ def test_the_configuration_table_matches_the_model() -> None:
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (ROOT / "README.md").read_text()
-    assert module.render(readme) == readme, (
-        "README.md's configuration table is out of date: run "
+    page = CONFIG_PAGE.read_text()
+    assert module.render(page) == page, (
+        "docs/reference/configuration.md's table is out of date: run "
         "'python scripts/config_table.py --write'"
     )
 
@@ -132,12 +135,12 @@ def test_links_point_somewhere(page: Path) -> None:
             missing_anchor = anchor not in _anchors(linked.read_text())
         if missing_anchor or not linked.exists():
             broken.append(target)
-    assert not broken, f"{page.name} links to what does not exist: {broken}"
+    assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
 
 
 def _workdir(page: Path, base: Path) -> Path:
     """The page's directory, with every ``file`` block of the page written into it."""
-    workdir = base / page.stem
+    workdir = base / str(page.relative_to(ROOT).with_suffix("")).replace("/", "-")
     workdir.mkdir(parents=True, exist_ok=True)
     for example in EXAMPLES:
         if example.page == page and example.action == "file":
