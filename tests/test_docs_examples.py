@@ -41,7 +41,6 @@ from polling import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-CONFIG_PAGE = ROOT / "docs" / "reference" / "configuration.md"
 
 _BLOCK = re.compile(
     r"(?:^<!--\s*example:\s*(?P<directive>[^>]*?)\s*-->[ \t]*\n)?"
@@ -97,6 +96,9 @@ def test_skipped_examples_are_few_and_say_why() -> None:
     skipped = [e for e in EXAMPLES if e.action == "skip"]
     assert all(e.argument for e in skipped), "a skipped example must give its reason"
     assert len(skipped) <= max(3, len(EXAMPLES) // 5), [e.id for e in skipped]
+
+
+CONFIG_PAGE = ROOT / "docs" / "reference" / "configuration.md"
 
 
 def test_the_configuration_table_matches_the_model() -> None:
