@@ -220,3 +220,23 @@ def test_example(
             _run([sys.executable, script.name], workdir, env, example.id)
     else:
         _run([sys.executable, script.name], workdir, env, example.id)
+
+
+#: The public modules: each has a page of the API reference generated from its docstrings.
+PUBLIC_MODULES = (
+    "neopool",
+    "neopool.runner",
+    "neopool.celery",
+    "neopool.integrations.lightrag",
+    "neopool.metrics",
+    "neopool.testing",
+)
+
+
+def test_the_api_reference_covers_every_public_module() -> None:
+    reference = "".join(p.read_text() for p in (ROOT / "docs/reference/api").glob("*.md"))
+    documented = set(re.findall(r"^::: ([\w.]+)\s*$", reference, re.MULTILINE))
+    assert documented == set(PUBLIC_MODULES), documented ^ set(PUBLIC_MODULES)
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
+    assert [p for p in pages if p not in nav] == [], "pages missing from mkdocs.yml's nav"
