@@ -1,12 +1,13 @@
-"""The README's configuration table, generated from ``Neo4jConnectionConfig``.
+"""The configuration reference's table, generated from ``Neo4jConnectionConfig``.
 
     python scripts/config_table.py           # print the table
-    python scripts/config_table.py --write   # rewrite it in README.md
-    python scripts/config_table.py --check   # exit 1 if README.md is out of date
+    python scripts/config_table.py --write   # rewrite it in docs/reference/configuration.md
+    python scripts/config_table.py --check   # exit 1 if that page is out of date
 
-The table sits in README.md between ``<!-- config-table:start -->`` and
-``<!-- config-table:end -->``; ``tests/test_docs_examples.py`` fails when it
-no longer matches the model, so it cannot drift from the code.
+The table sits in docs/reference/configuration.md between
+``<!-- config-table:start -->`` and ``<!-- config-table:end -->``;
+``tests/test_docs_examples.py`` fails when it no longer matches the model, so
+it cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic_core import PydanticUndefined
 
 from neopool.config import Neo4jConnectionConfig, env_name
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "configuration.md"
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
 
@@ -55,23 +56,23 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def render(readme: str) -> str:
-    """``readme`` with the text between the markers replaced by :func:`table`."""
-    head, start, rest = readme.partition(START)
+def render(page: str) -> str:
+    """``page`` with the text between the markers replaced by :func:`table`."""
+    head, start, rest = page.partition(START)
     _old, end, tail = rest.partition(END)
     if not start or not end:
-        raise SystemExit(f"README.md has no {START} ... {END} section")
+        raise SystemExit(f"{PAGE.name} has no {START} ... {END} section")
     return f"{head}{START}\n{table()}\n{END}{tail}"
 
 
 def main(argv: list[str]) -> int:
     if "--write" in argv:
-        README.write_text(render(README.read_text()))
+        PAGE.write_text(render(PAGE.read_text()))
         return 0
     if "--check" in argv:
-        text = README.read_text()
+        text = PAGE.read_text()
         if render(text) != text:
-            print("README.md's configuration table is out of date: run", file=sys.stderr)
+            print("docs/reference/configuration.md's table is out of date: run", file=sys.stderr)
             print("  python scripts/config_table.py --write", file=sys.stderr)
             return 1
         return 0

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/*.md runs here, against a real server.
+"""Every ```python block of README.md and docs/**/*.md runs here, against a real server.
 
 Each block runs as a script in a fresh interpreter, in a working directory
 shared by the blocks of its page, with ``NEO4J_URI``, ``NEO4J_USERNAME`` and
@@ -16,7 +16,9 @@ before a block changes what happens to it:
 ``<!-- example: skip <reason> -->``
     only compile the block (for the few that cannot run on their own).
 
-The configuration table in README.md is also checked against the model here.
+Fragments that cannot run on their own use a ```py or ```text fence instead,
+which this file leaves alone. The configuration table of
+docs/reference/configuration.md is also checked against the model here.
 """
 
 from __future__ import annotations
@@ -96,15 +98,18 @@ def test_skipped_examples_are_few_and_say_why() -> None:
     assert len(skipped) <= max(3, len(EXAMPLES) // 5), [e.id for e in skipped]
 
 
+CONFIG_PAGE = ROOT / "docs" / "reference" / "configuration.md"
+
+
 def test_the_configuration_table_matches_the_model() -> None:
     spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts/config_table.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (ROOT / "README.md").read_text()
-    assert module.render(readme) == readme, (
-        "README.md's configuration table is out of date: run "
+    page = CONFIG_PAGE.read_text()
+    assert module.render(page) == page, (
+        "docs/reference/configuration.md's table is out of date: run "
         "'python scripts/config_table.py --write'"
     )
 
@@ -132,12 +137,12 @@ def test_links_point_somewhere(page: Path) -> None:
             missing_anchor = anchor not in _anchors(linked.read_text())
         if missing_anchor or not linked.exists():
             broken.append(target)
-    assert not broken, f"{page.name} links to what does not exist: {broken}"
+    assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
 
 
 def _workdir(page: Path, base: Path) -> Path:
     """The page's directory, with every ``file`` block of the page written into it."""
-    workdir = base / page.stem
+    workdir = base / str(page.relative_to(ROOT).with_suffix("")).replace("/", "-")
     workdir.mkdir(parents=True, exist_ok=True)
     for example in EXAMPLES:
         if example.page == page and example.action == "file":
@@ -215,3 +220,23 @@ def test_example(
             _run([sys.executable, script.name], workdir, env, example.id)
     else:
         _run([sys.executable, script.name], workdir, env, example.id)
+
+
+#: The public modules: each has a page of the API reference generated from its docstrings.
+PUBLIC_MODULES = (
+    "neopool",
+    "neopool.runner",
+    "neopool.celery",
+    "neopool.integrations.lightrag",
+    "neopool.metrics",
+    "neopool.testing",
+)
+
+
+def test_the_api_reference_covers_every_public_module() -> None:
+    reference = "".join(p.read_text() for p in (ROOT / "docs/reference/api").glob("*.md"))
+    documented = set(re.findall(r"^::: ([\w.]+)\s*$", reference, re.MULTILINE))
+    assert documented == set(PUBLIC_MODULES), documented ^ set(PUBLIC_MODULES)
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
+    assert [p for p in pages if p not in nav] == [], "pages missing from mkdocs.yml's nav"

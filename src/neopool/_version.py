@@ -1,3 +1,3 @@
 """The version of neopool, in one place (read by hatch, the package and the default user agent)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
