@@ -15,9 +15,11 @@ from neopool._version import __version__
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import (
+    CallCancelled,
     ConfigError,
     InvalidName,
     LeaseError,
+    LoopAlreadyRunning,
     NeopoolError,
     NoRunningLoop,
     PoolClosed,
@@ -33,11 +35,13 @@ from neopool.stats import PoolStats
 
 __all__ = [
     "BorrowedConnection",
+    "CallCancelled",
     "ConfigError",
     "EventLoopConnectionPool",
     "GlobalNeo4jConnectionPool",
     "InvalidName",
     "LeaseError",
+    "LoopAlreadyRunning",
     "Neo4jConnectionConfig",
     "Neo4jConnectionFactory",
     "NeopoolError",

@@ -76,3 +76,13 @@ class LeaseError(NeopoolError, RuntimeError):
 
 class NoRunningLoop(NeopoolError, RuntimeError):
     """An async entry point was called where no event loop is running."""
+
+
+class LoopAlreadyRunning(NeopoolError, RuntimeError):
+    """``neopool.run()`` was called where an event loop is already running."""
+
+
+class CallCancelled(NeopoolError, RuntimeError):
+    """A ``neopool.run()`` call was cancelled from outside: by ``cancel_calls()``
+    (a Celery warm shutdown whose deadline passed) or because its loop closed or was
+    stopped. The message says which."""

@@ -58,9 +58,11 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
+from neopool import _fork, registry
 from neopool._ending_thread import run_off_ending_thread
 from neopool._release import keep_inherited_loop
-from neopool.errors import NeopoolError
+from neopool.config import DEFAULT_CLOSE_TIMEOUT
+from neopool.errors import CallCancelled, LoopAlreadyRunning, NeopoolError
 
 if sys.version_info >= (3, 11):
     from asyncio import Runner
@@ -84,8 +86,6 @@ class _Runner(Protocol):
     def get_loop(self) -> asyncio.AbstractEventLoop: ...
 
 
-#: Seconds a loop's close may take when the caller gives no deadline.
-DEFAULT_CLOSE_TIMEOUT = 10.0
 #: Seconds the process loop's thread may take to start running it.
 START_TIMEOUT = 5.0
 #: Seconds the tasks a call left behind get to finish after being cancelled.
@@ -100,15 +100,6 @@ _current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
 )
 
 
-class LoopAlreadyRunning(NeopoolError, RuntimeError):
-    """:func:`run` was called where an event loop is already running."""
-
-
-class CallCancelled(NeopoolError, RuntimeError):
-    """A :func:`run` call was cancelled from outside: by :func:`cancel_calls`
-    (a Celery warm shutdown whose deadline passed) or because its loop closed."""
-
-
 class _Call:
     """One :func:`run` call: its loop, its main task, the tasks its code spawned (weakly)."""
 
@@ -117,6 +108,7 @@ class _Call:
         "cancel_requested",
         "exit",
         "future",
+        "interrupt_handler",
         "loop",
         "main",
         "returned",
@@ -142,6 +134,8 @@ class _Call:
         #: SystemExit or KeyboardInterrupt its coroutine raised on the process loop,
         #: delivered to the caller once what the call spawned has ended.
         self.exit: BaseException | None = None
+        #: Set by :func:`deliver_interrupts`: takes a signal's exception on the loop.
+        self.interrupt_handler: Callable[[Exception], None] | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the call's coroutine, from any thread (before it starts, too)."""
@@ -154,6 +148,26 @@ class _Call:
     def _cancel_main(self) -> None:
         if self.main is not None and not self.main.done() and not self.returned:
             self.main.cancel(self.cancel_reason)
+
+    def interrupt(self, exc: BaseException) -> bool:
+        """A signal handler raised ``exc`` while the caller waited: on the loop's thread
+        with the loop idle, or from the waiting thread (then it happens on the loop).
+
+        An ``Exception`` goes to the call's interrupt handler if it has one (its outcome
+        is then the coroutine's); anything else, or without a handler, cancels the
+        coroutine. Whether the handler took it.
+        """
+        handler = self.interrupt_handler
+        if handler is None or not isinstance(exc, Exception):
+            self.cancel()
+            return False
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nothing runs
+            self.loop.call_soon_threadsafe(self._hand_over, handler, exc)
+        return True
+
+    def _hand_over(self, handler: Callable[[Exception], None], exc: Exception) -> None:
+        if self.main is not None and not self.main.done() and not self.returned:
+            handler(exc)
 
     def cancelled_error(self) -> BaseException:
         """What the caller gets when the call's coroutine was cancelled."""
@@ -237,14 +251,17 @@ class _PersistentLoop:
             if call.cancel_reason is not None:
                 raise call.cancelled_error() from exc
             raise
-        except BaseException:
+        except BaseException as exc:
             # Raised out of the loop by a signal handler (soft time limit, Ctrl-C)
-            # while the call was suspended: cancel it and let it clean up here.
+            # while the call was suspended: the coroutine takes it or is cancelled,
+            # and is run here until it has finished, within 2 x LEFTOVER_TIMEOUT.
             main = call.main
-            if main is not None and not main.done() and not self.loop.is_closed():
-                main.cancel()
-                with contextlib.suppress(BaseException):
-                    self.loop.run_until_complete(main)
+            if main is None or main.done() or self.loop.is_closed():
+                raise
+            taken = call.interrupt(exc)
+            _finish_within(self.loop, main, 2 * LEFTOVER_TIMEOUT)
+            if taken and main.done() and not main.cancelled():
+                return main.result()  # type: ignore[no-any-return]
             raise
         finally:
             _end(call)
@@ -267,6 +284,26 @@ class _PersistentLoop:
     def close_locked(self, timeout: float) -> None:
         """Close as ``asyncio.run`` would, cut short at ``timeout`` (the caller holds the lock)."""
         _close_runner(self.runner, self.loop, timeout, self.thread_name)
+
+
+def _finish_within(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], timeout: float
+) -> None:
+    """Run the idle ``loop`` until ``task`` is done, or ``timeout`` s have passed (then it
+    is left running, with a warning: a coroutine may swallow its cancellation)."""
+    stop = loop.call_later(timeout, loop.stop)
+    try:
+        with contextlib.suppress(BaseException):  # its outcome is read by the caller
+            loop.run_until_complete(task)
+    finally:
+        stop.cancel()
+    if not task.done():
+        logger.warning(
+            "neopool: a neopool.run() call interrupted by %s did not finish within %.0f s "
+            "(it ignored cancellation); left running on its loop",
+            "a signal",
+            timeout,
+        )
 
 
 def _bounded(timeout: float) -> float:
@@ -332,30 +369,62 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
 
 
 async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
+    """Cancel and await the tasks the call spawned, and those they spawn while being
+    cancelled, until none are left or ``LEFTOVER_TIMEOUT`` s have passed in all."""
     leftovers = [task for task in call.tasks if task is not me and not task.done()]
     if not leftovers:
         return
-    for task in leftovers:
-        task.cancel()
-    # The call's coroutine has ended, and its outcome stands: a cancel from outside
-    # now (a signal, its loop closing) does not replace it. The wait is shielded
-    # from it; only a closing loop, which cancels every task (this wait too, and
-    # then awaits them all itself), ends it early.
-    waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=LEFTOVER_TIMEOUT))
+    loop = call.loop
+    deadline = loop.time() + LEFTOVER_TIMEOUT
+    cancelled: set[asyncio.Task[Any]] = set()
     while True:
-        try:
-            _, stuck = await asyncio.shield(waiting)
+        for task in leftovers:
+            if task not in cancelled:
+                cancelled.add(task)
+                task.cancel()
+        # The call's coroutine has ended, and its outcome stands: a cancel from outside
+        # now (a signal, its loop closing) does not replace it. The wait is shielded
+        # from it; only a closing loop, which cancels every task (this wait too, and
+        # then awaits them all itself), ends it early.
+        left = max(0.0, deadline - loop.time())
+        waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=left))
+        while True:
+            try:
+                await asyncio.shield(waiting)
+                break
+            except asyncio.CancelledError:
+                if waiting.cancelled():
+                    return
+        # A leftover may have spawned more as it was cancelled (in its finally).
+        leftovers = [task for task in call.tasks if task is not me and not task.done()]
+        if not leftovers:
+            return
+        if loop.time() >= deadline:
             break
-        except asyncio.CancelledError:
-            if waiting.cancelled():
-                return
-    for task in stuck:
+    for task in leftovers:
         logger.warning(
             "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
             "cancellation for %.0f s; left running",
             task,
             LEFTOVER_TIMEOUT,
         )
+
+
+def deliver_interrupts(handler: Callable[[Exception], None]) -> None:
+    """In a :func:`run` call: give ``handler`` what a signal handler raises while the call
+    waits, instead of cancelling the call's coroutine.
+
+    Under Celery's prefork pool a soft time limit is such an exception, raised out of
+    the loop (or out of the waiting thread, in process-loop mode). ``handler`` is
+    called on the call's loop, with the loop idle between steps; it delivers the
+    exception into the coroutine (see ``neopool.celery.task``), and the call's
+    outcome is then the coroutine's, within ``2 x LEFTOVER_TIMEOUT``.
+    ``KeyboardInterrupt`` and ``SystemExit`` still cancel the coroutine.
+    """
+    call = _current_call.get()
+    if call is None:
+        raise RuntimeError("deliver_interrupts() is for code that a neopool.run() call runs")
+    call.interrupt_handler = handler
 
 
 @contextlib.contextmanager
@@ -479,14 +548,19 @@ class _ProcessLoop:
 
     def _serve(self) -> None:
         try:
-            self.loop.run_forever()
-        except BaseException as exc:  # a task raised SystemExit or KeyboardInterrupt
-            # asyncio stops the loop for it. Every call in flight ends with the loop,
-            # and its caller is told why; here, in the loop's thread, it ends.
-            reason = f"the process loop stopped: a task raised {exc!r}"
-            logger.warning("neopool: %s; calls in flight on it are cancelled", reason)
-            for call in _calls_on(self.loop):
-                call.cancel_reason = call.cancel_reason or reason
+            reason = None
+            try:
+                self.loop.run_forever()
+                if not self.closing:
+                    reason = "the process loop was stopped by code running on it (loop.stop())"
+            except BaseException as exc:  # a task raised SystemExit or KeyboardInterrupt
+                # asyncio stops the loop for it. Every call in flight ends with the loop,
+                # and its caller is told why; here, in the loop's thread, it ends.
+                reason = f"the process loop stopped: a task raised {exc!r}"
+            if reason is not None:
+                logger.warning("neopool: %s; calls in flight on it are cancelled", reason)
+                for call in _calls_on(self.loop):
+                    call.cancel_reason = call.cancel_reason or reason
         finally:
             self.closing = True
             deadline = self.deadline
@@ -596,13 +670,16 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
         break
     try:
         return future.result()
-    except BaseException:
-        if not future.done():
-            # Interrupted while waiting (a signal handler raised: soft time limit,
-            # Ctrl-C): cancel the coroutine and let it return its leases first.
-            call.cancel()
-            with contextlib.suppress(BaseException):
-                future.exception(timeout=2 * LEFTOVER_TIMEOUT)
+    except BaseException as exc:
+        if future.done():
+            raise
+        # Interrupted while waiting (a signal handler raised: soft time limit, Ctrl-C):
+        # the coroutine takes it or is cancelled, and returns its leases first.
+        taken = call.interrupt(exc)
+        with contextlib.suppress(BaseException):
+            future.exception(timeout=2 * LEFTOVER_TIMEOUT)
+        if taken and future.done() and not isinstance(future.exception(), asyncio.CancelledError):
+            return future.result()
         raise
 
 
@@ -957,11 +1034,7 @@ def _thread_ended(state: _PersistentLoop) -> None:
 
 def _sweep_pools() -> None:
     """Let the registry release pools of a loop that closed before they could."""
-    from neopool.registry import GlobalNeo4jConnectionPool
-
-    registry = GlobalNeo4jConnectionPool._instance
-    if registry is not None:
-        registry.sweep()
+    registry.sweep()
 
 
 @atexit.register
@@ -991,3 +1064,14 @@ def after_fork_in_child() -> None:
         keep_inherited_loop(inherited.loop)
     _calls_lock = threading.Lock()
     _calls.clear()
+
+
+class _Host:
+    """The runner, as the registry sees it (:class:`neopool.registry.LoopHost`)."""
+
+    owns = staticmethod(owns)
+    run_on_idle_loop = staticmethod(run_on_idle_loop)
+
+
+registry.set_loop_host(_Host())
+_fork.add_step(_fork.Step.LOOPS, after_fork_in_child)
