@@ -390,7 +390,7 @@ class _ThreadLoop:
 
     @property
     def closed(self) -> bool:
-        return self.state is LoopState.CLOSED or bool(self.loop.is_closed())
+        return self._state is LoopState.CLOSED or bool(self.loop.is_closed())
 
     def request_close(self, timeout: float, route: Route) -> None:
         """A close found the loop busy: whoever holds it closes it, within ``timeout``, as
