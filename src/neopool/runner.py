@@ -40,6 +40,11 @@ After ``fork`` the child forgets the parent's loops without closing them
 (closing a copied loop would unregister descriptors from the epoll instance the
 child shares with its parent). The process loop's thread does not exist in the
 child: its first call starts a loop of its own.
+
+Both kinds of loop move through one state machine (:class:`LoopState`), every
+move made by :func:`_move` for one of the :class:`Route` s by which a loop ends
+(``docs/architecture.md`` lists them in one table); the module's state is one
+object, :data:`_rt`, reset in one place after fork.
 """
 
 from __future__ import annotations
@@ -641,8 +646,10 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
     threads run on the one loop at once. As with ``asyncio.run``, tasks the
     coroutine spawned and left running are cancelled and awaited before this
     returns. If the call is interrupted (a Celery soft time limit,
-    ``KeyboardInterrupt``), the coroutine is cancelled and run until it has
-    finished, so leases it holds are returned before the exception propagates.
+    ``KeyboardInterrupt``), the coroutine is cancelled (or given the exception, see
+    :func:`deliver_interrupts`) and run until it has finished, at most
+    ``2 x LEFTOVER_TIMEOUT`` seconds, so leases it holds are returned before the
+    exception propagates.
 
     Raises :class:`LoopAlreadyRunning` when called from async code: ``await``
     the coroutine there instead; :class:`CallCancelled` when the call was
