@@ -170,6 +170,7 @@ MOVES: frozenset[tuple[LoopState, LoopState]] = frozenset(
 
 class _Stateful(Protocol):
     _state: LoopState
+    pid: int
 
     @property
     def state(self) -> LoopState: ...
@@ -179,9 +180,12 @@ def _move(loop: _Stateful, to: LoopState, route: Route) -> bool:
     """The one place a runner loop changes state: whether it moved (a move :data:`MOVES`
     does not have, such as closing a closed or inherited loop, changes nothing).
 
-    ``route`` says why; a debug log records each move.
+    ``route`` says why; a debug log records each move. In a forked child, an
+    inherited loop (its ``pid`` the parent's) moves only to ``INHERITED``.
     """
-    if (loop.state, to) not in MOVES:
+    if (loop._state, to) not in MOVES:
+        return False
+    if to is not LoopState.INHERITED and loop.pid != os.getpid():
         return False
     loop._state = to
     logger.debug("neopool: runner loop %r: %s (%s)", loop, to.value, route.value)
