@@ -146,3 +146,18 @@ def test_the_registry_does_not_import_the_runner() -> None:
     source = inspect.getsource(neopool.registry)
     assert "import runner" not in source
     assert "neopool.runner" not in source
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_lightrags_state_is_made_anew_by_its_step_of_the_one_fork_hook() -> None:
+    pytest.importorskip("lightrag")
+    from neopool.integrations import lightrag as integration
+
+    assert _fork.Step.LIGHTRAG in _fork.steps()
+    assert "register_at_fork" not in inspect.getsource(integration)
+    with integration._dropped.lock:  # held by a parent thread at the moment of fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child answers by its exit code
+            os._exit(0 if integration._dropped.lock.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
