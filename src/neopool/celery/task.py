@@ -22,13 +22,15 @@ Cancellation cancels only that task's coroutine, and its ``async with`` blocks
 return their leases before the task ends:
 
 * a soft time limit: under the threads and solo pools, which have no time
-  limits of their own, AsyncTask enforces it on the loop, cancelling the
-  coroutine when it runs out; under prefork Celery's signal interrupts the
-  wait and the coroutine is cancelled the same way (landing in a plain loop
-  callback, where asyncio would log it and go on, it is caught there and does
-  the same). The task fails with ``SoftTimeLimitExceeded``, unless its code
-  catches it (Celery's pattern for cleaning up) and returns. (A hard time
-  limit cannot stop a thread: under threads it is not enforced.)
+  limits of their own, AsyncTask enforces it on the loop; under prefork Celery's
+  signal comes while the loop waits (the runner hands it to the task) or in a
+  plain loop callback (where asyncio would log it and go on; it is caught there).
+  In every case ``SoftTimeLimitExceeded`` is thrown into the coroutine where it
+  waits, as a sync task gets it wherever it is: Celery's pattern (``except
+  SoftTimeLimitExceeded:`` clean up, return) works, and a task that returns
+  succeeds; one that does not has ``LEFTOVER_TIMEOUT`` seconds before it is
+  cancelled. The task otherwise fails with ``SoftTimeLimitExceeded``. (A hard
+  time limit cannot stop a thread: under threads it is not enforced.)
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
 * under threads, where Celery cannot signal a thread, a revoked running task
