@@ -127,10 +127,10 @@ def test_a_forked_child_sees_the_parents_loops_inherited_and_starts_empty() -> N
             os._exit(0)
     os.close(write)
     _, status = os.waitpid(pid, 0)
-    report = os.read(read, 16)
+    answer = os.read(read, 16)
     os.close(read)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert list(report) == [1] * 6
+    assert list(answer) == [1] * 6
     assert runner.thread_loop() is parent_loop  # the parent's is its own still
     runner.close_thread_loop()
 
