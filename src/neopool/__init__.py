@@ -16,10 +16,12 @@ from neopool.borrowed import BorrowedConnection, PooledSession
 from neopool.config import Neo4jConnectionConfig
 from neopool.database import Schema
 from neopool.errors import (
+    CallCancelled,
     ConfigError,
     CredentialsTimeout,
     InvalidName,
     LeaseError,
+    LoopAlreadyRunning,
     MissingDatabase,
     NeopoolError,
     NoRunningLoop,
@@ -37,12 +39,14 @@ from neopool.stats import PoolStats
 
 __all__ = [
     "BorrowedConnection",
+    "CallCancelled",
     "ConfigError",
     "CredentialsTimeout",
     "EventLoopConnectionPool",
     "GlobalNeo4jConnectionPool",
     "InvalidName",
     "LeaseError",
+    "LoopAlreadyRunning",
     "MissingDatabase",
     "Neo4jConnectionConfig",
     "Neo4jConnectionFactory",

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from neo4j import AsyncDriver
 from neo4j.exceptions import AuthError, ClientError, DatabaseError, Neo4jError
 
+from neopool import _fork
 from neopool.config import SURROGATE_FIX, Neo4jConnectionConfig, utf8_problem
 from neopool.errors import InvalidName, MissingDatabase, PrepareTimeout
 
@@ -642,3 +643,4 @@ def _timeout(problem: str, workspace: str, config: Neo4jConnectionConfig) -> Pre
 
 #: The process-wide cache used by :meth:`BorrowedConnection.prepare_database`.
 preparer = DatabasePreparer()
+_fork.add_step(_fork.Step.DATABASE, preparer.after_fork_in_child)

@@ -123,3 +123,13 @@ class MissingDatabase(NeopoolError, LookupError):
 
     def __reduce__(self) -> tuple[type[MissingDatabase], tuple[str, str]]:
         return (type(self), (str(self), self.database))
+
+
+class LoopAlreadyRunning(NeopoolError, RuntimeError):
+    """``neopool.run()`` was called where an event loop is already running."""
+
+
+class CallCancelled(NeopoolError, RuntimeError):
+    """A ``neopool.run()`` call was cancelled from outside: by ``cancel_calls()``
+    (a Celery warm shutdown whose deadline passed) or because its loop closed or was
+    stopped. The message says which."""

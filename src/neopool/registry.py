@@ -34,11 +34,12 @@ import os
 import threading
 import time
 import weakref
-from typing import ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Protocol
 
-from neopool import runner
+from neopool import _fork
 from neopool._ending_thread import run_off_ending_thread
-from neopool.config import Neo4jConnectionConfig
+from neopool.config import DEFAULT_CLOSE_TIMEOUT, Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, PoolState, create_driver
@@ -54,8 +55,52 @@ Ending = asyncio.Future[None] | concurrent.futures.Future[None]
 #: What ends a pool whose loop can never run again, as the warning about leases in use says it.
 _CANNOT_RUN = "the registry: its event loop can never run again (closed, or its thread ended)"
 
-#: Seconds ``close_all_pools()`` takes at most when no config says otherwise.
-DEFAULT_CLOSE_TIMEOUT = 5.0
+
+class LoopHost(Protocol):
+    """Who runs loops the registry does not (neopool's runner): told through
+    :func:`set_loop_host`, so the pool layer never imports the runner."""
+
+    def owns(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``loop`` is the host's (it then closes it when its thread ends)."""
+        ...
+
+    def run_on_idle_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        timeout: float,
+    ) -> concurrent.futures.Future[None] | None:
+        """Run ``work()`` on the host's idle ``loop`` within ``timeout``; ``None`` if not."""
+        ...
+
+
+class _NoHost:
+    def owns(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return False
+
+    def run_on_idle_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        timeout: float,
+    ) -> concurrent.futures.Future[None] | None:
+        return None
+
+
+_loop_host: LoopHost = _NoHost()
+
+
+def set_loop_host(host: LoopHost) -> None:
+    """Tell the registry about the loops ``host`` runs (the runner does, at import)."""
+    global _loop_host
+    _loop_host = host
+
+
+def sweep() -> int:
+    """Terminate the pools whose loops can never run again, if the registry exists;
+    return how many (a loop's owner calls it once it closed the loop)."""
+    registry = GlobalNeo4jConnectionPool._instance
+    return registry.sweep() if registry is not None else 0
 
 
 class LoopState(enum.Enum):
@@ -208,7 +253,7 @@ class GlobalNeo4jConnectionPool:
                     on_closed=self._pool_closed,
                 )
                 self._pools[loop] = weakref.ref(pool)
-        if not runner.owns(loop):  # the runner closes its own loops when their threads end
+        if not _loop_host.owns(loop):  # the runner closes its own loops when their threads end
             _watch_thread_end(self)
         self.sweep()
         return pool
@@ -282,7 +327,7 @@ class GlobalNeo4jConnectionPool:
         if state is LoopState.CURRENT:
             return asyncio.ensure_future(pool.close(timeout, reason=reason))
         if state is LoopState.IDLE:
-            ending = runner.run_on_idle_loop(
+            ending = _loop_host.run_on_idle_loop(
                 loop, lambda: pool.close(timeout, reason=reason), timeout
             )
             if ending is not None:
@@ -409,6 +454,23 @@ class GlobalNeo4jConnectionPool:
     def after_fork_in_parent(self) -> None:
         self._lock.release()
 
+    # The fork hook's step (neopool._fork runs it first), for the one registry if any.
+    @classmethod
+    def before_fork_step(cls) -> None:
+        if cls._instance is not None:
+            cls._instance.before_fork()
+
+    @classmethod
+    def after_fork_step_in_parent(cls) -> None:
+        if cls._instance is not None:
+            cls._instance.after_fork_in_parent()
+
+    @classmethod
+    def after_fork_step_in_child(cls) -> None:
+        cls._instance_lock = threading.Lock()
+        if cls._instance is not None:
+            cls._instance.after_fork_in_child()
+
 
 def _start_close(
     pool: EventLoopConnectionPool,
@@ -471,3 +533,11 @@ def _thread_ended(registry: GlobalNeo4jConnectionPool, thread: threading.Thread)
             )
 
     run_off_ending_thread(sweep, thread.ident, _SWEEP_WAIT)
+
+
+_fork.add_step(
+    _fork.Step.POOLS,
+    GlobalNeo4jConnectionPool.after_fork_step_in_child,
+    before=GlobalNeo4jConnectionPool.before_fork_step,
+    in_parent=GlobalNeo4jConnectionPool.after_fork_step_in_parent,
+)

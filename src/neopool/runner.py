@@ -40,6 +40,11 @@ After ``fork`` the child forgets the parent's loops without closing them
 (closing a copied loop would unregister descriptors from the epoll instance the
 child shares with its parent). The process loop's thread does not exist in the
 child: its first call starts a loop of its own.
+
+Both kinds of loop move through one state machine (:class:`LoopState`), every
+move made by :func:`_move` for one of the :class:`Route` s by which a loop ends
+(``docs/architecture.md`` lists them in one table); the module's state is one
+object, :data:`_rt`, reset in one place after fork.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import contextvars
+import enum
 import logging
 import os
 import sys
@@ -58,9 +64,11 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
+from neopool import _fork, registry
 from neopool._ending_thread import run_off_ending_thread
 from neopool._release import keep_inherited_loop
-from neopool.errors import NeopoolError
+from neopool.config import DEFAULT_CLOSE_TIMEOUT
+from neopool.errors import CallCancelled, LoopAlreadyRunning, NeopoolError
 
 if sys.version_info >= (3, 11):
     from asyncio import Runner
@@ -69,23 +77,40 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 logger = logging.getLogger("neopool")
 
-T = TypeVar("T")
+__all__ = [
+    "PROCESS_LOOP_THREAD",
+    "CallCancelled",
+    "LoopAlreadyRunning",
+    "calls_in_flight",
+    "cancel_calls",
+    "close_all_loops",
+    "close_process_loop",
+    "close_thread_loop",
+    "detached",
+    "loop_mode",
+    "loops",
+    "process_loop",
+    "run",
+    "thread_loop",
+    "use_process_loop",
+    "wait_for_calls",
+]
+
+_T = TypeVar("_T")
 
 
 class _Runner(Protocol):
     """What neopool uses of :class:`asyncio.Runner` (or its backport on 3.10)."""
 
     def run(
-        self, coro: Coroutine[Any, Any, T], *, context: contextvars.Context | None = None
-    ) -> T: ...
+        self, coro: Coroutine[Any, Any, _T], *, context: contextvars.Context | None = None
+    ) -> _T: ...
 
     def close(self) -> None: ...
 
     def get_loop(self) -> asyncio.AbstractEventLoop: ...
 
 
-#: Seconds a loop's close may take when the caller gives no deadline.
-DEFAULT_CLOSE_TIMEOUT = 10.0
 #: Seconds the process loop's thread may take to start running it.
 START_TIMEOUT = 5.0
 #: Seconds the tasks a call left behind get to finish after being cancelled.
@@ -94,19 +119,83 @@ LEFTOVER_TIMEOUT = 5.0
 #: Name of the thread that runs the process loop (see :func:`use_process_loop`).
 PROCESS_LOOP_THREAD = "neopool-process-loop"
 
+# -- how a loop ends: one machine for both kinds of loop -----------------------------------
+
+
+class LoopState(enum.Enum):
+    """Where a runner loop is on its way to its end.
+
+    An open thread's loop is idle or runs one call at a time: its lock, held by
+    whoever runs or closes it, tells which. The process loop runs until its close.
+    """
+
+    OPEN = "open"
+    #: A close found it busy: whoever holds it closes it as soon as it is done with it.
+    CLOSE_REQUESTED = "close requested"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    #: The parent's, in a forked child: forgotten and kept, never run or closed here.
+    INHERITED = "inherited through fork"
+
+
+class Route(enum.Enum):
+    """Every way a runner loop comes to its end (``docs/architecture.md`` lists them in one
+    table, which a test checks against this and :data:`MOVES`)."""
+
+    CLOSE_THREAD_LOOP = "close_thread_loop()"
+    CLOSE_THREAD_LOOP_IN_CALL = "close_thread_loop() inside a call on that loop"
+    CLOSE_ALL_LOOPS = "close_all_loops()"
+    EXIT = "interpreter exit"
+    THREAD_END = "the loop's thread ends"
+    AFTER_CALL = "its holder is done with it, after a close found it busy"
+    CLOSE_PROCESS_LOOP = "close_process_loop()"
+    LOOP_STOPPED = "code on the process loop stops it (loop.stop())"
+    LOOP_RAISED = "SystemExit or KeyboardInterrupt raised out of the process loop"
+    FORK = "fork, in the child"
+
+
+#: Every move a runner loop makes, ``(from, to)``; :func:`_move` makes no other.
+MOVES: frozenset[tuple[LoopState, LoopState]] = frozenset(
+    {
+        (LoopState.OPEN, LoopState.CLOSE_REQUESTED),
+        (LoopState.OPEN, LoopState.CLOSING),
+        (LoopState.CLOSE_REQUESTED, LoopState.CLOSING),
+        (LoopState.CLOSING, LoopState.CLOSED),
+        (LoopState.OPEN, LoopState.INHERITED),
+        (LoopState.CLOSE_REQUESTED, LoopState.INHERITED),
+        (LoopState.CLOSING, LoopState.INHERITED),
+    }
+)
+
+
+class _Stateful(Protocol):
+    _state: LoopState
+    pid: int
+
+    @property
+    def state(self) -> LoopState: ...
+
+
+def _move(loop: _Stateful, to: LoopState, route: Route) -> bool:
+    """The one place a runner loop changes state: whether it moved (a move :data:`MOVES`
+    does not have, such as closing a closed or inherited loop, changes nothing).
+
+    ``route`` says why; a debug log records each move. In a forked child, an
+    inherited loop (its ``pid`` the parent's) moves only to ``INHERITED``.
+    """
+    if (loop._state, to) not in MOVES:
+        return False
+    if to is not LoopState.INHERITED and loop.pid != os.getpid():
+        return False
+    loop._state = to
+    logger.debug("neopool: runner loop %r: %s (%s)", loop, to.value, route.value)
+    return True
+
+
 #: The call (of :func:`run`) whose code is running, for the tasks it spawns.
 _current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "neopool_current_call", default=None
 )
-
-
-class LoopAlreadyRunning(NeopoolError, RuntimeError):
-    """:func:`run` was called where an event loop is already running."""
-
-
-class CallCancelled(NeopoolError, RuntimeError):
-    """A :func:`run` call was cancelled from outside: by :func:`cancel_calls`
-    (a Celery warm shutdown whose deadline passed) or because its loop closed."""
 
 
 class _Call:
@@ -117,6 +206,7 @@ class _Call:
         "cancel_requested",
         "exit",
         "future",
+        "interrupt_handler",
         "loop",
         "main",
         "returned",
@@ -142,6 +232,8 @@ class _Call:
         #: SystemExit or KeyboardInterrupt its coroutine raised on the process loop,
         #: delivered to the caller once what the call spawned has ended.
         self.exit: BaseException | None = None
+        #: Set by :func:`deliver_interrupts`: takes a signal's exception on the loop.
+        self.interrupt_handler: Callable[[Exception], None] | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the call's coroutine, from any thread (before it starts, too)."""
@@ -155,6 +247,26 @@ class _Call:
         if self.main is not None and not self.main.done() and not self.returned:
             self.main.cancel(self.cancel_reason)
 
+    def interrupt(self, exc: BaseException) -> bool:
+        """A signal handler raised ``exc`` while the caller waited: on the loop's thread
+        with the loop idle, or from the waiting thread (then it happens on the loop).
+
+        An ``Exception`` goes to the call's interrupt handler if it has one (its outcome
+        is then the coroutine's); anything else, or without a handler, cancels the
+        coroutine. Whether the handler took it.
+        """
+        handler = self.interrupt_handler
+        if handler is None or not isinstance(exc, Exception):
+            self.cancel()
+            return False
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nothing runs
+            self.loop.call_soon_threadsafe(self._hand_over, handler, exc)
+        return True
+
+    def _hand_over(self, handler: Callable[[Exception], None], exc: Exception) -> None:
+        if self.main is not None and not self.main.done() and not self.returned:
+            handler(exc)
+
     def cancelled_error(self) -> BaseException:
         """What the caller gets when the call's coroutine was cancelled."""
         if self.cancel_reason is not None:
@@ -162,22 +274,85 @@ class _Call:
         return asyncio.CancelledError()
 
 
-#: Calls in flight on every runner loop of this process (a lock, not a condition:
-#: every call passes here, and only a shutdown waits for none, by looking again).
-_calls: set[_Call] = set()
-_calls_lock = threading.Lock()
+class _Runtime:
+    """The runner's state in this process, in one object; a forked child resets it in one
+    place (:meth:`after_fork_in_child`). It is also the registry's
+    :class:`~neopool.registry.LoopHost`."""
+
+    __slots__ = (
+        "calls",
+        "calls_lock",
+        "process",
+        "process_lock",
+        "process_mode",
+        "threads",
+        "threads_lock",
+    )
+
+    def __init__(self) -> None:
+        #: Whether :func:`run` uses the process loop (see :func:`use_process_loop`);
+        #: kept across fork.
+        self.process_mode = False
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        #: Every thread's loop in this process, by the thread that owns it.
+        self.threads: dict[int, _ThreadLoop] = {}
+        self.threads_lock = threading.Lock()
+        #: The process loop of this process, once started.
+        self.process: _ProcessLoop | None = None
+        self.process_lock = threading.Lock()
+        #: Calls in flight on every runner loop of this process (a lock, not a
+        #: condition: every call passes here, and only a shutdown waits for none, by
+        #: looking again).
+        self.calls: set[_Call] = set()
+        self.calls_lock = threading.Lock()
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's loops without closing them (see the module's docstring).
+
+        The process loop's thread did not come along: the child's first call in
+        process-loop mode starts a loop of its own. The parent's calls in flight are
+        not the child's to wait for or cancel.
+        """
+        inherited: list[_ThreadLoop | _ProcessLoop] = list(self.threads.values())
+        if self.process is not None:
+            inherited.append(self.process)
+        self._start_empty()
+        for state in inherited:
+            _move(state, LoopState.INHERITED, Route.FORK)
+            keep_inherited_loop(state.loop)
+            if isinstance(state, _ThreadLoop):
+                state.lock = threading.Lock()
+
+    # -- as the registry's LoopHost
+    def owns(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``loop`` is one of the runner's loops (a thread's or the process loop)."""
+        process = self.process
+        return (process is not None and process.loop is loop) or _state_of(loop) is not None
+
+    def run_on_idle_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        timeout: float,
+    ) -> concurrent.futures.Future[None] | None:
+        return _run_on_idle_loop(loop, work, timeout)
+
+
+_rt = _Runtime()
 #: Seconds between looks of :func:`wait_for_calls`.
 _WAIT_INTERVAL = 0.02
 
 
 def _begin(call: _Call) -> None:
-    with _calls_lock:
-        _calls.add(call)
+    with _rt.calls_lock:
+        _rt.calls.add(call)
 
 
 def _end(call: _Call) -> None:
-    with _calls_lock:
-        _calls.discard(call)
+    with _rt.calls_lock:
+        _rt.calls.discard(call)
 
 
 def _task_factory(
@@ -197,36 +372,47 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-class _PersistentLoop:
-    """One thread's loop; its lock makes running and closing exclusive."""
+class _ThreadLoop:
+    """One thread's loop. Its lock is held by whoever runs or closes it (running and
+    closing are exclusive); its state says how far it is on its way to its end."""
 
     def __init__(self, thread: threading.Thread) -> None:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
         self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
         self.thread_name = thread.name
         self.thread_ident = thread.ident
-        self.lock = threading.Lock()  # held while the loop runs or closes
+        self.lock = threading.Lock()
         self.pid = os.getpid()
-        #: Set by :meth:`close_after_call`: the thread closes it after the call it runs.
-        self.close_requested = False
+        self._state = LoopState.OPEN
+        #: The deadline the close asked while the loop was busy gave.
         self.close_timeout = DEFAULT_CLOSE_TIMEOUT
 
-    def close_after_call(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """A close found the loop busy: its thread closes it, within ``timeout``, as soon
-        as the call it is running returns (a thread cannot wait for its own loop)."""
-        self.close_timeout = timeout
-        self.close_requested = True
+    def __repr__(self) -> str:
+        return f"<thread loop of {self.thread_name}>"
 
-    def close_if_requested(self) -> None:
-        """Whoever holds the lock and is done with the loop: close it if a close was asked."""
-        if self.close_requested:
-            self.close_locked(self.close_timeout)
+    @property
+    def state(self) -> LoopState:
+        # Inherited as soon as the process is a forked child, before the fork hook
+        # runs: the interpreter may drop the parent's threads (and run their loops'
+        # finalisers) first.
+        return LoopState.INHERITED if self.pid != os.getpid() else self._state
 
     @property
     def closed(self) -> bool:
-        return bool(self.loop.is_closed())
+        return self._state is LoopState.CLOSED or bool(self.loop.is_closed())
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def request_close(self, timeout: float, route: Route) -> None:
+        """A close found the loop busy: whoever holds it closes it, within ``timeout``, as
+        soon as it is done (a thread cannot wait for its own loop)."""
+        self.close_timeout = timeout
+        _move(self, LoopState.CLOSE_REQUESTED, route)
+
+    def close_if_requested(self) -> None:
+        """Whoever holds the lock and is done with the loop: close it if a close was asked."""
+        if self._state is LoopState.CLOSE_REQUESTED:
+            self.close_locked(self.close_timeout, Route.AFTER_CALL)
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run one call (the caller holds :attr:`lock`)."""
         call = _Call(self.loop)
         context = contextvars.copy_context()  # each call a context of its own
@@ -237,36 +423,64 @@ class _PersistentLoop:
             if call.cancel_reason is not None:
                 raise call.cancelled_error() from exc
             raise
-        except BaseException:
+        except BaseException as exc:
             # Raised out of the loop by a signal handler (soft time limit, Ctrl-C)
-            # while the call was suspended: cancel it and let it clean up here.
+            # while the call was suspended: the coroutine takes it or is cancelled,
+            # and is run here until it has finished, within 2 x LEFTOVER_TIMEOUT.
             main = call.main
-            if main is not None and not main.done() and not self.loop.is_closed():
-                main.cancel()
-                with contextlib.suppress(BaseException):
-                    self.loop.run_until_complete(main)
+            if main is None or main.done() or self.loop.is_closed():
+                raise
+            taken = call.interrupt(exc)
+            _finish_within(self.loop, main, 2 * LEFTOVER_TIMEOUT)
+            if taken and main.done() and not main.cancelled():
+                return main.result()  # type: ignore[no-any-return]
             raise
         finally:
             _end(call)
 
-    def close(self, timeout: float) -> bool:
+    def close(self, timeout: float, route: Route) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
         timeout = _bounded(timeout)
         deadline = time.monotonic() + timeout
         if not self.lock.acquire(timeout=timeout):
-            self.close_after_call(timeout)
+            self.request_close(timeout, route)
             # Whoever held it may have let go before the request was made: look again.
             if not self.lock.acquire(blocking=False):
                 return False
         try:
-            self.close_locked(deadline - time.monotonic())
+            self.close_locked(deadline - time.monotonic(), route)
             return True
         finally:
             self.lock.release()
 
-    def close_locked(self, timeout: float) -> None:
+    def close_locked(self, timeout: float, route: Route) -> None:
         """Close as ``asyncio.run`` would, cut short at ``timeout`` (the caller holds the lock)."""
-        _close_runner(self.runner, self.loop, timeout, self.thread_name)
+        if not _move(self, LoopState.CLOSING, route):
+            return  # closed already, or the parent's
+        try:
+            _close_runner(self.runner, self.loop, timeout, self.thread_name)
+        finally:
+            _move(self, LoopState.CLOSED, route)
+
+
+def _finish_within(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], timeout: float
+) -> None:
+    """Run the idle ``loop`` until ``task`` is done, or ``timeout`` s have passed (then it
+    is left running, with a warning: a coroutine may swallow its cancellation)."""
+    stop = loop.call_later(timeout, loop.stop)
+    try:
+        with contextlib.suppress(BaseException):  # its outcome is read by the caller
+            loop.run_until_complete(task)
+    finally:
+        stop.cancel()
+    if not task.done():
+        logger.warning(
+            "neopool: a neopool.run() call interrupted by %s did not finish within %.0f s "
+            "(it ignored cancellation); left running on its loop",
+            "a signal",
+            timeout,
+        )
 
 
 def _bounded(timeout: float) -> float:
@@ -301,7 +515,7 @@ def _close_runner(
         _sweep_pools()
 
 
-async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
+async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
     """Run ``coro``; then cancel and await what it spawned and left running."""
     me = asyncio.current_task()
     assert me is not None
@@ -332,30 +546,62 @@ async def _as_call(coro: Coroutine[Any, Any, T], call: _Call) -> T:
 
 
 async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
+    """Cancel and await the tasks the call spawned, and those they spawn while being
+    cancelled, until none are left or ``LEFTOVER_TIMEOUT`` s have passed in all."""
     leftovers = [task for task in call.tasks if task is not me and not task.done()]
     if not leftovers:
         return
-    for task in leftovers:
-        task.cancel()
-    # The call's coroutine has ended, and its outcome stands: a cancel from outside
-    # now (a signal, its loop closing) does not replace it. The wait is shielded
-    # from it; only a closing loop, which cancels every task (this wait too, and
-    # then awaits them all itself), ends it early.
-    waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=LEFTOVER_TIMEOUT))
+    loop = call.loop
+    deadline = loop.time() + LEFTOVER_TIMEOUT
+    cancelled: set[asyncio.Task[Any]] = set()
     while True:
-        try:
-            _, stuck = await asyncio.shield(waiting)
+        for task in leftovers:
+            if task not in cancelled:
+                cancelled.add(task)
+                task.cancel()
+        # The call's coroutine has ended, and its outcome stands: a cancel from outside
+        # now (a signal, its loop closing) does not replace it. The wait is shielded
+        # from it; only a closing loop, which cancels every task (this wait too, and
+        # then awaits them all itself), ends it early.
+        left = max(0.0, deadline - loop.time())
+        waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=left))
+        while True:
+            try:
+                await asyncio.shield(waiting)
+                break
+            except asyncio.CancelledError:
+                if waiting.cancelled():
+                    return
+        # A leftover may have spawned more as it was cancelled (in its finally).
+        leftovers = [task for task in call.tasks if task is not me and not task.done()]
+        if not leftovers:
+            return
+        if loop.time() >= deadline:
             break
-        except asyncio.CancelledError:
-            if waiting.cancelled():
-                return
-    for task in stuck:
+    for task in leftovers:
         logger.warning(
             "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
             "cancellation for %.0f s; left running",
             task,
             LEFTOVER_TIMEOUT,
         )
+
+
+def deliver_interrupts(handler: Callable[[Exception], None]) -> None:
+    """In a :func:`run` call: give ``handler`` what a signal handler raises while the call
+    waits, instead of cancelling the call's coroutine.
+
+    Under Celery's prefork pool a soft time limit is such an exception, raised out of
+    the loop (or out of the waiting thread, in process-loop mode). ``handler`` is
+    called on the call's loop, with the loop idle between steps; it delivers the
+    exception into the coroutine (see ``neopool.celery.task``), and the call's
+    outcome is then the coroutine's, within ``2 x LEFTOVER_TIMEOUT``.
+    ``KeyboardInterrupt`` and ``SystemExit`` still cancel the coroutine.
+    """
+    call = _current_call.get()
+    if call is None:
+        raise RuntimeError("deliver_interrupts() is for code that a neopool.run() call runs")
+    call.interrupt_handler = handler
 
 
 @contextlib.contextmanager
@@ -382,7 +628,7 @@ class _Holder:
 
     __slots__ = ("__weakref__", "finalizer", "state")
 
-    def __init__(self, state: _PersistentLoop) -> None:
+    def __init__(self, state: _ThreadLoop) -> None:
         self.state = state
         #: Closes the loop when the thread ends; :func:`close_thread_loop` detaches it
         #: (an explicit close replaces that one, and must not wait for it).
@@ -390,13 +636,11 @@ class _Holder:
         self.finalizer.atexit = False
 
 
+#: Each thread's :class:`_Holder` (kept across fork: a child's holder is of an inherited loop).
 _local = threading.local()
-_all_lock = threading.Lock()
-#: Every persistent loop of this process, by the thread that owns it.
-_all: dict[int, _PersistentLoop] = {}
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run ``coro`` to completion on a persistent event loop.
 
     By default that is this thread's loop: created on the first call in a
@@ -406,8 +650,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     threads run on the one loop at once. As with ``asyncio.run``, tasks the
     coroutine spawned and left running are cancelled and awaited before this
     returns. If the call is interrupted (a Celery soft time limit,
-    ``KeyboardInterrupt``), the coroutine is cancelled and run until it has
-    finished, so leases it holds are returned before the exception propagates.
+    ``KeyboardInterrupt``), the coroutine is cancelled (or given the exception, see
+    :func:`deliver_interrupts`) and run until it has finished, at most
+    ``2 x LEFTOVER_TIMEOUT`` seconds, so leases it holds are returned before the
+    exception propagates.
 
     Raises :class:`LoopAlreadyRunning` when called from async code: ``await``
     the coroutine there instead; :class:`CallCancelled` when the call was
@@ -426,7 +672,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
             "it blocks until the coroutine finishes, which would stall that loop. "
             "Await the coroutine instead."
         )
-    if _process_mode:
+    if _rt.process_mode:
         return _run_on_process_loop(coro)
     while True:
         state = _thread_loop()
@@ -442,12 +688,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 # -- the process loop -------------------------------------------------------------------
 
-#: Whether :func:`run` uses the process loop (see :func:`use_process_loop`); kept across fork.
-_process_mode = False
-_process_lock = threading.Lock()
-#: The process loop of this process, once started.
-_process: _ProcessLoop | None = None
-
 
 class _ProcessLoop:
     """The one loop of the process: an :class:`asyncio.Runner` run by a thread of its own.
@@ -460,10 +700,12 @@ class _ProcessLoop:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
         self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
         self.pid = os.getpid()
-        #: Set once a close has begun (new calls then start a new loop).
-        self.closing = False
+        self._state = LoopState.OPEN
+        #: The route by which its end came, once it has.
+        self.ending: Route | None = None
         #: When the thread cuts its close short: a little before the closer's own deadline.
         self.deadline: float | None = None
+        #: Set by its thread once the loop is closed (what a close waits for).
         self.finished = threading.Event()
         running = threading.Event()
         self.loop.call_soon(running.set)
@@ -473,31 +715,49 @@ class _ProcessLoop:
         if not running.wait(START_TIMEOUT):
             raise NeopoolError(f"the process loop did not start within {START_TIMEOUT:g}s")
 
+    def __repr__(self) -> str:
+        return "<the process loop>"
+
+    @property
+    def state(self) -> LoopState:
+        return LoopState.INHERITED if self.pid != os.getpid() else self._state
+
     @property
     def usable(self) -> bool:
-        return not self.closing and self.pid == os.getpid() and not self.loop.is_closed()
+        return self.state is LoopState.OPEN and not self.loop.is_closed()
 
     def _serve(self) -> None:
+        route = Route.LOOP_STOPPED
         try:
-            self.loop.run_forever()
-        except BaseException as exc:  # a task raised SystemExit or KeyboardInterrupt
-            # asyncio stops the loop for it. Every call in flight ends with the loop,
-            # and its caller is told why; here, in the loop's thread, it ends.
-            reason = f"the process loop stopped: a task raised {exc!r}"
-            logger.warning("neopool: %s; calls in flight on it are cancelled", reason)
-            for call in _calls_on(self.loop):
-                call.cancel_reason = call.cancel_reason or reason
+            try:
+                self.loop.run_forever()
+                route, reason = (
+                    Route.LOOP_STOPPED,
+                    "the process loop was stopped by code running on it (loop.stop())",
+                )
+            except BaseException as exc:  # a task raised SystemExit or KeyboardInterrupt
+                # asyncio stops the loop for it. Every call in flight ends with the loop,
+                # and its caller is told why; here, in the loop's thread, it ends.
+                route, reason = (
+                    Route.LOOP_RAISED,
+                    f"the process loop stopped: a task raised {exc!r}",
+                )
+            if _move(self, LoopState.CLOSING, route):  # else a close stopped it
+                self.ending = route
+                logger.warning("neopool: %s; calls in flight on it are cancelled", reason)
+                for call in _calls_on(self.loop):
+                    call.cancel_reason = call.cancel_reason or reason
         finally:
-            self.closing = True
             deadline = self.deadline
             budget = DEFAULT_CLOSE_TIMEOUT if deadline is None else deadline - time.monotonic()
             try:
                 _close_runner(self.runner, self.loop, max(0.0, budget), PROCESS_LOOP_THREAD)
             finally:
                 _settle_stranded(self.loop)
+                _move(self, LoopState.CLOSED, self.ending or route)
                 self.finished.set()
 
-    def close(self, timeout: float, *, wait: bool = True) -> bool:
+    def close(self, timeout: float, route: Route, *, wait: bool = True) -> bool:
         """Stop the loop and let its thread close it within ``timeout``; whether it has.
 
         Calls still in flight are cancelled (their callers get :class:`CallCancelled`).
@@ -505,7 +765,8 @@ class _ProcessLoop:
         begins: it happens as soon as the running callback returns (a close
         never waits for itself).
         """
-        self.closing = True
+        if _move(self, LoopState.CLOSING, route):
+            self.ending = route
         timeout = _bounded(timeout)
         deadline = time.monotonic() + timeout
         # The thread stops a close that overruns a little early: cutting it short
@@ -529,8 +790,8 @@ _CUT_SHORT_SHARE = 0.1
 
 
 def _calls_on(loop: asyncio.AbstractEventLoop) -> list[_Call]:
-    with _calls_lock:
-        return [call for call in _calls if call.loop is loop]
+    with _rt.calls_lock:
+        return [call for call in _rt.calls if call.loop is loop]
 
 
 def _settle_stranded(loop: asyncio.AbstractEventLoop) -> None:
@@ -554,13 +815,12 @@ def use_process_loop(enabled: bool = True) -> None:
     ``use_process_loop(False)`` goes back to a loop per thread for later calls;
     a process loop already started stays until it is closed.
     """
-    global _process_mode
-    _process_mode = enabled
+    _rt.process_mode = enabled
 
 
 def loop_mode() -> str:
     """``"process"`` after :func:`use_process_loop`, else ``"thread"``."""
-    return "process" if _process_mode else "thread"
+    return "process" if _rt.process_mode else "thread"
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
@@ -569,22 +829,21 @@ def process_loop() -> asyncio.AbstractEventLoop:
 
 
 def _the_process_loop() -> _ProcessLoop:
-    global _process
-    state = _process
+    state = _rt.process
     if state is not None and state.usable:
         return state
-    with _process_lock:
-        state = _process
+    with _rt.process_lock:
+        state = _rt.process
         if state is None or not state.usable:
-            state = _process = _ProcessLoop()
+            state = _rt.process = _ProcessLoop()
         return state
 
 
-def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
+def _run_on_process_loop(coro: Coroutine[Any, Any, _T]) -> _T:
     """Submit ``coro`` to the process loop as one call and wait for its outcome."""
     while True:
         state = _the_process_loop()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
         call = _Call(state.loop, future)
         context = contextvars.copy_context()  # each call a context of its own
         _begin(call)  # before it is submitted: a close that misses it here settles it
@@ -596,13 +855,16 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, T]) -> T:
         break
     try:
         return future.result()
-    except BaseException:
-        if not future.done():
-            # Interrupted while waiting (a signal handler raised: soft time limit,
-            # Ctrl-C): cancel the coroutine and let it return its leases first.
-            call.cancel()
-            with contextlib.suppress(BaseException):
-                future.exception(timeout=2 * LEFTOVER_TIMEOUT)
+    except BaseException as exc:
+        if future.done():
+            raise
+        # Interrupted while waiting (a signal handler raised: soft time limit, Ctrl-C):
+        # the coroutine takes it or is cancelled, and returns its leases first.
+        taken = call.interrupt(exc)
+        with contextlib.suppress(BaseException):
+            future.exception(timeout=2 * LEFTOVER_TIMEOUT)
+        if taken and future.done() and not isinstance(future.exception(), asyncio.CancelledError):
+            return future.result()
         raise
 
 
@@ -612,7 +874,7 @@ def _start_call(state: _ProcessLoop, call: _Call, coro: Coroutine[Any, Any, Any]
     A call that arrives once the loop is closing never starts there: its caller
     is told it was cancelled, before any of its code ran.
     """
-    if state.closing:
+    if state.state is not LoopState.OPEN:
         coro.close()
         _end(call)
         assert call.future is not None
@@ -650,17 +912,17 @@ def close_process_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
     :func:`wait_for_calls`. The next :func:`run` in process-loop mode starts a
     new loop.
     """
-    return _close_process_until(time.monotonic() + _bounded(timeout)) >= 0
+    deadline = time.monotonic() + _bounded(timeout)
+    return _close_process_until(deadline, Route.CLOSE_PROCESS_LOOP) >= 0
 
 
-def _close_process_until(deadline: float, *, wait: bool = True) -> int:
+def _close_process_until(deadline: float, route: Route, *, wait: bool = True) -> int:
     """Close the process loop by ``deadline``: 1 if closed here, 0 if none, -1 if not finished."""
-    global _process
-    with _process_lock:
-        state, _process = _process, None
-    if state is None or state.pid != os.getpid() or state.finished.is_set():
+    with _rt.process_lock:
+        state, _rt.process = _rt.process, None
+    if state is None or state.state in (LoopState.INHERITED, LoopState.CLOSED):
         return 0
-    return 1 if state.close(max(0.0, deadline - time.monotonic()), wait=wait) else -1
+    return 1 if state.close(max(0.0, deadline - time.monotonic()), route, wait=wait) else -1
 
 
 # -- calls in flight ----------------------------------------------------------------------
@@ -668,8 +930,8 @@ def _close_process_until(deadline: float, *, wait: bool = True) -> int:
 
 def calls_in_flight() -> int:
     """How many :func:`run` calls are running now, on every runner loop of this process."""
-    with _calls_lock:
-        return len(_calls)
+    with _rt.calls_lock:
+        return len(_rt.calls)
 
 
 def wait_for_calls(timeout: float) -> bool:
@@ -691,8 +953,8 @@ def cancel_calls(reason: str = "cancelled by neopool.runner.cancel_calls()") -> 
     caller gets :class:`CallCancelled` saying ``reason``. Celery's warm shutdown
     uses it once its deadline has passed.
     """
-    with _calls_lock:
-        calls = list(_calls)
+    with _rt.calls_lock:
+        calls = list(_rt.calls)
     for call in calls:
         call.cancel(reason)
     return len(calls)
@@ -710,31 +972,29 @@ def thread_loop() -> asyncio.AbstractEventLoop:
     return _thread_loop().loop
 
 
-def _thread_loop() -> _PersistentLoop:
+def _thread_loop() -> _ThreadLoop:
     holder: _Holder | None = getattr(_local, "holder", None)
-    if holder is not None and not holder.state.closed and holder.state.pid == os.getpid():
+    if holder is not None and holder.state.state in _USABLE and not holder.state.loop.is_closed():
         return holder.state
     thread = threading.current_thread()
-    state = _PersistentLoop(thread)
+    state = _ThreadLoop(thread)
     _local.holder = _Holder(state)
-    with _all_lock:
+    with _rt.threads_lock:
         assert state.thread_ident is not None
-        _all[state.thread_ident] = state
+        _rt.threads[state.thread_ident] = state
     return state
 
 
-def owns(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` is one of the runner's persistent loops (a thread's or the process loop)."""
-    process = _process
-    return (process is not None and process.loop is loop) or _state_of(loop) is not None
+#: A thread's loop in these states runs calls (one asked to close, after it closes).
+_USABLE = (LoopState.OPEN, LoopState.CLOSE_REQUESTED)
 
 
-def _state_of(loop: asyncio.AbstractEventLoop) -> _PersistentLoop | None:
-    with _all_lock:
-        return next((s for s in _all.values() if s.loop is loop), None)
+def _state_of(loop: asyncio.AbstractEventLoop) -> _ThreadLoop | None:
+    with _rt.threads_lock:
+        return next((s for s in _rt.threads.values() if s.loop is loop), None)
 
 
-def run_on_idle_loop(
+def _run_on_idle_loop(
     loop: asyncio.AbstractEventLoop,
     work: Callable[[], Coroutine[Any, Any, None]],
     timeout: float,
@@ -794,17 +1054,17 @@ def close_thread_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
     if holder is None:
         return
     state = holder.state
-    if state.pid == os.getpid() and _running_loop() is state.loop:
-        # Running the code that asks: the loop stays this thread's (and the holder's,
-        # whose finaliser closes it if the thread ends first) until the call returns;
-        # then run() closes it, or the next run() does before it starts a new loop.
-        state.close_after_call(timeout)
-        return
-    if state.pid != os.getpid():  # the parent's loop, in a forked child: kept, never closed
+    if state.state is LoopState.INHERITED:  # the parent's, in a forked child: kept, never closed
         _let_go(holder)
         keep_inherited_loop(state.loop)
         return
-    if state.close(timeout):
+    if _running_loop() is state.loop:
+        # Running the code that asks: the loop stays this thread's (and the holder's,
+        # whose finaliser closes it if the thread ends first) until the call returns;
+        # then run() closes it, or the next run() does before it starts a new loop.
+        state.request_close(timeout, Route.CLOSE_THREAD_LOOP_IN_CALL)
+        return
+    if state.close(timeout, Route.CLOSE_THREAD_LOOP):
         _let_go(holder)
     # Else a helper thread runs a pool's close on it: the loop stays this thread's,
     # and the helper closes it when done (it is asked to, see run_on_idle_loop).
@@ -842,13 +1102,13 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _close_all_until(deadline)
-    process = _process
+        return _close_all_until(deadline, Route.CLOSE_ALL_LOOPS)
+    process = _rt.process
     on_process_loop = process is not None and threading.current_thread() is process.thread
     # This thread's own loop runs this very call: it closes once the call returns.
     own = _state_of(asyncio.get_running_loop())
     if own is not None:
-        own.close_after_call(timeout)
+        own.request_close(timeout, Route.CLOSE_ALL_LOOPS)
     closer: concurrent.futures.Future[int] = concurrent.futures.Future()
 
     # The helper thread ends its work a little early, to report by the caller's deadline.
@@ -857,7 +1117,9 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
     def close_all() -> None:
         try:
             closer.set_result(
-                _close_all_until(inner, wait_for_process=not on_process_loop, skip=own)
+                _close_all_until(
+                    inner, Route.CLOSE_ALL_LOOPS, wait_for_process=not on_process_loop, skip=own
+                )
             )
         except BaseException as exc:
             closer.set_exception(exc)
@@ -871,29 +1133,30 @@ def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:
 
 def _close_all_until(
     deadline: float,
+    route: Route,
     *,
     wait_for_busy: bool = True,
     wait_for_process: bool = True,
-    skip: _PersistentLoop | None = None,
+    skip: _ThreadLoop | None = None,
 ) -> int:
-    with _all_lock:
-        states = [state for state in _all.values() if state is not skip]
+    with _rt.threads_lock:
+        states = [state for state in _rt.threads.values() if state is not skip]
     closed = 0
     busy = []
     for state in states:
-        if state.pid != os.getpid() or state.closed:
+        if state.state is LoopState.INHERITED or state.closed:
             _forget(state)
         elif state.lock.acquire(blocking=False):
-            closed += _close_and_release(state, deadline)
+            closed += _close_and_release(state, deadline, route)
         else:
             busy.append(state)
-    closed += max(0, _close_process_until(deadline, wait=wait_for_process))
+    closed += max(0, _close_process_until(deadline, route, wait=wait_for_process))
     for state in busy:
         wait = max(0.0, deadline - time.monotonic()) if wait_for_busy else 0.0
         if state.lock.acquire(timeout=wait):
-            closed += _close_and_release(state, deadline)
+            closed += _close_and_release(state, deadline, route)
         else:
-            state.close_after_call()
+            state.request_close(DEFAULT_CLOSE_TIMEOUT, route)
             logger.warning(
                 "neopool: the event loop of thread %s is busy; it closes when its "
                 "current call returns",
@@ -902,11 +1165,11 @@ def _close_all_until(
     return closed
 
 
-def _close_and_release(state: _PersistentLoop, deadline: float) -> int:
+def _close_and_release(state: _ThreadLoop, deadline: float, route: Route) -> int:
     """Close a loop whose lock the caller took; 1 if it was open."""
     try:
         was_open = not state.closed
-        state.close_locked(max(0.0, deadline - time.monotonic()))
+        state.close_locked(max(0.0, deadline - time.monotonic()), route)
         _forget(state)
         return int(was_open)
     finally:
@@ -916,28 +1179,28 @@ def _close_and_release(state: _PersistentLoop, deadline: float) -> int:
 def loops() -> dict[str, asyncio.AbstractEventLoop]:
     """``{thread name: loop}`` of every open persistent loop of this process (the process
     loop under :data:`PROCESS_LOOP_THREAD`)."""
-    with _all_lock:
-        found = {s.thread_name: s.loop for s in _all.values() if not s.closed}
-    process = _process
+    with _rt.threads_lock:
+        found = {s.thread_name: s.loop for s in _rt.threads.values() if not s.closed}
+    process = _rt.process
     if process is not None and process.usable:
         found[PROCESS_LOOP_THREAD] = process.loop
     return found
 
 
-def _forget(state: _PersistentLoop) -> None:
-    with _all_lock:
-        if state.thread_ident is not None and _all.get(state.thread_ident) is state:
-            del _all[state.thread_ident]
+def _forget(state: _ThreadLoop) -> None:
+    with _rt.threads_lock:
+        if state.thread_ident is not None and _rt.threads.get(state.thread_ident) is state:
+            del _rt.threads[state.thread_ident]
 
 
-def _thread_ended(state: _PersistentLoop) -> None:
+def _thread_ended(state: _ThreadLoop) -> None:
     """The owning thread has ended (or dropped its thread-local): close its loop.
 
     In a forked child this can run as the interpreter drops the parent's other
     threads, before any at-fork hook: the loop is then the parent's, kept and
     never closed from here.
     """
-    if state.pid != os.getpid():
+    if state.state is LoopState.INHERITED:
         keep_inherited_loop(state.loop)
         return
     if state.closed:  # its holder was replaced after a close: nothing left to do
@@ -946,9 +1209,9 @@ def _thread_ended(state: _PersistentLoop) -> None:
 
     def close() -> None:
         try:
-            if state.close(timeout=DEFAULT_CLOSE_TIMEOUT):
+            if state.close(DEFAULT_CLOSE_TIMEOUT, Route.THREAD_END):
                 _forget(state)
-            # Else a helper thread holds it, and closes it when done (see run_on_idle_loop).
+            # Else a helper thread holds it, and closes it when done (see _run_on_idle_loop).
         except BaseException:  # a finaliser must not raise
             logger.debug("neopool: closing the loop of ended thread %s failed", state.thread_name)
 
@@ -957,37 +1220,15 @@ def _thread_ended(state: _PersistentLoop) -> None:
 
 def _sweep_pools() -> None:
     """Let the registry release pools of a loop that closed before they could."""
-    from neopool.registry import GlobalNeo4jConnectionPool
-
-    registry = GlobalNeo4jConnectionPool._instance
-    if registry is not None:
-        registry.sweep()
+    registry.sweep()
 
 
 @atexit.register
 def _close_at_exit() -> None:
     """Close idle loops and the process loop at exit (its calls still in flight are
     cancelled); a thread's loop still running in a daemon thread is not waited for."""
-    _close_all_until(time.monotonic() + DEFAULT_CLOSE_TIMEOUT, wait_for_busy=False)
+    _close_all_until(time.monotonic() + DEFAULT_CLOSE_TIMEOUT, Route.EXIT, wait_for_busy=False)
 
 
-def after_fork_in_child() -> None:
-    """Forget the parent's loops without closing them (see the module's docstring).
-
-    The process loop's thread did not come along: the child's first call in
-    process-loop mode starts a loop of its own. The parent's calls in flight are
-    not the child's to wait for or cancel.
-    """
-    global _all_lock, _process, _process_lock, _calls_lock
-    _all_lock = threading.Lock()
-    states = list(_all.values())
-    _all.clear()
-    for state in states:
-        keep_inherited_loop(state.loop)
-        state.lock = threading.Lock()
-    _process_lock = threading.Lock()
-    inherited, _process = _process, None
-    if inherited is not None:
-        keep_inherited_loop(inherited.loop)
-    _calls_lock = threading.Lock()
-    _calls.clear()
+registry.set_loop_host(_rt)
+_fork.add_step(_fork.Step.LOOPS, _rt.after_fork_in_child)

@@ -22,13 +22,15 @@ Cancellation cancels only that task's coroutine, and its ``async with`` blocks
 return their leases before the task ends:
 
 * a soft time limit: under the threads and solo pools, which have no time
-  limits of their own, AsyncTask enforces it on the loop, cancelling the
-  coroutine when it runs out; under prefork Celery's signal interrupts the
-  wait and the coroutine is cancelled the same way (landing in a plain loop
-  callback, where asyncio would log it and go on, it is caught there and does
-  the same). The task fails with ``SoftTimeLimitExceeded``, unless its code
-  catches it (Celery's pattern for cleaning up) and returns. (A hard time
-  limit cannot stop a thread: under threads it is not enforced.)
+  limits of their own, AsyncTask enforces it on the loop; under prefork Celery's
+  signal comes while the loop waits (the runner hands it to the task) or in a
+  plain loop callback (where asyncio would log it and go on; it is caught there).
+  In every case ``SoftTimeLimitExceeded`` is thrown into the coroutine where it
+  waits, as a sync task gets it wherever it is: Celery's pattern (``except
+  SoftTimeLimitExceeded:`` clean up, return) works, and a task that returns
+  succeeds; one that does not has ``LEFTOVER_TIMEOUT`` seconds before it is
+  cancelled. The task otherwise fails with ``SoftTimeLimitExceeded``. (A hard
+  time limit cannot stop a thread: under threads it is not enforced.)
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
 * under threads, where Celery cannot signal a thread, a revoked running task
@@ -48,15 +50,18 @@ import contextvars
 import inspect
 import logging
 import math
+import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 from celery.app.task import Context
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TaskRevokedError
 
 from celery import Task
-from neopool.runner import LEFTOVER_TIMEOUT, CallCancelled, run
+from neopool import runner
+from neopool.errors import CallCancelled
+from neopool.runner import run
 
 logger = logging.getLogger("neopool")
 
@@ -106,7 +111,7 @@ class AsyncTask(Task):  # type: ignore[misc]
             return result  # a sync task: it may call neopool.run itself
         # Taken here, on Celery's thread: the coroutine may run on another one.
         request = self.request
-        soft_limit = None if _soft_limits_signalled else self._soft_time_limit()
+        soft_limit = self._soft_time_limit()
         watched = _supervised(result, self, request, self.revocation_poll, soft_limit)
         try:
             return run(watched)
@@ -156,11 +161,19 @@ async def _supervised(
     soft_limit: float | None,
 ) -> T:
     """Await ``awaitable`` as ``task`` handling ``request``; cancel it when the task is
-    revoked or its soft time limit passes.
+    revoked, deliver ``SoftTimeLimitExceeded`` into it when its soft time limit passes.
 
     First, ``request`` is made the task's request for the coroutine and what it
     spawns. The call runs in a context of its own (:func:`neopool.run` copies
     one), so nothing needs resetting after.
+
+    The soft limit comes from AsyncTask's own timer (threads, solo), or, under
+    prefork, from Celery's signal: raised while the loop waits, the runner hands it
+    here (:func:`neopool.runner.deliver_interrupts`); raised in a loop callback, the
+    loop's exception handler takes it (:func:`_catch_a_lost_soft_limit`). Either way
+    it is thrown into the coroutine at its await point (:class:`_Deliverable`); the
+    coroutine then has ``LEFTOVER_TIMEOUT`` seconds to clean up and return (its
+    outcome is the task's) before it is cancelled.
     """
     call = asyncio.current_task()
     assert call is not None
@@ -173,25 +186,45 @@ async def _supervised(
     from celery.worker import state as worker_state
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + soft_limit if soft_limit is not None else math.inf
-    work: asyncio.Future[T] = asyncio.ensure_future(_as_coroutine(awaitable))
+    timer = soft_limit is not None and not _soft_limits_signalled
+    deadline = loop.time() + soft_limit if timer and soft_limit is not None else math.inf
+    deliverable = _Deliverable(awaitable) if soft_limit is not None else None
+    work: asyncio.Future[T] = asyncio.ensure_future(
+        _as_coroutine(deliverable if deliverable is not None else awaitable)
+    )
+    if deliverable is not None:
+        deliverable.task = work
+        runner.deliver_interrupts(deliverable.throw)
     lost: list[BaseException] = []
-    restore = _catch_a_lost_soft_limit(loop, work, lost) if signalled else None
+    restore = _catch_a_lost_soft_limit(loop, work, lost, deliverable) if signalled else None
     try:
         while True:
+            if deliverable is not None and deliverable.delivered is not None:
+                # Thrown in (by the timer or the signal): the time to clean up starts.
+                deadline = deliverable.delivered + runner.LEFTOVER_TIMEOUT
             wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
             done, _ = await asyncio.wait({work}, timeout=max(0.0, wait))
             if lost:  # Celery's signal landed in a loop callback: it ends the task here
                 await _cancel(work)
                 raise lost[0]
             if done:
+                if work.cancelled() and deliverable is not None and deliverable.thrown:
+                    raise deliverable.thrown  # cancelled before it started: it never ran
                 return work.result()
             if task_id is not None and task_id in worker_state.revoked:
                 await _cancel(work)
                 raise TaskRevokedError(f"task {task_id} was revoked while running")
             if loop.time() >= deadline:
+                assert deliverable is not None  # a deadline comes with a soft limit
+                if deliverable.thrown is None:
+                    assert soft_limit is not None
+                    deliverable.throw(
+                        SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
+                    )
+                    continue
+                # Delivered, and not done cleaning up within LEFTOVER_TIMEOUT.
                 await _cancel(work)
-                raise SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
+                raise deliverable.thrown
     finally:
         if restore is not None:
             restore()
@@ -199,25 +232,102 @@ async def _supervised(
             await _cancel(work)
 
 
+#: The message of the cancel that carries an exception to :class:`_Deliverable`.
+_THROWING = "neopool: throwing an exception into the coroutine at its await point"
+
+
+class _Deliverable:
+    """Awaits a coroutine step by step, so that an exception can be thrown into it at
+    the point where it waits (Celery's ``SoftTimeLimitExceeded``, as a sync task gets
+    it wherever it is).
+
+    ``asyncio`` has no public way to throw into a task (calling ``throw`` on a task's
+    coroutine from outside breaks the task's stepping), and a cancel arrives as
+    ``CancelledError``, which ``except SoftTimeLimitExceeded`` does not catch. So the
+    task runs this object, which relays every step of the coroutine (``send`` and
+    ``throw``, as ``await`` does) and sits between the task and the coroutine:
+    :meth:`throw` cancels the task with a marker, and when that cancellation reaches
+    this frame it throws the exception into the coroutine in its place (and takes
+    the cancel back: ``Task.uncancel`` on 3.11+). The awaited future is cancelled as
+    on any cancel, so the code below the await point sees the exception where it
+    waited, as it would see the cancellation. Only Task's public API is used, so it
+    works alike on 3.10-3.13 and uvloop. The relay costs one Python frame per step:
+    AsyncTask uses it only for tasks with a soft time limit.
+    """
+
+    __slots__ = ("coro", "delivered", "pending", "task", "thrown")
+
+    def __init__(self, coro: Awaitable[Any]) -> None:
+        self.coro = coro.__await__()
+        #: The task running this object (set once it is created).
+        self.task: asyncio.Future[Any] | None = None
+        #: What :meth:`throw` was given; when (loop time); and whether it is still on its way.
+        self.thrown: BaseException | None = None
+        self.delivered: float | None = None
+        self.pending: BaseException | None = None
+
+    def throw(self, exc: BaseException) -> None:
+        """On the loop, while it runs: throw ``exc`` into the coroutine where it waits (once)."""
+        task = self.task
+        if self.thrown is not None or task is None or task.done():
+            return
+        self.thrown = self.pending = exc
+        self.delivered = asyncio.get_running_loop().time()
+        task.cancel(_THROWING)
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self.coro
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                value = yield step
+            except GeneratorExit:
+                coro.close()
+                raise
+            except asyncio.CancelledError as cancel:
+                error = cancel
+                pending = self.pending
+                if pending is not None and cancel.args and cancel.args[0] == _THROWING:
+                    error, self.pending = pending, None
+                    current = asyncio.current_task()
+                    if sys.version_info >= (3, 11) and current is not None:
+                        current.uncancel()  # taken back: the coroutine gets ``pending``
+            except BaseException as exc:
+                error = exc
+
+
 def _catch_a_lost_soft_limit(
-    loop: asyncio.AbstractEventLoop, work: asyncio.Future[Any], lost: list[BaseException]
+    loop: asyncio.AbstractEventLoop,
+    work: asyncio.Future[Any],
+    lost: list[BaseException],
+    deliverable: _Deliverable | None,
 ) -> Callable[[], None]:
     """Under prefork, catch Celery's soft-limit signal where asyncio would drop it.
 
     The signal raises ``SoftTimeLimitExceeded`` wherever the main thread is. In
-    the task's code, or while the loop waits, it ends the task as it should; in
+    the task's code, or while the loop waits, it reaches the task as it should; in
     a plain loop callback (a driver decoding records) asyncio logs the exception
     and goes on, and the task would run until its hard limit. This loop's
-    exception handler takes it instead: ``work`` is cancelled and ``lost`` says
-    why. Returns what puts the previous handler back.
+    exception handler takes it instead: it is thrown into the coroutine, or (a
+    task without a soft limit of its own: a revoke's signal) ``work`` is cancelled
+    and ``lost`` says why. Returns what puts the previous handler back.
     """
     previous = loop.get_exception_handler()
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
         if isinstance(error, SoftTimeLimitExceeded) and not work.done():
-            lost.append(error)
-            work.cancel()
+            if deliverable is not None:
+                deliverable.throw(error)
+            else:
+                lost.append(error)
+                work.cancel()
         elif previous is not None:
             previous(loop, context)
         else:
@@ -234,11 +344,11 @@ async def _cancel(work: asyncio.Future[Any]) -> None:
     ``LEFTOVER_TIMEOUT`` seconds, with a warning: the task itself still ends.
     """
     work.cancel()
-    _, stuck = await asyncio.wait({work}, timeout=LEFTOVER_TIMEOUT)
+    _, stuck = await asyncio.wait({work}, timeout=runner.LEFTOVER_TIMEOUT)
     if stuck:
         logger.warning(
             "neopool: a task's coroutine ignored cancellation for %.0f s; left running",
-            LEFTOVER_TIMEOUT,
+            runner.LEFTOVER_TIMEOUT,
         )
     elif not work.cancelled():
         work.exception()  # retrieved: its outcome is the cancellation's, reported by Celery

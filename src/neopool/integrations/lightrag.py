@@ -49,6 +49,7 @@ from lightrag.kg.neo4j_impl import Neo4JStorage
 from neo4j import AsyncDriver, AsyncSession
 from neo4j.exceptions import AuthError, ClientError, ConstraintError, TransientError
 
+from neopool import _fork
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.database import Schema, database_name_for, shown
@@ -649,8 +650,7 @@ def _after_fork_in_child() -> None:
     _dropped.lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.add_step(_fork.Step.LIGHTRAG, _after_fork_in_child)
 
 
 def register() -> None:

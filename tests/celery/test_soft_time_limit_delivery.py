@@ -1,0 +1,126 @@
+"""Celery's clean-up pattern in an async task: ``except SoftTimeLimitExceeded`` runs at the
+coroutine's await point, and a task that handles it and returns succeeds.
+
+The three ways a soft limit reaches a task: the timer AsyncTask keeps (threads, solo),
+prefork's signal raised while the loop waits, and that signal landing in a loop callback.
+The signal is reproduced as billiard raises it: a handler in the main thread."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from celery import Celery
+from neopool import runner
+from neopool.celery.task import AsyncTask, soft_time_limits_signalled
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["thread", "process"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    runner.use_process_loop(request.param == "process")
+    try:
+        yield request.param
+    finally:
+        runner.use_process_loop(False)
+        runner.close_all_loops(5)
+
+
+@pytest.fixture(params=["timer", "signal", "signal-in-callback"])
+def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
+    """How the limit comes: AsyncTask's own timer, or prefork's signal (SIGALRM here)."""
+    if request.param == "timer":
+        yield request.param
+        return
+
+    def soft_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    soft_time_limits_signalled(True)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        yield request.param
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        soft_time_limits_signalled(False)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def busy_in_callbacks(seconds: float) -> asyncio.Future[None]:
+    """The loop busy in plain callbacks (a driver decoding records): a signal lands there."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    end = time.monotonic() + seconds
+
+    def chunk() -> None:
+        until = time.monotonic() + 0.02
+        while time.monotonic() < until:
+            pass
+        if time.monotonic() < end and not finished.done():
+            loop.call_soon(chunk)
+        elif not finished.done():
+            finished.set_result(None)
+
+    loop.call_soon(chunk)
+    return finished
+
+
+@pytest.fixture
+def app() -> Celery:
+    return Celery("soft-limits", set_as_current=False)
+
+
+async def wait_for_io(how: str) -> None:
+    if how == "signal-in-callback":
+        await busy_in_callbacks(20)
+    else:
+        await asyncio.sleep(20)
+
+
+def test_a_task_that_catches_its_soft_limit_at_an_await_cleans_up_and_succeeds(
+    app: Celery, mode: str, delivery: str
+) -> None:
+    seen: list[str] = []
+
+    async def query() -> None:  # a helper, awaited by the task: the limit reaches it here
+        try:
+            await wait_for_io(delivery)
+        except asyncio.CancelledError:
+            seen.append("CancelledError")
+            raise
+
+    @app.task(base=AsyncTask, soft_time_limit=0.3, shared=False)  # type: ignore[untyped-decorator]
+    async def clean_up() -> str:
+        try:
+            await query()
+        except SoftTimeLimitExceeded:
+            await asyncio.sleep(0.05)  # clean-up may await
+            return "cleaned up"
+        return "ran to the end"
+
+    began = time.monotonic()
+    result = clean_up.apply()
+    assert result.successful(), result.traceback
+    assert result.get() == "cleaned up"
+    assert seen == []
+    assert time.monotonic() - began < 10
+
+
+def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(
+    app: Celery, mode: str, delivery: str
+) -> None:
+    @app.task(base=AsyncTask, soft_time_limit=0.3, shared=False)  # type: ignore[untyped-decorator]
+    async def overrun() -> str:
+        await wait_for_io(delivery)
+        return "ran to the end"
+
+    result = overrun.apply()
+    assert isinstance(result.result, SoftTimeLimitExceeded), result.traceback

@@ -1,0 +1,156 @@
+"""The runner's ends without a server: bounded waits after a signal, a stopped process
+loop, tasks spawned by leftovers while they are cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import neopool
+from neopool import CallCancelled, runner
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Interrupted(Exception):
+    """Raised from a signal handler, as Celery raises SoftTimeLimitExceeded."""
+
+
+@pytest.fixture
+def interrupt_in() -> Iterator[Any]:
+    """``interrupt_in(seconds)``: a SIGALRM then raises :class:`Interrupted` in the main thread."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(params=["thread", "process"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    runner.use_process_loop(request.param == "process")
+    try:
+        yield request.param
+    finally:
+        runner.use_process_loop(False)
+        runner.close_all_loops(5)
+
+
+async def swallow_cancellation(seconds: float) -> None:
+    """A coroutine that ignores every cancel for ``seconds``."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(left)
+
+
+@pytest.mark.timing
+def test_after_a_signal_the_wait_for_a_coroutine_that_swallows_cancellation_is_bounded(
+    mode: str, interrupt_in: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.5)
+    interrupt_in(0.2)
+    began = time.monotonic()
+    with pytest.raises(Interrupted):
+        neopool.run(swallow_cancellation(8))
+    # 2 x LEFTOVER_TIMEOUT, in both modes; not the 8 s the coroutine would take.
+    assert time.monotonic() - began < 4
+
+
+def test_user_code_stopping_the_process_loop_gives_each_call_callcancelled_with_a_reason() -> None:
+    runner.use_process_loop()
+    try:
+        waiting = threading.Event()
+
+        async def wait_long() -> None:
+            waiting.set()
+            await asyncio.sleep(30)
+
+        async def stop_the_loop() -> None:
+            asyncio.get_running_loop().stop()
+            await asyncio.sleep(30)
+
+        other = concurrent.futures.ThreadPoolExecutor(1).submit(neopool.run, wait_long())
+        assert waiting.wait(10)
+        with pytest.raises(CallCancelled, match="stopped"):
+            neopool.run(stop_the_loop())
+        with pytest.raises(CallCancelled, match="stopped"):
+            other.result(10)
+        assert runner.calls_in_flight() == 0
+        assert neopool.run(asyncio.sleep(0, "again")) == "again"  # a new loop starts
+    finally:
+        runner.use_process_loop(False)
+        runner.close_process_loop(5)
+
+
+def test_a_task_spawned_by_a_leftover_while_it_is_cancelled_ends_before_the_call_returns(
+    mode: str,
+) -> None:
+    spawned: list[asyncio.Task[None]] = []
+    ran_after_return: list[bool] = []
+    returned = threading.Event()
+
+    async def cleanup() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ran_after_return.append(returned.is_set())
+
+    async def leftover() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            spawned.append(asyncio.ensure_future(cleanup()))
+
+    kept: list[asyncio.Future[None]] = []
+
+    async def call() -> None:
+        kept.append(asyncio.ensure_future(leftover()))
+        await asyncio.sleep(0)
+
+    neopool.run(call())
+    returned.set()
+    assert len(spawned) == 1
+    assert spawned[0].done()
+    assert ran_after_return == [False]
+
+
+@pytest.mark.timing
+def test_collecting_the_tasks_leftovers_keep_spawning_is_bounded_in_total(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.5)
+
+    heads: list[asyncio.Future[None]] = []
+    over = threading.Event()
+
+    async def hydra() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            if not over.is_set():  # every cancel spawns another, until the test is over
+                heads.append(asyncio.ensure_future(hydra()))
+
+    async def call() -> None:
+        heads.append(asyncio.ensure_future(hydra()))
+        await asyncio.sleep(0)
+
+    began = time.monotonic()
+    try:
+        neopool.run(call())
+        assert time.monotonic() - began < 3
+    finally:
+        over.set()
