@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 
 from neo4j import AsyncDriver
@@ -38,6 +39,10 @@ class BorrowedConnection:
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
         pool = self._registry.running_loop_pool("borrow_connection")
+        if self._timeout is None:  # the usual case: a free lease, handed out without waiting
+            self._lease = pool.lend_now(sys._getframe(1))
+            if self._lease is not None:
+                return self
         self._entering = True  # until the borrow ends: a second entry must not start one
         try:
             self._lease = await pool.borrow(self._timeout)
