@@ -1,7 +1,7 @@
 """Run every benchmark (``make bench``), check the targets, draw the summary chart.
 
-``run_all.py [--quick] [micro|scaling|macro|to_thread|sync_caller ...] [--report-only]``: ``--quick``
-for a short run, names to run only those (the others' last results are
+``run_all.py [--quick] [micro|scaling|macro|to_thread|sync_caller ...] [--report-only]``:
+``--quick`` for a short run, names to run only those (the others' last results are
 reused), ``--report-only`` to redo the report from ``results/*.json``.
 
 Each benchmark runs in its own process, one after the other, and writes
