@@ -40,7 +40,7 @@ class BorrowedConnection:
             )
         pool = self._registry.running_loop_pool("borrow_connection")
         if self._timeout is None:  # the usual case: a free lease, handed out without waiting
-            self._lease = pool.lend_now(sys._getframe(1))
+            self._lease = pool._lend_now(sys._getframe(1))
             if self._lease is not None:
                 return self
         self._entering = True  # until the borrow ends: a second entry must not start one

@@ -250,7 +250,7 @@ class EventLoopConnectionPool:
         """Take a lease, waiting up to ``timeout`` (default ``borrow_timeout``) for one."""
         self._check_loop("borrow a connection")
         deadline = self.config.borrow_timeout if timeout is None else _check_timeout(timeout)
-        lease = self.lend_now(sys._getframe(1))
+        lease = self._lend_now(sys._getframe(1))
         if lease is not None:
             return lease
         if not self._driver_ready():
@@ -261,7 +261,7 @@ class EventLoopConnectionPool:
         self._borrow_sites[lease.lease_id] = caller_outside_package(sys._getframe(1))
         return lease
 
-    def lend_now(self, caller: FrameType) -> PooledConnectionManager | None:
+    def _lend_now(self, caller: FrameType) -> PooledConnectionManager | None:
         """The whole borrow when nothing has to wait, or ``None`` (then :meth:`borrow` waits).
 
         A free lease of a driver that is ready, handed out at once: the usual case,
