@@ -8,6 +8,10 @@
      around it, and neopool (borrow, one query, return);
    - speed-up: neopool against a new driver per query (connect, handshake,
      authenticate, query, close).
+3. Concurrent borrowers: 1, 10 and 50 borrowers on one loop, each doing one
+   query after another for a fixed time, the raw shared driver against
+   neopool, in rounds of a new random order; neopool's figure is the median of
+   its throughput over the raw driver's within each round (paired).
    On loopback and through the latency proxy (``--rtt-ms``), over plain Bolt and
    over TLS (``--transport``): a proxy process terminates TLS, with the latency in
    front of it, so a new driver pays the TLS handshake's round trips too.
@@ -37,6 +41,10 @@ POOLED = "neopool: borrow, query, return"
 NEW = "new driver per query"
 #: Calls in a row of one variant, against a new driver per query (see one_query).
 VERSUS_BLOCK = 20
+#: Concurrent borrowers on one loop (experiment 3), and its settings: every borrower
+#: gets a lease and a socket (as in ``to_thread.py``), so only the pool's own cost differs.
+CONCURRENT = (1, 10, 50)
+CONCURRENT_SOCKETS = 50
 #: The two one-query experiments: their keys in the results, and their titles.
 EXPERIMENTS = {
     "overhead": "what neopool adds",
@@ -177,6 +185,93 @@ async def one_query(target: Target, rounds: int) -> dict[str, Any]:
     }
 
 
+# -- 3. concurrent borrowers -------------------------------------------------------------
+async def throughput(
+    call: Callable[[], Awaitable[None]], borrowers: int, seconds: float
+) -> tuple[float, float]:
+    """Calls per second of ``borrowers`` coroutines calling ``call`` one after another,
+    and this process's CPU µs per call.
+
+    Calls that end in the first fifth of the window are not counted (every
+    borrower is under way after it); calls still running at the end are
+    waited for, so nothing overlaps the next window. The CPU time (of every
+    thread of this process, not the server's) is a steadier figure than the
+    throughput on a busy machine, where others' work decides the wall clock.
+    """
+    begin = time.perf_counter()
+    cpu = time.process_time()
+    counted_from, deadline = begin + seconds / 5, begin + seconds
+    counted = calls = 0
+
+    async def borrower() -> None:
+        nonlocal counted, calls
+        while time.perf_counter() < deadline:
+            await call()
+            calls += 1
+            if counted_from <= time.perf_counter() <= deadline:
+                counted += 1
+
+    await asyncio.gather(*(borrower() for _ in range(borrowers)))
+    cpu_us = (time.process_time() - cpu) / max(calls, 1) * 1e6
+    return counted / (seconds * 4 / 5), cpu_us
+
+
+async def concurrent(target: Target, rounds: int, seconds: float) -> dict[str, Any]:
+    """neopool against the raw shared driver at each of ``CONCURRENT`` borrowers."""
+    config = target.config(
+        max_connection_pool_size=CONCURRENT_SOCKETS, pool_max_size=CONCURRENT_SOCKETS
+    )
+    registry = GlobalNeo4jConnectionPool()
+    registry.set_config(config)
+    shared = create_driver(config)
+    db = target.database
+
+    async def raw() -> None:
+        await run_query(shared, db)
+
+    async def pooled() -> None:
+        async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+            await run_query(await borrowed.get_driver(), db)
+
+    variants = {RAW: raw, POOLED: pooled}
+    cells = []
+    try:
+        for borrowers in CONCURRENT:
+            for call in variants.values():  # warm-up: every socket open
+                await throughput(call, borrowers, seconds / 2)
+            per_round: dict[str, list[float]] = {name: [] for name in variants}
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
+            order = random.Random(borrowers)
+            for _ in range(rounds):
+                for name in order.sample(list(variants), len(variants)):
+                    rate, cpu_us = await throughput(variants[name], borrowers, seconds)
+                    per_round[name].append(rate)
+                    cpu[name].append(cpu_us)
+            ratio = statistics.median(
+                p / r for p, r in zip(per_round[POOLED], per_round[RAW], strict=True) if r
+            )
+            cpu_ratio = statistics.median(
+                p / r for p, r in zip(cpu[POOLED], cpu[RAW], strict=True) if r
+            )
+            cells.append(
+                {
+                    "borrowers": borrowers,
+                    "tasks_per_s": {
+                        name: round(statistics.median(v), 1) for name, v in per_round.items()
+                    },
+                    "cpu_us_per_task": {
+                        name: round(statistics.median(v), 1) for name, v in cpu.items()
+                    },
+                    "pooled_over_raw_pct": round(100 * (ratio - 1), 2),
+                    "pooled_cpu_over_raw_pct": round(100 * (cpu_ratio - 1), 2),
+                }
+            )
+    finally:
+        await shared.close()
+        await registry.close_all_pools()
+    return {"cells": cells, "rounds": rounds, "seconds_per_window": seconds}
+
+
 def summarise(latencies: dict[str, list[float]]) -> dict[str, Any]:
     return {name: {"tasks": len(v), **summarise_ms(v)} for name, v in latencies.items()}
 
@@ -237,7 +332,11 @@ def measure(target: Target, rtt_ms: float, quick: bool, with_no_io: bool) -> dic
         finally:
             await registry.close_all_pools()
 
-    return asyncio.run(main())
+    results = asyncio.run(main())
+    # A loop of its own, and a pool made for its settings.
+    windows = (2, 0.3) if quick else (15, 0.5)
+    results["concurrent"] = asyncio.run(concurrent(target, *windows))
+    return results
 
 
 def main() -> None:
@@ -276,6 +375,32 @@ def report(results: dict[str, Any]) -> None:
                 [
                     [name, f["tasks"], f["mean_ms"], f["p50_ms"], f["p95_ms"], f["p99_ms"]]
                     for name, f in figures[experiment].items()
+                ],
+            )
+        if "concurrent" in figures:
+            table(
+                f"concurrent borrowers on one loop, {label}: neopool against the raw "
+                f"shared driver (medians of rounds; the differences paired by round)",
+                [
+                    "borrowers",
+                    "raw tasks/s",
+                    "neopool tasks/s",
+                    "neopool vs raw",
+                    "raw CPU µs/task",
+                    "neopool CPU µs/task",
+                    "neopool CPU vs raw",
+                ],
+                [
+                    [
+                        c["borrowers"],
+                        c["tasks_per_s"][RAW],
+                        c["tasks_per_s"][POOLED],
+                        f"{c['pooled_over_raw_pct']:+.2f}%",
+                        c["cpu_us_per_task"][RAW],
+                        c["cpu_us_per_task"][POOLED],
+                        f"{c['pooled_cpu_over_raw_pct']:+.2f}%",
+                    ]
+                    for c in figures["concurrent"]["cells"]
                 ],
             )
         ratios = figures["ratios"]

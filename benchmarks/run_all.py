@@ -1,7 +1,7 @@
 """Run every benchmark (``make bench``), check the targets, draw the summary chart.
 
-``run_all.py [--quick] [micro|scaling|macro|to_thread ...] [--report-only]``: ``--quick``
-for a short run, names to run only those (the others' last results are
+``run_all.py [--quick] [micro|scaling|macro|to_thread|sync_caller ...] [--report-only]``:
+``--quick`` for a short run, names to run only those (the others' last results are
 reused), ``--report-only`` to redo the report from ``results/*.json``.
 
 Each benchmark runs in its own process, one after the other, and writes
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS_DIR, table
-from micro import EXPERIMENTS, NEW, POOLED
+from micro import EXPERIMENTS, NEW, POOLED, RAW
 from neopool.demo.chart import bar_chart
 from neopool.demo.report import markdown_table, write_json
+from sync_caller import RUN_EMPTY, USER
 from to_thread import BASELINES, TO_THREAD
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("micro", "scaling", "macro", "to_thread")
+BENCHMARKS = ("micro", "scaling", "macro", "to_thread", "sync_caller")
 #: One query per task, a new driver / neopool: the floor on each network.
 NEW_DRIVER_FLOORS = {"loopback": 3.5, "2 ms RTT": 4.0, "TLS loopback": 3.0, "TLS 2 ms RTT": 4.5}
 #: neopool / sync driver + asyncio.to_thread: (network, borrowers, floor).
@@ -56,7 +57,11 @@ def load_optional(name: str) -> dict[str, Any]:
 
 
 def targets(
-    micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any], to_thread: dict[str, Any]
+    micro: dict[str, Any],
+    macro: dict[str, Any],
+    scaling: dict[str, Any],
+    to_thread: dict[str, Any],
+    sync_caller: dict[str, Any] | None = None,
 ) -> list[Any]:
     """``[target, measured, met]`` rows."""
     rows: list[Any] = []
@@ -82,6 +87,34 @@ def targets(
             pct = r[f"{key}_pct_paired"]
             measured = f"{pct}% ({r[f'{key}_us_paired']} µs; means: {r[f'{key}_pct_mean']}%)"
             rows.append([f"{name} ({label})", measured, pct <= 5])
+    for label, figures in nets.items():
+        for cell in figures.get("concurrent", {}).get("cells", []):
+            pct = cell["pooled_over_raw_pct"]
+            rows.append(
+                [
+                    f"one query within 3% of the raw shared driver, {cell['borrowers']} "
+                    f"borrower{'s' if cell['borrowers'] > 1 else ''} ({label})",
+                    f"{pct:+.2f}% tasks/s (CPU per task {cell['pooled_cpu_over_raw_pct']:+.2f}%)",
+                    pct >= -3,
+                ]
+            )
+    for label, figures in (sync_caller or {"networks": {}})["networks"].items():
+        user, empty = figures["rows"][USER], figures["rows"][RUN_EMPTY]
+        rows.append(
+            [
+                f"sync caller: neopool.run + borrow + session within 5% of the ideal ({label})",
+                f"{user['overhead_pct']:+.1f}% ({user['us_per_task']} µs per task)",
+                user["overhead_pct"] <= 5,
+            ]
+        )
+        rows.append(
+            [
+                f"sync caller: neopool.run of an immediate coroutine within 2x "
+                f"loop.run_until_complete ({label})",
+                f"{empty['ratio_to_baseline']}x ({empty['us_per_task']} µs)",
+                empty["ratio_to_baseline"] <= 2,
+            ]
+        )
     no_io = nets.get("loopback", {}).get("no_io")
     if no_io:
         pair = no_io[NO_IO_USER_PATH]["us_per_pair_median"]
@@ -127,7 +160,11 @@ def targets(
 
 
 def markdown(
-    micro: dict[str, Any], macro: dict[str, Any], scaling: dict[str, Any], to_thread: dict[str, Any]
+    micro: dict[str, Any],
+    macro: dict[str, Any],
+    scaling: dict[str, Any],
+    to_thread: dict[str, Any],
+    sync_caller: dict[str, Any] | None = None,
 ) -> str:
     """The README's tables."""
     parts = []
@@ -153,6 +190,38 @@ def markdown(
             if experiment == "overhead":
                 columns.append(f"{POOLED} minus this, µs (paired median)")
             parts.append(markdown_table(columns, rows))
+        cells = figures.get("concurrent", {}).get("cells", [])
+        if cells:
+            parts.append(f"\n**concurrent borrowers on one loop, {label}** (medians of rounds)\n")
+            parts.append(
+                markdown_table(
+                    ["borrowers", "raw tasks/s", "neopool tasks/s", "neopool vs raw (paired)",
+                     "raw CPU µs/task", "neopool CPU µs/task", "CPU vs raw (paired)"],
+                    [
+                        [c["borrowers"], c["tasks_per_s"][RAW], c["tasks_per_s"][POOLED],
+                         f"{c['pooled_over_raw_pct']:+.2f}%", c["cpu_us_per_task"][RAW],
+                         c["cpu_us_per_task"][POOLED], f"{c['pooled_cpu_over_raw_pct']:+.2f}%"]
+                        for c in cells
+                    ],
+                )
+            )  # fmt: skip
+    for label, figures in (sync_caller or {"networks": {}})["networks"].items():
+        settings = (sync_caller or {})["settings"]
+        parts.append(
+            f"\n**a sync caller (a Celery task body), one query per task, {label}** "
+            f"({settings['tasks_per_block']} tasks per block, {settings['rounds']} rounds, "
+            f"median of paired block ratios)\n"
+        )
+        parts.append(
+            markdown_table(
+                ["per task", "µs", "over its baseline"],
+                [
+                    [name, f["us_per_task"],
+                     "baseline" if f["baseline"] == name else f"{f['overhead_pct']:+.1f}%"]
+                    for name, f in figures["rows"].items()
+                ],
+            )
+        )  # fmt: skip
     for label, figures in macro["networks"].items():
         settings = figures["settings"]
         parts.append(
@@ -269,16 +338,16 @@ def main() -> None:
             run(name, extra)
     micro, macro, scaling = (load(name) for name in ("micro", "macro", "scaling"))
     to_thread = load_optional("to_thread")
-    rows = targets(micro, macro, scaling, to_thread)
+    sync_caller = load_optional("sync_caller")
+    rows = targets(micro, macro, scaling, to_thread, sync_caller)
     table("targets", ["target", "measured", "met"], rows)
     write_json({"targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]},
                RESULTS_DIR / "targets.json")  # fmt: skip
     target_table = markdown_table(
         ["target", "measured", "met"], [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows]
     )
-    (RESULTS_DIR / "benchmarks.md").write_text(
-        "**targets**\n\n" + target_table + "\n\n" + markdown(micro, macro, scaling, to_thread)
-    )
+    tables = markdown(micro, macro, scaling, to_thread, sync_caller)
+    (RESULTS_DIR / "benchmarks.md").write_text("**targets**\n\n" + target_table + "\n\n" + tables)
     written = chart(micro, macro, to_thread, RESULTS_DIR / "benchmarks.png")
     print(f"wrote {RESULTS_DIR / 'targets.json'}, {RESULTS_DIR / 'benchmarks.md'}, {written}")
 

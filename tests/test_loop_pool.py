@@ -405,3 +405,24 @@ async def test_a_lease_is_returned_only_on_its_own_loop(pool: EventLoopConnectio
     assert isinstance(error[0], NoRunningLoop)
     assert lease.in_use
     lease.mark_available()
+
+
+async def test_a_borrow_that_needs_no_wait_still_records_where_it_was_borrowed(
+    neopool_registry: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
+
+    async with Neo4jConnectionFactory.borrow_connection():  # opens the driver (it waits)
+        pass
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:  # a free lease: no wait
+        assert borrowed.connection is not None
+        site = borrowed.connection.borrowed_at
+    line = _line_of("as borrowed:  # a free lease: no wait")
+    this_test = test_a_borrow_that_needs_no_wait_still_records_where_it_was_borrowed.__name__
+    assert site.endswith(f"test_loop_pool.py:{line} in {this_test}")
+    leaked = Neo4jConnectionFactory.borrow_connection()
+    await leaked.__aenter__()  # never left
+    pool = await GlobalNeo4jConnectionPool().get_pool()
+    with caplog.at_level(logging.WARNING, "neopool"):
+        await pool.close(timeout=0)
+    assert f"test_loop_pool.py:{_line_of('await leaked.__aenter__()  # never left')}" in caplog.text

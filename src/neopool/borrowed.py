@@ -11,6 +11,7 @@ one task never waits for a second lease, so it cannot deadlock even at
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -107,6 +108,11 @@ class BorrowedConnection:
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
         pool = self._registry.running_loop_pool("borrow_connection")
+        if self._timeout is None:  # the usual case: a free lease, handed out without waiting
+            self._lease = pool._lend_now(sys._getframe(1))
+            if self._lease is not None:
+                self._holding = _hold(self._lease)
+                return self
         self._entering = True  # until the borrow ends: a second entry must not start one
         try:
             self._lease = await pool.borrow(self._timeout)

@@ -11,8 +11,9 @@ import asyncio
 import os
 import sys
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Callable
-from types import CodeType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING
 
 from neopool.errors import LeaseError
@@ -125,7 +126,10 @@ class PooledConnectionManager:
         return self._driver_now()
 
     def _driver_now(self) -> AsyncDriver:
-        """:meth:`get_driver` without the ``await`` (for :class:`~neopool.BorrowedConnection`)."""
+        """:meth:`get_driver` without the ``await``, for code that holds the lease."""
+        pool = self._pool
+        if self._in_use and _get_running_loop() is pool._loop is not None:  # the usual case
+            return pool._current_driver()
         if not self._in_use:
             raise LeaseError(
                 f"{self!r} was returned to its pool; borrow a new connection "
@@ -139,13 +143,15 @@ class PooledConnectionManager:
         return f"<PooledConnectionManager #{self.lease_id} of loop {self._pool.loop_id}, {state}>"
 
 
-def caller_outside_package() -> BorrowSite | None:
-    """The first frame outside neopool (and asyncio): its code and line, formatted later.
+def caller_outside_package(frame: FrameType | None = None) -> BorrowSite | None:
+    """The first frame outside neopool (and asyncio), from ``frame`` (default: the
+    caller's) outwards: its code and line, formatted later.
 
     This runs on every borrow, so it keeps no frame (that would keep its locals
     alive) and builds no string; each code object is classified once.
     """
-    frame = sys._getframe(1)
+    if frame is None:
+        frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         skipped = _skipped_code.get(code)
@@ -155,5 +161,5 @@ def caller_outside_package() -> BorrowSite | None:
             skipped = _skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
         if not skipped:
             return code, frame.f_lineno
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None

@@ -25,12 +25,15 @@ import contextvars
 import enum
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
+from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase
@@ -254,12 +257,39 @@ class EventLoopConnectionPool:
         """Take a lease, waiting up to ``timeout`` (default ``borrow_timeout``) for one."""
         self._check_loop("borrow a connection")
         deadline = self.config.borrow_timeout if timeout is None else _check_timeout(timeout)
+        lease = self._lend_now(sys._getframe(1))
+        if lease is not None:
+            return lease
         if not self._driver_ready():
             await self._ensure_driver()
         lease = self._acquire_nowait()
         if lease is None:
             lease = await self._wait(deadline)
-        self._borrow_sites[lease.lease_id] = caller_outside_package()
+        self._borrow_sites[lease.lease_id] = caller_outside_package(sys._getframe(1))
+        return lease
+
+    def _lend_now(self, caller: FrameType) -> PooledConnectionManager | None:
+        """The whole borrow when nothing has to wait, or ``None`` (then :meth:`borrow` waits).
+
+        A free lease of a driver that is ready, handed out at once: the usual case,
+        in one step. ``caller`` is the borrowing frame (the borrow site is found from
+        it). The caller runs on the pool's loop: it found the pool as the running
+        loop's (:meth:`GlobalNeo4jConnectionPool.running_loop_pool`) or checked.
+        """
+        driver = self._driver
+        if (
+            driver is None
+            or not self._available
+            or self._waiters
+            or self._lost
+            or self._driver_suspect
+            or self._state is not PoolState.OPEN
+            or driver_is_closed(driver)
+        ):
+            return None
+        lease = self._available.pop()
+        self._hand_out(lease)
+        self._borrow_sites[lease.lease_id] = caller_outside_package(caller)
         return lease
 
     async def return_connection(
@@ -281,7 +311,10 @@ class EventLoopConnectionPool:
         The one way a lease comes back (:meth:`PooledConnectionManager.mark_available`,
         ``BorrowedConnection`` and the registry's ``return_connection`` call it).
         """
-        if error is None:  # the usual case first
+        if error is None and _get_running_loop() is self._loop is not None:  # the usual case
+            self._release(lease)
+            return
+        if error is None:
             self._check_loop("return a connection")
             self._release(lease)
             return

@@ -224,12 +224,12 @@ class GlobalNeo4jConnectionPool:
 
     def running_loop_pool(self, action: str = "running_loop_pool") -> EventLoopConnectionPool:
         """:meth:`get_pool` without the ``await`` (it never waits), for the borrow path."""
-        loop = _running_loop(action)
+        loop = asyncio._get_running_loop() or _running_loop(action)
         generation = self._generation
         recent: _Recent | None = getattr(self._recent, "pool", None)
         if recent is not None and recent[0] == generation:  # no pool left the registry since
             pool = recent[1]()
-            if pool is not None and pool.loop is loop and pool.state is PoolState.OPEN:
+            if pool is not None and pool._loop is loop and pool._state is PoolState.OPEN:
                 return pool  # the usual case, without a weak-key lookup (it makes a weakref)
         ref = self._pools.get(loop)
         pool = ref() if ref is not None else None
