@@ -5,7 +5,7 @@ from __future__ import annotations
 from neopool.borrowed import BorrowedConnection
 from neopool.config import Neo4jConnectionConfig
 from neopool.registry import GlobalNeo4jConnectionPool
-from neopool.stats import PoolStats
+from neopool.stats import PoolStats, ProcessTotals
 
 
 class Neo4jConnectionFactory:
@@ -25,6 +25,11 @@ class Neo4jConnectionFactory:
     async def get_pool_stats() -> dict[str, PoolStats]:
         """``{loop id: stats}`` for every live event loop's pool of this process."""
         return await GlobalNeo4jConnectionPool().get_pool_stats()
+
+    @staticmethod
+    def process_totals() -> ProcessTotals:
+        """Loops served, drivers created and closed, borrows: this process's, since it started."""
+        return GlobalNeo4jConnectionPool().process_totals()
 
     @staticmethod
     async def close_all_pools(timeout: float | None = None) -> None:

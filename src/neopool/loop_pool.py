@@ -45,7 +45,7 @@ from neopool._release import (
 from neopool.credentials import credential_rejected, track
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
 from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
-from neopool.stats import PoolStats, UtilisationMonitor, report_leaks
+from neopool.stats import PROCESS, PoolStats, UtilisationMonitor, report_leaks
 
 if TYPE_CHECKING:
     from neopool.config import Neo4jConnectionConfig
@@ -312,6 +312,7 @@ class EventLoopConnectionPool:
         in_use[lease.lease_id] = lease._ref
         outstanding.add(lease._ref)
         self._borrows += 1
+        PROCESS.borrows += 1
         # The monitor hears only where it could matter: above its threshold, or once alerted.
         monitor = self._monitor
         if len(in_use) > monitor.busy_above or monitor.alerted:
@@ -511,6 +512,7 @@ class EventLoopConnectionPool:
         self._opening = None
         self._driver = driver
         self._drivers_created += 1
+        PROCESS.driver_created()
         self._driver_suspect = False
         if old is not None:
             self._retire(old)
@@ -586,6 +588,7 @@ class EventLoopConnectionPool:
             self._loop_id, self.config.utilisation_warning, self.max_size
         )
         self._anchor = loop.call_later(_ANCHOR_S, _renew_anchor, self)
+        PROCESS.loop_served()
 
     def _check_loop(self, action: str) -> None:
         try:
@@ -745,6 +748,7 @@ class EventLoopConnectionPool:
             self._anchor.cancel()
         self._anchor = None
         self._finish_teardown()
+        PROCESS.pool_ended(self.pid, self._drivers_created)
         if self._on_closed is not None:
             self._on_closed(self)
         return released
