@@ -15,6 +15,8 @@ from typing import Any
 
 for _name in ("NEOPOOL_POOL_MAX_SIZE", "NEOPOOL_POOL_MIN_SIZE"):
     os.environ.pop(_name, None)
+if _size := os.environ.get("NEOPOOL_TEST_POOL_MAX_SIZE"):  # a size the user set
+    os.environ["NEOPOOL_POOL_MAX_SIZE"] = _size
 
 from neopool import Neo4jConnectionFactory  # noqa: E402
 from neopool.celery import AsyncTask  # noqa: E402

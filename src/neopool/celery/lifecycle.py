@@ -103,6 +103,8 @@ class _WorkerLifecycle:
         self.loop_mode: LoopMode | None = loop_mode
         self.drain_timeout = drain_timeout
         self.shutdown_timeout = shutdown_timeout
+        #: What the worker says once it is ready (at worker_init, Celery's logging is not set up).
+        self.start_notes: list[tuple[int, str]] = []
         self.main_pid: int | None = None
         self.publisher: StatsPublisher | None = None
         #: Where prefork children publish their stats: created at worker_init by the
@@ -132,13 +134,15 @@ class _WorkerLifecycle:
         self._use_loop_mode()
         # Prefork children get Celery's soft-time-limit signal; threads and solo get none.
         soft_time_limits_signalled(kind == "prefork")
-        _say_mode(kind, self.loop_mode, chosen=given is None)
+        self.start_notes += _mode_notes(kind, self.loop_mode, chosen=given is None)
         if kind == "threads" and self.app.conf.task_time_limit:
-            logger.warning(
-                "neopool: task_time_limit (%s s) is not enforced under --pool=threads: a "
-                "thread cannot be killed. Use task_soft_time_limit (AsyncTask cancels the "
-                "coroutine) or --pool=prefork",
-                self.app.conf.task_time_limit,
+            self.start_notes.append(
+                (
+                    logging.WARNING,
+                    f"neopool: task_time_limit ({self.app.conf.task_time_limit} s) is not "
+                    f"enforced under --pool=threads: a thread cannot be killed. Use "
+                    f"task_soft_time_limit (AsyncTask cancels the coroutine) or --pool=prefork",
+                )
             )
         self.main_pid = os.getpid()
         try:
@@ -235,11 +239,12 @@ class _WorkerLifecycle:
         if concurrency is None or concurrency <= config.pool_max_size:
             return
         if "pool_max_size" in config.model_fields_set:
-            logger.info(
-                "neopool: pool_max_size is %d, below the worker's concurrency (%d): tasks "
-                "beyond it wait for a lease",
-                config.pool_max_size,
-                concurrency,
+            self.start_notes.append(
+                (
+                    logging.INFO,
+                    f"neopool: pool_max_size is {config.pool_max_size}, below the worker's "
+                    f"concurrency ({concurrency}): tasks beyond it wait for a lease",
+                )
             )
             return
         update: dict[str, Any] = {"pool_max_size": concurrency}
@@ -252,12 +257,20 @@ class _WorkerLifecycle:
             return
         self.config = config.model_copy(update=update)
         GlobalNeo4jConnectionPool.set_config(self.config)
-        logger.info(
-            "neopool: pool_max_size %d (the worker's concurrency): %d tasks in flight share "
-            "the process loop's pool; set NEOPOOL_POOL_MAX_SIZE to choose another size",
-            self.config.pool_max_size,
-            concurrency,
+        self.start_notes.append(
+            (
+                logging.INFO,
+                f"neopool: pool_max_size {self.config.pool_max_size} (the worker's "
+                f"concurrency): {concurrency} tasks in flight share the process loop's pool; "
+                f"set NEOPOOL_POOL_MAX_SIZE to choose another size",
+            )
         )
+
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """The worker is up, its logging too: say what was decided at start, once."""
+        notes, self.start_notes = self.start_notes, []
+        for level, line in notes:
+            logger.log(level, "%s", line)
 
     def _publish(self) -> None:
         if self.publisher is None:
@@ -323,6 +336,7 @@ def setup(
     app._neopool_lifecycle = lifecycle  # keeps the handlers alive with the app
     uid = f"neopool-{id(app)}"
     signals.worker_init.connect(lifecycle.on_worker_init, weak=False, dispatch_uid=f"{uid}-init")
+    signals.worker_ready.connect(lifecycle.on_worker_ready, weak=False, dispatch_uid=f"{uid}-ready")
     signals.worker_shutting_down.connect(
         lifecycle.on_worker_shutting_down, weak=False, dispatch_uid=f"{uid}-shutting-down"
     )
@@ -353,11 +367,16 @@ def _loop_mode(loop: str | None) -> LoopMode | None:
 
 
 def _pool_kind(pool: str) -> str:
-    """``prefork``, ``threads`` or ``solo`` from the worker's pool class or name."""
+    """``prefork``, ``threads`` or ``solo`` from the worker's pool class or name.
+
+    The command line gives the class (``celery.concurrency.thread.TaskPool``),
+    the configuration may give the name (``threads``).
+    """
     name = pool.lower()
-    for kind in ("threads", "solo"):
-        if kind in name:
-            return kind
+    if "thread" in name:
+        return "threads"
+    if "solo" in name:
+        return "solo"
     if "prefork" in name or "processes" in name:
         return "prefork"
     return name or "prefork"  # Celery's default
@@ -381,8 +400,9 @@ def _concurrency(sender: Any) -> int | None:
     return None
 
 
-def _say_mode(kind: str, mode: LoopMode, *, chosen: bool) -> None:
-    """Once, at worker start: the loop mode, why, and what it means for this pool."""
+def _mode_notes(kind: str, mode: LoopMode, *, chosen: bool) -> list[tuple[int, str]]:
+    """What to say once at worker start: the loop mode, why, and what it means for this pool."""
+    notes: list[tuple[int, str]] = []
     how = (
         f"chosen: --pool=threads with LightRAG loaded; {LOOP_ENV} or setup(loop=...) sets it"
         if chosen and mode == "process"
@@ -405,12 +425,14 @@ def _say_mode(kind: str, mode: LoopMode, *, chosen: bool) -> None:
                 f"libraries with process-wide asyncio state (LightRAG) need it."
             )
             if _lightrag_loaded():
-                logger.warning(
-                    "neopool: loop mode 'thread' under --pool=threads with LightRAG loaded: "
-                    "LightRAG's process-wide locks and storages cannot be shared by a loop "
-                    "per thread, so its tasks will fail; set %s=process or "
-                    "setup(loop='process')",
-                    LOOP_ENV,
+                notes.append(
+                    (
+                        logging.WARNING,
+                        f"neopool: loop mode 'thread' under --pool=threads with LightRAG "
+                        f"loaded: LightRAG's process-wide locks and storages cannot be shared "
+                        f"by a loop per thread, so its tasks will fail; set {LOOP_ENV}=process "
+                        f"or setup(loop='process')",
+                    )
                 )
     if kind == "threads":
         line += (
@@ -423,7 +445,7 @@ def _say_mode(kind: str, mode: LoopMode, *, chosen: bool) -> None:
             " To stop a running task without killing its process (and its pool), revoke it "
             "with terminate=True, signal='SIGUSR1' (the default SIGTERM kills the child)."
         )
-    logger.info("%s", line)
+    return [(logging.INFO, line), *notes]
 
 
 def _drain_timeout(drain_timeout: float | None) -> float:
