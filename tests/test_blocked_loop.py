@@ -114,9 +114,9 @@ def test_an_idle_or_awaiting_loop_is_not_blocked(
 def test_off_at_zero_and_none(configure: Callable[..., Neo4jConnectionConfig]) -> None:
     loop = asyncio.new_event_loop()
     try:
-        assert watch(loop, threading.get_ident(), 0) is None
+        assert watch(loop, threading.current_thread(), 0) is None
         configure(blocked_loop_threshold=None)
-        assert watch(loop, threading.get_ident()) is None
+        assert watch(loop, threading.current_thread()) is None
         configure(blocked_loop_threshold=0)
         runner.use_process_loop()
         try:
@@ -135,7 +135,7 @@ def test_it_stops_with_its_loop_and_never_keeps_it_alive(
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-loop")
     thread.start()
-    watcher = watch(loop, thread.ident, THRESHOLD)
+    watcher = watch(loop, thread, THRESHOLD)
     assert isinstance(watcher, LoopWatch)
     assert eventually(lambda: watcher.watching)
     loop.call_soon_threadsafe(loop.stop)

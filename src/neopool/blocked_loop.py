@@ -14,9 +14,10 @@ standard library, asyncio, uvloop and neopool (the blocking call) and the
 innermost coroutine there (the task's function). When the heartbeat comes
 again, it logs one warning with how long the loop was blocked: once per call
 site per episode, at most one line a minute per site, counting the rest
-(:class:`~neopool.stats.SayOnce`). A stack that shows only those packages
-(the loop waiting in ``select``, a process that was merely descheduled) is no
-block of the program's and is not reported.
+(:class:`~neopool.stats.SayOnce`). Not reported: a stack that shows only
+those packages (the loop waiting in ``select``), and, where Linux's ``/proc``
+tells, a loop thread that was runnable but got little CPU meanwhile (an
+overloaded machine, not a blocking call).
 
 The watchdog refers to its loop weakly and ends when the loop is closed or
 collected, or when :meth:`LoopWatch.stop` is called; a forked child has no
@@ -136,21 +137,50 @@ def blocking_site(frame: FrameType | None) -> Site | None:
     return found
 
 
+#: A thread that got less than this share of a CPU while runnable was starved, not blocking.
+STARVED_SHARE = 0.25
+#: Seconds of a block needed to judge starvation (CPU time is counted in clock ticks).
+JUDGE_AFTER_S = 0.1
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu(native_id: int | None) -> tuple[str, float] | None:
+    """A thread's scheduler state (``R`` runnable, ``S`` sleeping...) and CPU seconds (Linux).
+
+    ``None`` where ``/proc`` does not tell.
+    """
+    if native_id is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as stat:
+            data = stat.read()
+        fields = data[data.rindex(b")") + 2 :].split()
+        return fields[0].decode(), (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class _Block:
     beat_at: float  #: the last heartbeat before the block
     site: Site
+    seen_at: float  #: when the watchdog saw it
+    cpu: tuple[str, float] | None  #: the loop thread's state and CPU time then
     reported: bool = False
 
 
 class LoopWatch:
     """The heartbeat on one loop and the watchdog thread beside it (see the module)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread_id: int, threshold: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, threshold: float
+    ) -> None:
         self.threshold = threshold
         self.interval = threshold / 2
         self._loop = weakref.ref(loop)
-        self._thread_id = thread_id
+        assert thread.ident is not None, "watch() takes a thread that has started"
+        self._thread_id: int = thread.ident
+        self._native_id = thread.native_id
         self._beat_at = time.monotonic()
         self._stopped = threading.Event()
         self._limiters: dict[str, SayOnce] = {}
@@ -195,8 +225,8 @@ class LoopWatch:
             del loop  # never held between looks
             beat_at = self._beat_at
             if block is not None and beat_at != block.beat_at:  # the loop ran again
-                if not block.reported:  # blocked between (gap - interval) and gap: the middle
-                    gap = beat_at - block.beat_at
+                if not block.reported and not self._starved(block):
+                    gap = beat_at - block.beat_at  # blocked between gap - interval and gap
                     self._report(block.site, gap - self.interval / 2, ended=True)
                 block = None
             late = time.monotonic() - beat_at - self.interval
@@ -204,11 +234,27 @@ class LoopWatch:
                 if late > self.threshold and running:
                     site = self._sample()
                     if site is not None:
-                        PROCESS.loop_blocked()
-                        block = _Block(beat_at, site)
+                        cpu = thread_cpu(self._native_id)
+                        block = _Block(beat_at, site, time.monotonic(), cpu)
             elif not block.reported and late >= max(LONG_BLOCK_S, 10 * self.threshold):
-                self._report(block.site, late, ended=False)
+                if not self._starved(block):
+                    self._report(block.site, late, ended=False)
                 block.reported = True
+
+    def _starved(self, block: _Block) -> bool:
+        """Whether the loop's thread was runnable but hardly ran: the machine, not the code.
+
+        On an overloaded machine (or under a CPU quota) a thread may wait for a
+        CPU for longer than the threshold, wherever it happens to be; that is
+        no blocking call of the program's. A thread blocked in a call sleeps
+        (``S``), one computing gets its CPU time.
+        """
+        elapsed = time.monotonic() - block.seen_at
+        now = thread_cpu(self._native_id)
+        if block.cpu is None or now is None or elapsed < JUDGE_AFTER_S:
+            return False
+        state, cpu = block.cpu
+        return state == "R" and now[1] - cpu < STARVED_SHARE * elapsed
 
     def _sample(self) -> Site | None:
         frame = sys._current_frames().get(self._thread_id)
@@ -218,6 +264,7 @@ class LoopWatch:
             del frame
 
     def _report(self, site: Site, seconds: float, *, ended: bool) -> None:
+        PROCESS.loop_blocked()
         limiter = self._limiters.get(site.key)
         if limiter is None:
             limiter = self._limiters[site.key] = SayOnce()
@@ -259,14 +306,14 @@ def configured_threshold() -> float | None:
 
 
 def watch(
-    loop: asyncio.AbstractEventLoop, thread_id: int | None, threshold: float | None = None
+    loop: asyncio.AbstractEventLoop, thread: threading.Thread, threshold: float | None = None
 ) -> LoopWatch | None:
-    """Watch ``loop``, run by the thread ``thread_id``; ``None`` if the threshold is off.
+    """Watch ``loop``, run by ``thread`` (started); ``None`` if the threshold is off.
 
     ``threshold`` defaults to :func:`configured_threshold`.
     """
     if threshold is None:
         threshold = configured_threshold()
-    if not threshold or thread_id is None:
+    if not threshold or thread.ident is None:
         return None
-    return LoopWatch(loop, thread_id, threshold)
+    return LoopWatch(loop, thread, threshold)

@@ -474,7 +474,7 @@ class _ProcessLoop:
         if not running.wait(START_TIMEOUT):
             raise NeopoolError(f"the process loop did not start within {START_TIMEOUT:g}s")
         # Warns when a call blocks the loop; ends with the loop, holds it only weakly.
-        blocked_loop.watch(self.loop, self.thread.ident)
+        blocked_loop.watch(self.loop, self.thread)
 
     @property
     def usable(self) -> bool:
