@@ -98,7 +98,7 @@ def test_a_new_loop_per_task_shows_in_the_cluster_totals(
     assert len({o["loop"] for o in outcomes}) > 2
     stats = only_worker(cluster_stats(celery_app), worker)
     assert stats == {str(worker.pid): {}}  # every loop is gone with its pool
-    totals = only_worker(cluster_totals(celery_app), worker)  # type: ignore[arg-type]
+    totals = only_worker(cluster_totals(celery_app), worker)
     (mine,) = totals.values()
     assert mine["pid"] == worker.pid
     assert mine["loops_served"] == 20
@@ -122,10 +122,7 @@ def test_a_blocked_process_loop_is_named_in_the_worker_log(
     for _ in range(3):
         celery_app.send_task("neopool.testing.block_the_loop", args=[0.8]).get(timeout=60)
     assert eventually(
-        lambda: (
-            only_worker(cluster_totals(celery_app), worker)[str(worker.pid)]["loop_blocks"]  # type: ignore[arg-type]
-            >= 3
-        )
+        lambda: only_worker(cluster_totals(celery_app), worker)[str(worker.pid)]["loop_blocks"] >= 3
     )
     assert worker.stop() == 0
     blocked = [line for line in worker.log().splitlines() if "process loop was blocked" in line]
