@@ -9,6 +9,9 @@ heartbeat shows at its largest). The detector is on (``blocked_loop_threshold``
 process loop started afresh; the table gives the median of the rounds, and
 the median of each round's ratio on/off for throughput and for CPU time per
 call (pairing cancels the machine's drift between rounds).
+First it measures the floor: the CPU a process with an idle process loop
+uses per second with the detector on and off (its heartbeat wakes the loop,
+and its watchdog wakes, every 0.125 s).
 
     python benchmarks/blocked_loop_cost.py [--rounds 8] [--calls 400] [--threads 16]
 """
@@ -67,6 +70,26 @@ def one_round(workload: str, threads: int, calls: int) -> dict[str, float]:
     return {"calls_per_s": total / wall, "cpu_us_per_call": cpu / total * 1e6}
 
 
+def idle_cpu(threshold: float, seconds: float) -> float:
+    """CPU seconds per second of a process with an idle process loop (the detector's floor)."""
+    GlobalNeo4jConnectionPool.set_config(target_config(threshold))
+    runner.use_process_loop()
+    try:
+        runner.process_loop()
+        cpu = time.process_time()
+        time.sleep(seconds)
+        return (time.process_time() - cpu) / seconds
+    finally:
+        runner.close_process_loop(10)
+
+
+def target_config(threshold: float) -> Any:
+    """A configuration that needs no server: the idle loop borrows nothing."""
+    from neopool import Neo4jConnectionConfig
+
+    return Neo4jConnectionConfig(uri="bolt://127.0.0.1:7687", blocked_loop_threshold=threshold)
+
+
 def main() -> None:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--rounds", type=int, default=8, help="rounds per mode (default 8)")
@@ -76,6 +99,12 @@ def main() -> None:
     if args.quick:
         args.rounds, args.calls = 2, 50
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    idle: dict[str, list[float]] = {ON: [], OFF: []}
+    for r in range(4):
+        for mode in (ON, OFF) if r % 2 == 0 else (OFF, ON):
+            idle[mode].append(idle_cpu(THRESHOLDS[mode], 1.0 if args.quick else 5.0))
+    idle_cost = statistics.median(idle[ON]) - statistics.median(idle[OFF])
+    print(f"idle process loop: the detector costs {idle_cost * 1e3:.2f} ms of CPU per second")
     with bolt_target() as target:
         for workload in WORKLOADS:
             by_mode: dict[str, list[dict[str, float]]] = {ON: [], OFF: []}
@@ -141,7 +170,14 @@ def main() -> None:
     )
     save(
         "blocked_loop_cost",
-        {"rounds": args.rounds, "calls": args.calls, "threads": args.threads, **summary},
+        {
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "threads": args.threads,
+            "idle_cpu_s_per_s": idle,
+            "idle_cost_cpu_s_per_s": idle_cost,
+            **summary,
+        },
         args.json,
     )
 
