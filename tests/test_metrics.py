@@ -98,6 +98,36 @@ async def test_timeouts_and_wait_seconds_are_counted(
         registry.unregister(collector)
 
 
+def test_process_totals_count_the_loops_that_are_gone(
+    neopool_registry: GlobalNeo4jConnectionPool,
+) -> None:
+    """A new loop per call: the per-loop series are gone, the process counters are not."""
+    registry = CollectorRegistry()
+    registry.register(NeopoolCollector())
+    labels = {"worker": "", "pid": str(os.getpid())}
+
+    def read(name: str) -> float:
+        value = registry.get_sample_value(f"neopool_{name}_total", labels)
+        assert value is not None, name
+        return value
+
+    before = {name: read(name) for name in ("loops_served", "drivers_created", "borrows")}
+
+    async def one_borrow() -> None:
+        async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+            await borrowed.get_driver()
+
+    for _ in range(5):
+        asyncio.run(one_borrow())
+    assert {name: read(name) - before[name] for name in before} == {
+        "loops_served": 5,
+        "drivers_created": 5,
+        "borrows": 5,
+    }
+    assert read("drivers_closed") >= 5
+    assert registry.get_sample_value("neopool_pool_in_use", {**labels, "loop": "x"}) is None
+
+
 def test_register_is_idempotent_and_empty_without_pools() -> None:
     registry = CollectorRegistry()
     first = register(registry)
@@ -157,3 +187,8 @@ def test_cluster_source_reports_prefork_children(
     assert all(s.labels["pid"].isdigit() for s in borrows)
     drivers = families["neopool_pool_drivers_created"].samples
     assert sum(s.value for s in drivers) <= 2  # one driver per child process, at most
+    # The children's totals come through too, one series per child.
+    totals = families["neopool_borrows"].samples
+    assert sum(s.value for s in totals) == 6
+    assert {s.labels["pid"] for s in totals} == {s.labels["pid"] for s in borrows}
+    assert sum(s.value for s in families["neopool_loops_served"].samples) <= 2

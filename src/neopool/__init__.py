@@ -35,7 +35,7 @@ from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.runner import run
-from neopool.stats import PoolStats
+from neopool.stats import PoolStats, ProcessTotals
 
 __all__ = [
     "BorrowedConnection",
@@ -58,6 +58,7 @@ __all__ = [
     "PooledConnectionManager",
     "PooledSession",
     "PrepareTimeout",
+    "ProcessTotals",
     "Schema",
     "UnsafeStatsDir",
     "__version__",

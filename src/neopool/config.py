@@ -220,6 +220,16 @@ class Neo4jConnectionConfig(BaseSettings):
         le=1,
         description="In-use fraction of pool_max_size above which a warning is logged.",
     )
+    blocked_loop_threshold: float | None = _env(
+        "NEOPOOL_BLOCKED_LOOP_THRESHOLD",
+        0.25,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "Seconds the process loop may be blocked (a synchronous call in a coroutine) "
+            "before a warning names the call; 0 or None turns the warning off."
+        ),
+    )
 
     # -- database preparation --------------------------------------------------
     prepare_timeout: float = _env(

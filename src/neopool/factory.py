@@ -11,7 +11,7 @@ from neopool.config import Neo4jConnectionConfig
 from neopool.database import DEFAULT_SCHEMA, Schema, preparer
 from neopool.lease import PooledConnectionManager
 from neopool.registry import GlobalNeo4jConnectionPool
-from neopool.stats import PoolStats
+from neopool.stats import PoolStats, ProcessTotals
 
 
 class Neo4jConnectionFactory:
@@ -86,6 +86,11 @@ class Neo4jConnectionFactory:
     async def get_pool_stats() -> dict[str, PoolStats]:
         """``{loop id: stats}`` for every live event loop's pool of this process."""
         return await GlobalNeo4jConnectionPool().get_pool_stats()
+
+    @staticmethod
+    def process_totals() -> ProcessTotals:
+        """Loops served, drivers created and closed, borrows: this process's, since it started."""
+        return GlobalNeo4jConnectionPool().process_totals()
 
     @staticmethod
     async def close_all_pools(timeout: float | None = None) -> None:

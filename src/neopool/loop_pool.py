@@ -48,7 +48,7 @@ from neopool._release import (
 from neopool.credentials import ProviderAuthManager, credential_rejected, track
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
 from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
-from neopool.stats import PoolStats, UtilisationMonitor, report_leaks
+from neopool.stats import PROCESS, PoolStats, UtilisationMonitor, report_leaks
 
 if TYPE_CHECKING:
     from neopool.config import Neo4jConnectionConfig
@@ -354,6 +354,7 @@ class EventLoopConnectionPool:
         in_use[lease.lease_id] = lease._ref
         outstanding.add(lease._ref)
         self._borrows += 1
+        PROCESS.borrows += 1
         # The monitor hears only where it could matter: above its threshold, or once alerted.
         monitor = self._monitor
         if len(in_use) > monitor.busy_above or monitor.alerted:
@@ -559,6 +560,7 @@ class EventLoopConnectionPool:
         self._opening = None
         self._driver = driver
         self._drivers_created += 1
+        PROCESS.driver_created()
         self._driver_suspect = False
         if old is not None:
             self._retire(old)
@@ -634,6 +636,7 @@ class EventLoopConnectionPool:
             self._loop_id, self.config.utilisation_warning, self.max_size
         )
         self._anchor = loop.call_later(_ANCHOR_S, _renew_anchor, self)
+        PROCESS.loop_served()
 
     def _check_loop(self, action: str) -> None:
         try:
@@ -797,6 +800,7 @@ class EventLoopConnectionPool:
             self._anchor.cancel()
         self._anchor = None
         self._finish_teardown()
+        PROCESS.pool_ended(self.pid, self._drivers_created)
         if self._on_closed is not None:
             self._on_closed(self)
         return released

@@ -2,12 +2,15 @@
 
 Nothing is registered at import. Call :func:`register` once (or add a
 :class:`NeopoolCollector` to your own registry); every scrape then reads each
-loop pool's :class:`~neopool.stats.PoolStats` afresh, so there is no
-bookkeeping on the borrow path. :func:`serve` starts a ``/metrics`` endpoint.
+loop pool's :class:`~neopool.stats.PoolStats` afresh, and the process-wide
+:class:`~neopool.stats.ProcessTotals` (``neopool_loops_served_total``,
+``neopool_drivers_created_total``... labelled by worker and pid), which keep
+counting the loops and drivers that are gone. :func:`serve` starts a
+``/metrics`` endpoint.
 
 Under Celery prefork the pools live in the worker children, not in the process
 you scrape; pass ``source=cluster_source(app)`` to report what every child
-publishes through ``inspect neopool_stats``.
+publishes through ``inspect neopool_stats`` and ``inspect neopool_totals``.
 """
 
 from __future__ import annotations
@@ -25,27 +28,37 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from neopool.registry import GlobalNeo4jConnectionPool
-from neopool.stats import PoolStats
+from neopool.stats import PoolStats, ProcessTotals
 
 __all__ = [
     "LABELS",
+    "PROCESS_LABELS",
+    "ClusterSource",
     "MetricsServer",
     "NeopoolCollector",
     "Sample",
     "StatsSource",
+    "TotalsSample",
+    "TotalsSource",
     "cluster_source",
     "local_source",
+    "local_totals",
     "register",
     "serve",
     "unregister",
 ]
 
-#: Labels on every series: Celery worker node ("" locally), process, loop, thread.
+#: Labels on every per-loop series: Celery worker node ("" locally), process, loop, thread.
 LABELS = ("worker", "pid", "loop", "thread")
+#: Labels on every per-process series.
+PROCESS_LABELS = ("worker", "pid")
 
 #: One labelled stats snapshot per loop pool.
 Sample = tuple[Mapping[str, str], PoolStats]
 StatsSource = Callable[[], Iterable[Sample]]
+#: One labelled totals snapshot per process.
+TotalsSample = tuple[Mapping[str, str], ProcessTotals]
+TotalsSource = Callable[[], Iterable[TotalsSample]]
 
 _GAUGES = (
     ("available", "Leases ready to hand out."),
@@ -58,6 +71,15 @@ _COUNTERS = (
     ("borrows", "borrows", "Leases handed out."),
     ("timeouts", "timeouts", "Borrowers that gave up with PoolTimeout."),
     ("drivers_created", "drivers_created", "Neo4j drivers created by the loop pool."),
+)
+#: Process-wide counters (``neopool_<name>_total``): they keep the pools that are gone.
+_TOTALS = (
+    ("loops_served", "Event loops given a pool since the process started."),
+    ("pools_closed", "Loop pools ended since the process started."),
+    ("drivers_created", "Neo4j drivers opened since the process started."),
+    ("drivers_closed", "Neo4j drivers closed (or released) since the process started."),
+    ("borrows", "Leases handed out since the process started."),
+    ("loop_blocks", "Times the process loop was blocked past blocked_loop_threshold."),
 )
 
 
@@ -75,12 +97,30 @@ def local_source(registry: GlobalNeo4jConnectionPool | None = None) -> StatsSour
     return read
 
 
-def cluster_source(app: Any, timeout: float = 2.0) -> StatsSource:
-    """Every Celery worker child's pools, as published through ``inspect neopool_stats``."""
+def local_totals() -> TotalsSource:
+    """This process's :class:`~neopool.stats.ProcessTotals`."""
 
-    def read() -> Iterator[Sample]:
+    def read() -> Iterator[TotalsSample]:
+        totals = GlobalNeo4jConnectionPool().process_totals()
+        yield {"worker": "", "pid": str(totals["pid"])}, totals
+
+    return read
+
+
+class ClusterSource:
+    """Every Celery worker child's pools and totals, as published through ``inspect``.
+
+    Call it for the pools (``inspect neopool_stats``); :meth:`totals` reads
+    ``inspect neopool_totals``. Each is one broadcast, waiting ``timeout``.
+    """
+
+    def __init__(self, app: Any, timeout: float = 2.0) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    def __call__(self) -> Iterator[Sample]:
         cluster_stats = importlib.import_module("neopool.celery").cluster_stats
-        for worker, by_pid in cluster_stats(app, timeout=timeout).items():
+        for worker, by_pid in cluster_stats(self.app, timeout=self.timeout).items():
             for pid, by_loop in by_pid.items():
                 for loop_id, stats in by_loop.items():
                     labels = {
@@ -91,14 +131,37 @@ def cluster_source(app: Any, timeout: float = 2.0) -> StatsSource:
                     }
                     yield labels, stats
 
-    return read
+    def totals(self) -> Iterator[TotalsSample]:
+        """Every worker process's totals."""
+        cluster_totals = importlib.import_module("neopool.celery").cluster_totals
+        for worker, by_pid in cluster_totals(self.app, timeout=self.timeout).items():
+            for pid, totals in by_pid.items():
+                yield {"worker": worker, "pid": str(pid)}, totals
+
+
+def cluster_source(app: Any, timeout: float = 2.0) -> ClusterSource:
+    """Every Celery worker child's pools (and totals), as published through ``inspect``."""
+    return ClusterSource(app, timeout)
 
 
 class NeopoolCollector(Collector):
-    """Per-loop gauges and counters, read from a stats source at scrape time."""
+    """Per-loop gauges and counters, and per-process totals, read at scrape time.
 
-    def __init__(self, source: StatsSource | None = None, *, prefix: str = "neopool") -> None:
+    ``totals`` defaults to the source's own (a :class:`ClusterSource`), else
+    this process's.
+    """
+
+    def __init__(
+        self,
+        source: StatsSource | None = None,
+        *,
+        totals: TotalsSource | None = None,
+        prefix: str = "neopool",
+    ) -> None:
         self._source = source or local_source()
+        if totals is None:
+            totals = self._source.totals if isinstance(self._source, ClusterSource) else None
+        self._totals = totals or local_totals()
         self._prefix = prefix
 
     def describe(self) -> Iterable[Metric]:
@@ -116,6 +179,10 @@ class NeopoolCollector(Collector):
                 families[key].add_metric(values, float(stats[field]))  # type: ignore[literal-required]
             families["wait_seconds"].add_metric(values, float(stats["wait_ms_total"]) / 1000.0)
             families["max_wait_seconds"].add_metric(values, float(stats["max_wait_ms"]) / 1000.0)
+        for labels, totals in self._totals():
+            values = [str(labels.get(name, "")) for name in PROCESS_LABELS]
+            for key, _help in _TOTALS:
+                families[f"process_{key}"].add_metric(values, float(totals[key]))  # type: ignore[literal-required]
         return families.values()
 
     def _families(self) -> dict[str, Any]:
@@ -131,6 +198,10 @@ class NeopoolCollector(Collector):
         families["max_wait_seconds"] = GaugeMetricFamily(
             f"{p}_pool_max_wait_seconds", "The longest single wait for a lease.", labels=LABELS
         )
+        for key, help_text in _TOTALS:
+            families[f"process_{key}"] = CounterMetricFamily(
+                f"{p}_{key}", help_text, labels=PROCESS_LABELS
+            )
         return families
 
 

@@ -43,7 +43,7 @@ from neopool.config import DEFAULT_CLOSE_TIMEOUT, Neo4jConnectionConfig
 from neopool.errors import ConfigError, LeaseError, NoRunningLoop
 from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, PoolState, create_driver
-from neopool.stats import LoopChurnMonitor, PoolStats
+from neopool.stats import PROCESS, LoopChurnMonitor, PoolStats, ProcessTotals
 
 __all__ = ["GlobalNeo4jConnectionPool", "LoopState"]
 
@@ -427,6 +427,15 @@ class GlobalNeo4jConnectionPool:
         """``{loop id: stats}`` for every live event loop's pool in this process."""
         self.sweep()
         return {pool.loop_id: pool.stats() for pool in self.pools()}
+
+    def process_totals(self) -> ProcessTotals:
+        """What this process's pools have done since it started, gone ones included.
+
+        Beside :meth:`get_pool_stats` (the live pools, one entry per loop):
+        where each task makes its own loop, these counts show the loops and
+        drivers that came and went. Needs no running loop.
+        """
+        return PROCESS.totals()
 
     # -- fork --------------------------------------------------------------------
     def after_fork_in_child(self) -> None:

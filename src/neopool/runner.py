@@ -64,7 +64,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
-from neopool import _fork, registry
+from neopool import _fork, blocked_loop, registry
 from neopool._ending_thread import run_off_ending_thread
 from neopool._release import keep_inherited_loop
 from neopool.config import DEFAULT_CLOSE_TIMEOUT
@@ -714,6 +714,8 @@ class _ProcessLoop:
         self.thread.start()
         if not running.wait(START_TIMEOUT):
             raise NeopoolError(f"the process loop did not start within {START_TIMEOUT:g}s")
+        # Warns when a call blocks the loop; ends with the loop, holds it only weakly.
+        blocked_loop.watch(self.loop, self.thread)
 
     def __repr__(self) -> str:
         return "<the process loop>"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, TypedDict
 
-__all__ = ["PoolStats"]
+__all__ = ["PoolStats", "ProcessTotals"]
 
 logger = logging.getLogger("neopool")
 
@@ -35,6 +36,106 @@ class PoolStats(TypedDict):
     reuse_ratio: float  #: borrows served without creating a driver, as a fraction
     thread: str  #: name of the thread running the loop
     closed: bool  #: whether the pool was closed
+
+
+class ProcessTotals(TypedDict):
+    """What this process's pools have done since it started (or was forked).
+
+    Unlike :class:`PoolStats`, which describes the live pools, these counts
+    keep the pools that are gone: where every task makes its own event loop,
+    ``loops_served`` and ``drivers_created`` grow with every task while the
+    per-loop stats show only the loops alive now.
+    """
+
+    pid: int  #: the process counted
+    loops_served: int  #: event loops that were given a pool (one pool per loop's life)
+    pools_closed: int  #: pools ended (closed, or released with their loop)
+    drivers_created: int  #: drivers opened
+    drivers_closed: int  #: drivers closed, or their sockets released, with their pool
+    borrows: int  #: leases handed out
+    loop_blocks: int  #: times the process loop was seen blocked past blocked_loop_threshold
+
+
+class ProcessCounters:
+    """The running counts behind :class:`ProcessTotals`; one per process (:data:`PROCESS`).
+
+    Rare events (a loop served, a driver opened, a pool ended) count under a
+    lock. ``borrows`` is a bare ``+= 1`` on the borrow path, where a lock would
+    cost more than the count is worth: on Python 3.10 two threads borrowing at
+    the same instant may, rarely, count once (each pool's own ``borrows`` is
+    exact). A forked child starts again from zero.
+    """
+
+    __slots__ = (
+        "_lock",
+        "borrows",
+        "drivers_closed",
+        "drivers_created",
+        "loop_blocks",
+        "loops_served",
+        "pid",
+        "pools_closed",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from zero (a forked child: its parent's pools are not its own)."""
+        self._lock = threading.Lock()
+        self.pid = os.getpid()
+        self.loops_served = 0
+        self.pools_closed = 0
+        self.drivers_created = 0
+        self.drivers_closed = 0
+        self.borrows = 0
+        self.loop_blocks = 0
+
+    def loop_served(self) -> None:
+        """An event loop got a pool."""
+        with self._lock:
+            self.loops_served += 1
+
+    def driver_created(self) -> None:
+        """A pool opened a driver."""
+        with self._lock:
+            self.drivers_created += 1
+
+    def pool_ended(self, pid: int, drivers: int) -> None:
+        """A pool made in process ``pid`` ended, and with it the ``drivers`` it had opened.
+
+        A pool a forked child inherited is not the child's: not counted.
+        """
+        if pid != self.pid:
+            return
+        with self._lock:
+            self.pools_closed += 1
+            self.drivers_closed += drivers
+
+    def loop_blocked(self) -> None:
+        """The process loop was seen blocked past its threshold."""
+        with self._lock:
+            self.loop_blocks += 1
+
+    def totals(self) -> ProcessTotals:
+        """A snapshot (safe from any thread)."""
+        with self._lock:
+            return ProcessTotals(
+                pid=self.pid,
+                loops_served=self.loops_served,
+                pools_closed=self.pools_closed,
+                drivers_created=self.drivers_created,
+                drivers_closed=self.drivers_closed,
+                borrows=self.borrows,
+                loop_blocks=self.loop_blocks,
+            )
+
+
+#: This process's counters (the same object for its whole life: a fork resets it in place).
+PROCESS = ProcessCounters()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=PROCESS.reset)
 
 
 class Say(NamedTuple):

@@ -154,7 +154,9 @@ def test_workers_publish_in_private_unpredictable_dirs_removed_at_shutdown(
             assert stat.S_ISREG(st.st_mode)
             assert st.st_uid == UID
             assert stat.S_IMODE(st.st_mode) == 0o600
-            assert json.loads(path.read_text()) == stats[worker.nodename][path.stem]
+            published = json.loads(path.read_text())
+            assert published["pools"] == stats[worker.nodename][path.stem]
+            assert published["totals"]["pid"] == int(path.stem)
 
     assert first.stop() == 0
     assert second.stop() == 0

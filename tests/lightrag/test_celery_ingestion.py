@@ -114,3 +114,50 @@ def test_prefork_children_ingest_shared_entities_without_duplicates_or_strays(
     assert "garbage-collected" not in log
     assert "entity_id is not unique" not in log
     assert "refused a uniqueness constraint" not in log
+
+
+def test_threads_pool_on_defaults_ingests_on_one_loop_with_one_driver(
+    neopool_broker_url: str,
+    worker_config: Neo4jConnectionConfig,
+    neopool_bolt: BoltTarget,
+    tmp_path: Path,
+) -> None:
+    """``setup(app)`` as written first, under ``--pool=threads``: LightRAG's state is the
+    process's, so the worker picks the process loop itself and says so once at start."""
+    queue = f"neopool-lightrag-{uuid.uuid4().hex[:8]}"
+    app = make_lightrag_app(neopool_broker_url, queue=queue, main=queue)
+    worker = CeleryWorkerProcess(
+        app,
+        worker_config,
+        pool="threads",
+        concurrency=4,
+        queue=queue,
+        app_module="neopool.testing.lightrag_worker",
+        env={WORKDIR_ENV: str(tmp_path), "NEOPOOL_CELERY_LOOP": ""},  # the default
+    )
+    worker.start()
+    try:
+        workspace = f"celery-lightrag-{uuid.uuid4().hex[:8]}"
+        results = [
+            app.send_task("neopool.testing.lightrag_ingest", args=[workspace, doc_id, text])
+            for doc_id, text in documents(12)
+        ]
+        outcomes = [result.get(timeout=180) for result in results]  # raises on any task error
+        assert {o["pid"] for o in outcomes} == {worker.pid}
+        assert len({o["loop"] for o in outcomes}) == 1
+
+        nodes, ids = entity_counts(neopool_bolt, "neo4j", workspace)
+        assert ids >= 10
+        assert nodes == ids, f"{nodes - ids} duplicate entity nodes"
+
+        ((loops),) = cluster_stats(app)[worker.nodename].values()
+        ((figures),) = loops.values()  # one loop in the process ...
+        assert figures["drivers_created"] == 1  # ... and one driver
+        assert figures["thread"] == "neopool-process-loop"
+        assert worker.stop() == 0
+        log = worker.log()
+        assert log.count("loop mode 'process' (chosen: --pool=threads with LightRAG loaded") == 1
+        assert "bound to a different event loop" not in log
+        assert "attached to a different loop" not in log
+    finally:
+        worker.end()

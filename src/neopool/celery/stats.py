@@ -45,9 +45,17 @@ from typing import Any
 
 from neopool.errors import UnsafeStatsDir
 from neopool.registry import GlobalNeo4jConnectionPool
-from neopool.stats import PoolStats
+from neopool.stats import PROCESS, PoolStats, ProcessTotals
 
-__all__ = ["ClusterStats", "ProcessStats", "UnsafeStatsDir", "cluster_stats", "process_stats"]
+__all__ = [
+    "ClusterStats",
+    "ClusterTotals",
+    "ProcessStats",
+    "UnsafeStatsDir",
+    "cluster_stats",
+    "cluster_totals",
+    "process_stats",
+]
 
 logger = logging.getLogger("neopool")
 
@@ -55,8 +63,11 @@ logger = logging.getLogger("neopool")
 ProcessStats = dict[str, PoolStats]
 #: ``{worker node name: {"<pid>": {loop id: stats}}}``.
 ClusterStats = dict[str, dict[str, ProcessStats]]
+#: ``{worker node name: {"<pid>": totals}}``.
+ClusterTotals = dict[str, dict[str, ProcessTotals]]
 
 COMMAND = "neopool_stats"
+TOTALS_COMMAND = "neopool_totals"
 
 #: Prefix of the directory's (otherwise random) name.
 DIR_PREFIX = "neopool-celery-"
@@ -82,6 +93,19 @@ _TEMPORARY = re.compile(r"\.([0-9]+)\.json\.tmp")
 def process_stats() -> ProcessStats:
     """``{loop id: stats}`` of this process's live pools (no loop needed)."""
     return {pool.loop_id: pool.stats() for pool in GlobalNeo4jConnectionPool().pools()}
+
+
+def _zero_totals(pid: int) -> ProcessTotals:
+    """The totals of a process that has not published yet."""
+    return ProcessTotals(
+        pid=pid,
+        loops_served=0,
+        pools_closed=0,
+        drivers_created=0,
+        drivers_closed=0,
+        borrows=0,
+        loop_blocks=0,
+    )
 
 
 def _euid() -> int:
@@ -206,8 +230,8 @@ def _create_exclusive(name: str, dir_fd: int) -> int:
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
 
-def _read_own(name: str, dir_fd: int) -> ProcessStats | None:
-    """The stats in ``name``, if it is a regular file of ours holding a JSON object."""
+def _read_own(name: str, dir_fd: int) -> dict[str, Any] | None:
+    """The JSON object in ``name``, if it is a regular file of ours holding one."""
     try:
         fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=dir_fd)
     except OSError:  # gone, or a symbolic link (ELOOP)
@@ -246,7 +270,7 @@ class StatsPublisher:
         Raises :class:`UnsafeStatsDir` (nothing written) if the directory is not
         the one the worker created, :class:`OSError` if the write fails.
         """
-        payload = json.dumps(process_stats()).encode()
+        payload = json.dumps({"pools": process_stats(), "totals": PROCESS.totals()}).encode()
         with self.directory.opened() as dir_fd:
             fd = _create_exclusive(self._tmp, dir_fd)
             with os.fdopen(fd, "wb") as file:
@@ -260,13 +284,15 @@ class StatsPublisher:
                 _remove_own(name, dir_fd)
 
 
-def read_children(directory: PublishDir, live_pids: list[int]) -> dict[str, ProcessStats]:
-    """``{"<pid>": stats}`` published in ``directory`` by the live children ``live_pids``.
+def read_children(directory: PublishDir, live_pids: list[int]) -> dict[str, dict[str, Any]]:
+    """``{"<pid>": {"pools": stats, "totals": totals}}`` published by the live children.
 
-    Raises :class:`UnsafeStatsDir` if the directory is not the one the worker created.
+    ``live_pids`` are the children alive now; a child that has not published
+    yet has an empty entry. Raises :class:`UnsafeStatsDir` if the directory is
+    not the one the worker created.
     """
     live = {str(pid) for pid in live_pids}
-    found: dict[str, ProcessStats] = {}
+    found: dict[str, dict[str, Any]] = {}
     with directory.opened() as dir_fd:
         for name in os.listdir(dir_fd):
             match = _PUBLISHED.fullmatch(name) or _TEMPORARY.fullmatch(name)
@@ -284,6 +310,25 @@ def read_children(directory: PublishDir, live_pids: list[int]) -> dict[str, Proc
     return found
 
 
+def _children(pool: Any) -> list[int]:
+    """The pids of the worker's prefork children (none under threads/solo)."""
+    me = os.getpid()
+    info: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        info = dict(pool.info)
+    return [int(pid) for pid in info.get("processes", ()) if int(pid) != me]
+
+
+def _published(children: list[int], directory: PublishDir | None) -> dict[str, dict[str, Any]]:
+    published: dict[str, dict[str, Any]] = {str(pid): {} for pid in children}
+    if children and directory is not None:
+        try:
+            published = read_children(directory, children)
+        except OSError as exc:  # refused (already logged) or gone
+            logger.debug("neopool: could not read published pool stats: %s", exc)
+    return published
+
+
 def worker_stats(pool: Any, directory: PublishDir | None = None) -> dict[str, ProcessStats]:
     """What the ``neopool_stats`` command replies for this worker.
 
@@ -291,22 +336,31 @@ def worker_stats(pool: Any, directory: PublishDir | None = None) -> dict[str, Pr
     children publish. Their published stats, plus this process's own pools
     (the only ones under threads/solo).
     """
-    me = os.getpid()
-    info: dict[str, Any] = {}
-    with contextlib.suppress(Exception):
-        info = dict(pool.info)
-    children = [int(pid) for pid in info.get("processes", ()) if int(pid) != me]
+    children = _children(pool)
     result: dict[str, ProcessStats] = {}
     own = process_stats()
     if own or not children:
-        result[str(me)] = own
-    published: dict[str, ProcessStats] = {str(pid): {} for pid in children}
-    if children and directory is not None:
-        try:
-            published = read_children(directory, children)
-        except OSError as exc:  # refused (already logged) or gone
-            logger.debug("neopool: could not read published pool stats: %s", exc)
-    result.update(published)
+        result[str(os.getpid())] = own
+    for pid, payload in _published(children, directory).items():
+        pools = payload.get("pools", {})
+        result[pid] = pools if isinstance(pools, dict) else {}
+    return result
+
+
+def worker_totals(pool: Any, directory: PublishDir | None = None) -> dict[str, ProcessTotals]:
+    """What the ``neopool_totals`` command replies: :class:`ProcessTotals` per process.
+
+    As :func:`worker_stats`: the prefork children's published totals, plus
+    this process's own where it served a loop (always under threads/solo).
+    """
+    children = _children(pool)
+    result: dict[str, ProcessTotals] = {}
+    own = PROCESS.totals()
+    if own["loops_served"] or not children:
+        result[str(own["pid"])] = own
+    for pid, payload in _published(children, directory).items():
+        totals = payload.get("totals")
+        result[pid] = totals if isinstance(totals, dict) else _zero_totals(int(pid))  # type: ignore[assignment]
     return result
 
 
@@ -320,14 +374,21 @@ def register_command() -> None:
     """Register ``neopool_stats`` with Celery's remote control (once per process)."""
     from celery.worker.control import Panel, inspect_command
 
-    if COMMAND in Panel.data:
-        return
+    if COMMAND not in Panel.data:
 
-    @inspect_command(name=COMMAND)  # type: ignore[untyped-decorator]
-    def neopool_stats(state: Any) -> dict[str, ProcessStats]:
-        """Pool stats of every event loop of every process of this worker."""
-        consumer = state.consumer
-        return worker_stats(consumer.pool, _publish_dir_of(consumer.app))
+        @inspect_command(name=COMMAND)  # type: ignore[untyped-decorator]
+        def neopool_stats(state: Any) -> dict[str, ProcessStats]:
+            """Pool stats of every event loop of every process of this worker."""
+            consumer = state.consumer
+            return worker_stats(consumer.pool, _publish_dir_of(consumer.app))
+
+    if TOTALS_COMMAND not in Panel.data:
+
+        @inspect_command(name=TOTALS_COMMAND)  # type: ignore[untyped-decorator]
+        def neopool_totals(state: Any) -> dict[str, ProcessTotals]:
+            """Loops served, drivers created and closed, borrows: per process of this worker."""
+            consumer = state.consumer
+            return worker_totals(consumer.pool, _publish_dir_of(consumer.app))
 
 
 def cluster_stats(app: Any, timeout: float = 2.0) -> ClusterStats:
@@ -342,6 +403,24 @@ def cluster_stats(app: Any, timeout: float = 2.0) -> ClusterStats:
     """
     replies = app.control.broadcast(COMMAND, reply=True, timeout=timeout) or []
     merged: ClusterStats = {}
+    for reply in replies:
+        for node, payload in reply.items():
+            if isinstance(payload, dict) and "error" not in payload:
+                merged[node] = payload
+    return merged
+
+
+def cluster_totals(app: Any, timeout: float = 2.0) -> ClusterTotals:
+    """What every worker process in the cluster has done since it started.
+
+    Returns ``{worker node name: {"<pid>": ProcessTotals}}``, the same data as
+    ``celery -A proj inspect neopool_totals``. Beside :func:`cluster_stats`,
+    which shows the live pools: where each task makes its own event loop,
+    these counts (loops served, drivers created and closed) grow with every
+    task while the live pools stay one per thread.
+    """
+    replies = app.control.broadcast(TOTALS_COMMAND, reply=True, timeout=timeout) or []
+    merged: ClusterTotals = {}
     for reply in replies:
         for node, payload in reply.items():
             if isinstance(payload, dict) and "error" not in payload:

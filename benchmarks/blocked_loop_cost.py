@@ -1,0 +1,186 @@
+"""What the blocked-loop detector costs the process loop: on and off, side by side.
+
+Threads submit calls to the process loop (``neopool.run``), as a
+``--pool=threads`` worker in the process-loop mode does: each call borrows a
+lease and runs ``RETURN 1`` on the server (the ``query`` workload), or only
+yields to the loop a few times (``loop``: no I/O, so any cost of the detector's
+heartbeat shows at its largest). The detector is on (``blocked_loop_threshold``
+0.25 s, the default) or off (0), both in every round (ABBA order), each on a
+process loop started afresh; the table gives the median of the rounds, and
+the median of each round's ratio on/off for throughput and for CPU time per
+call (pairing cancels the machine's drift between rounds).
+First it measures the floor: the CPU a process with an idle process loop
+uses per second with the detector on and off (its heartbeat wakes the loop,
+and its watchdog wakes, every 0.125 s).
+
+    python benchmarks/blocked_loop_cost.py [--rounds 8] [--calls 400] [--threads 16]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from typing import Any
+
+import neopool
+from common import bolt_target, parser, save, table
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
+
+ON, OFF = "detector on (0.25 s)", "detector off"
+THRESHOLDS = {ON: 0.25, OFF: 0.0}
+
+
+async def query() -> None:
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        driver = await borrowed.get_driver()
+        await driver.execute_query("RETURN 1")
+
+
+async def loop_only() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+WORKLOADS = {"query": query, "loop": loop_only}
+
+
+def one_round(workload: str, threads: int, calls: int) -> dict[str, float]:
+    """``threads`` threads each making ``calls`` calls; throughput and CPU per call."""
+    work = WORKLOADS[workload]
+    for _ in range(threads):  # warm: the loop, its pool, its driver and sockets
+        neopool.run(work())
+    go = threading.Barrier(threads + 1)
+
+    def caller() -> None:
+        go.wait()
+        for _ in range(calls):
+            neopool.run(work())
+
+    workers = [threading.Thread(target=caller) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    go.wait()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for worker in workers:
+        worker.join()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    total = threads * calls
+    return {"calls_per_s": total / wall, "cpu_us_per_call": cpu / total * 1e6}
+
+
+def idle_cpu(threshold: float, seconds: float) -> float:
+    """CPU seconds per second of a process with an idle process loop (the detector's floor)."""
+    GlobalNeo4jConnectionPool.set_config(target_config(threshold))
+    runner.use_process_loop()
+    try:
+        runner.process_loop()
+        cpu = time.process_time()
+        time.sleep(seconds)
+        return (time.process_time() - cpu) / seconds
+    finally:
+        runner.close_process_loop(10)
+
+
+def target_config(threshold: float) -> Any:
+    """A configuration that needs no server: the idle loop borrows nothing."""
+    from neopool import Neo4jConnectionConfig
+
+    return Neo4jConnectionConfig(uri="bolt://127.0.0.1:7687", blocked_loop_threshold=threshold)
+
+
+def main() -> None:
+    cli = parser(__doc__.splitlines()[0])
+    cli.add_argument("--rounds", type=int, default=8, help="rounds per mode (default 8)")
+    cli.add_argument("--calls", type=int, default=400, help="calls per thread and round")
+    cli.add_argument("--threads", type=int, default=16, help="threads calling (-c of a worker)")
+    args = cli.parse_args()
+    if args.quick:
+        args.rounds, args.calls = 2, 50
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    idle: dict[str, list[float]] = {ON: [], OFF: []}
+    for r in range(4):
+        for mode in (ON, OFF) if r % 2 == 0 else (OFF, ON):
+            idle[mode].append(idle_cpu(THRESHOLDS[mode], 1.0 if args.quick else 5.0))
+    idle_cost = statistics.median(idle[ON]) - statistics.median(idle[OFF])
+    print(f"idle process loop: the detector costs {idle_cost * 1e3:.2f} ms of CPU per second")
+    with bolt_target() as target:
+        for workload in WORKLOADS:
+            by_mode: dict[str, list[dict[str, float]]] = {ON: [], OFF: []}
+            for r in range(args.rounds):
+                order = (ON, OFF) if r % 4 in (0, 3) else (OFF, ON)  # ABBA
+                for mode in order:
+                    GlobalNeo4jConnectionPool.set_config(
+                        target.config(
+                            blocked_loop_threshold=THRESHOLDS[mode], pool_max_size=args.threads
+                        )
+                    )
+                    runner.use_process_loop()
+                    try:
+                        by_mode[mode].append(one_round(workload, args.threads, args.calls))
+                    finally:
+                        runner.close_process_loop(10)
+            results[workload] = by_mode
+
+    rows: list[list[Any]] = []
+    summary: dict[str, Any] = {}
+    for workload, by_mode in results.items():
+        medians = {
+            mode: {
+                key: statistics.median(r[key] for r in rounds)
+                for key in ("calls_per_s", "cpu_us_per_call")
+            }
+            for mode, rounds in by_mode.items()
+        }
+        # Each round ran both modes back to back: the ratio within a round cancels the drift
+        # of the machine's load between rounds.
+        pairs = list(zip(by_mode[ON], by_mode[OFF], strict=True))
+        throughput = statistics.median(on["calls_per_s"] / off["calls_per_s"] for on, off in pairs)
+        cpu = statistics.median(on["cpu_us_per_call"] / off["cpu_us_per_call"] for on, off in pairs)
+        summary[workload] = {
+            "medians": medians,
+            "throughput_on_off": throughput,
+            "cpu_on_off": cpu,
+            "rounds": by_mode,
+        }
+        for mode in (OFF, ON):
+            rows.append(
+                [
+                    workload,
+                    mode,
+                    f"{medians[mode]['calls_per_s']:.0f}",
+                    f"{medians[mode]['cpu_us_per_call']:.0f}",
+                    "" if mode == OFF else f"{throughput:.3f}",
+                    "" if mode == OFF else f"{cpu:.3f}",
+                ]
+            )
+    table(
+        f"Blocked-loop detector cost: {args.threads} threads x {args.calls} calls, "
+        f"median of {args.rounds} rounds each",
+        [
+            "workload",
+            "mode",
+            "calls/s",
+            "CPU us/call",
+            "throughput on/off (paired)",
+            "CPU on/off (paired)",
+        ],
+        rows,
+    )
+    save(
+        "blocked_loop_cost",
+        {
+            "rounds": args.rounds,
+            "calls": args.calls,
+            "threads": args.threads,
+            "idle_cpu_s_per_s": idle,
+            "idle_cost_cpu_s_per_s": idle_cost,
+            **summary,
+        },
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()
