@@ -54,10 +54,13 @@ FAST_MARKS ?= not server and not subprocess and not slow and not packaging
 # allows (its lower bound) and 5.28 (the 5.x long-term line). Each gets its own
 # virtualenv (.venv-neo4j-X; neo4j-rust-ext follows the driver's version) and is
 # imported with warnings as errors, then runs the core subset less its child processes
-# (the docs' examples: a fresh interpreter each, about what the docs say, not the driver).
+# (the docs' examples: a fresh interpreter each, about what the docs say, not the driver)
+# and less the README's configuration table (written with the newest driver, whose list
+# of notification classifications is longer).
 NEO4J_OLDEST   := $(shell sed -n 's/^ *"neo4j>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 NEO4J_VERSIONS ?= $(NEO4J_OLDEST) 5.28.1
-DRIVER_ARGS    ?= -m "not slow and not packaging and not subprocess"
+DRIVER_ARGS    ?= -m "not slow and not packaging and not subprocess" \
+                  --deselect tests/test_docs_examples.py::test_the_configuration_table_matches_the_model
 IMPORT_CHECK   := import neopool, neopool.celery, neopool.integrations.lightrag
 # Run once more over TLS by `make test` (NEOPOOL_TEST_TLS=1: every connection the
 # neopool_bolt and neopool_proxy fixtures give goes through a TLS-terminating proxy whose
