@@ -4,8 +4,22 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Virtualenvs are filled by uv (installed into .venv by pip, so nothing is needed
+# beforehand but Python): a fresh environment in seconds instead of minutes.
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Where `make test` keeps each stage's time and each pytest run's JUnit report; its
+# closing lines (scripts/ci_summary.py) fail the run if a stage failed or a pytest run
+# executed no test (pytest's exit code 5 included).
+CI_DIR ?= build/ci
+# How many of test's three lanes run at once: the whole suite; lint, types, docs and
+# the TLS run; the other Pythons' and drivers' environments and their core subsets.
+CI_JOBS ?= 3
+# pytest in `make test`: every tier (-m "" overrides pyproject's "not slow and not
+# packaging"), the ten slowest tests, a JUnit report named after the run.
+pytest_in_ci = scripts/stage pytest:$(1) $(2) -m pytest --junitxml=$(CI_DIR)/junit/$(1).xml \
+               --durations=10 -m "" $(3) $(PYTEST_ARGS)
 
 # Other Python versions, each in its own virtualenv (.venv-3.10, ...), found
 # through pyenv or as python3.X on PATH (scripts/find-python).
@@ -14,7 +28,7 @@ PYTEST_ARGS ?=
 #                     STRICT_PYTHONS=1 (as .ci/run sets)
 #   make test-matrix  runs the whole suite on MATRIX_PYTHONS (all must exist; a
 #                     failure on one version does not stop the others)
-# The virtualenvs are created two at a time, before any of their tests run.
+# The virtualenvs are created with uv, before any of their tests run.
 STRICT_PYTHONS ?= 0
 
 # CPython 3.11's tracebacks parse source lines (ast.parse) to draw their ^^^ markers,
@@ -34,6 +48,20 @@ CORE_TESTS ?= $(filter-out tests/test_demo.py,$(wildcard tests/test_*.py)) \
 # print an error at exit for a thread that a finaliser made known to threading again).
 CORE_EXTRA_3.13 ?= tests/reliability/test_release_matrix.py
 CORE_ARGS  ?= -m "not slow and not packaging"
+# The fast tier (make test-fast): no server, no child process, nothing slow.
+FAST_MARKS ?= not server and not subprocess and not slow and not packaging
+# The neo4j drivers CI runs besides the newest (in .venv): the oldest that pyproject.toml
+# allows (its lower bound) and 5.28 (the 5.x long-term line). Each gets its own
+# virtualenv (.venv-neo4j-X; neo4j-rust-ext follows the driver's version) and is
+# imported with warnings as errors, then runs the core subset less its child processes
+# (the docs' examples: a fresh interpreter each, about what the docs say, not the driver)
+# and less the README's configuration table (written with the newest driver, whose list
+# of notification classifications is longer).
+NEO4J_OLDEST   := $(shell sed -n 's/^ *"neo4j>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+NEO4J_VERSIONS ?= $(NEO4J_OLDEST) 5.28.1
+DRIVER_ARGS    ?= -m "not slow and not packaging and not subprocess" \
+                  --deselect tests/test_docs_examples.py::test_the_configuration_table_matches_the_model
+IMPORT_CHECK   := import neopool, neopool.celery, neopool.integrations.lightrag
 # Run once more over TLS by `make test` (NEOPOOL_TEST_TLS=1: every connection the
 # neopool_bolt and neopool_proxy fixtures give goes through a TLS-terminating proxy whose
 # certificate a throwaway CA signed): the core pool tests, churn (test_registry), fork,
@@ -42,13 +70,14 @@ TLS_TESTS ?= tests/test_loop_pool.py tests/test_registry.py tests/reliability/te
              tests/reliability/test_restart.py tests/test_tls.py tests/test_credentials.py \
              tests/reliability/test_tls_proxy.py
 
-.PHONY: demo test lint typecheck check-format unit unit-tls bench test-matrix clean
+.PHONY: demo test test-fast lint typecheck docs check-format unit unit-tls bench test-matrix \
+        clean ci-suite ci-checks ci-versions envs cores drivers import-check
 .PRECIOUS: .venv-%/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet uv
+	$(UV) pip install --quiet --python $(PY) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -61,24 +90,81 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The docs site, warnings as errors (skipped with a message while there is no mkdocs.yml).
+docs: $(STAMP)
+	@if [ -f mkdocs.yml ]; then \
+	    $(VENV)/bin/mkdocs build --strict; \
+	else \
+	    echo "*** mkdocs.yml not found: the docs site is not built"; \
+	fi
+
+# The server-free tier: no server, no child process; seconds, not minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "$(FAST_MARKS)" $(PYTEST_ARGS)
+
 unit: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit-tls: $(STAMP)
 	NEOPOOL_TEST_TLS=1 $(PY) -m pytest $(TLS_TESTS) $(PYTEST_ARGS)
 
-test: lint typecheck unit unit-tls
-	$(MAKE) --no-print-directory -j2 $(addprefix venv-,$(CI_PYTHONS))
-	$(MAKE) --no-print-directory $(addprefix core-,$(CI_PYTHONS))
+# Everything, in three lanes run side by side (CI_JOBS), then one summary: each stage's
+# time, each pytest run's counts, and a failure if anything failed or tested nothing.
+test: $(STAMP)
+	@rm -rf $(CI_DIR)
+	@status=0; \
+	$(MAKE) --no-print-directory --keep-going -j$(CI_JOBS) --output-sync=target \
+	    ci-suite ci-checks ci-versions || status=$$?; \
+	$(PY) scripts/ci_summary.py $(CI_DIR) || status=1; \
+	exit $$status
+
+# Lane 1: the whole suite, every tier.
+ci-suite: $(STAMP)
+	@$(call pytest_in_ci,suite,$(PY))
+
+# Lane 2: lint, types, docs, then the TLS run.
+ci-checks: $(STAMP)
+	@scripts/stage lint $(MAKE) --no-print-directory lint
+	@scripts/stage typecheck $(MAKE) --no-print-directory typecheck
+	@scripts/stage docs $(MAKE) --no-print-directory docs
+	@NEOPOOL_TEST_TLS=1 $(call pytest_in_ci,tls,$(PY),$(TLS_TESTS))
+
+# Lane 3: the other Pythons' and drivers' environments, then their core subsets, two
+# at a time.
+ci-versions: $(STAMP)
+	@scripts/stage environments $(MAKE) --no-print-directory -j2 envs
+	@$(MAKE) --no-print-directory --keep-going -j2 cores drivers
+
+envs: $(addprefix venv-,$(CI_PYTHONS)) $(addprefix .venv-neo4j-,$(addsuffix /.installed,$(NEO4J_VERSIONS)))
+
+cores: $(addprefix core-,$(CI_PYTHONS))
+
+# The driver range: each older driver imported with warnings as errors, then its core
+# subset; the newest, in .venv, imported the same way (the whole suite runs on it).
+drivers: import-check $(addprefix driver-,$(NEO4J_VERSIONS))
+
+import-check: $(STAMP)
+	@echo "--- neo4j $$($(PY) -c 'import neo4j; print(neo4j.__version__)') (.venv): $(IMPORT_CHECK)"
+	@$(PY) -W error -c "$(IMPORT_CHECK)"
+
+.venv-neo4j-%/.installed: $(STAMP) pyproject.toml
+	$(UV) venv --quiet --clear --python $(PYTHON) .venv-neo4j-$*
+	$(UV) pip install --quiet --python .venv-neo4j-$*/bin/python -e '.[dev]' 'neo4j==$*'
+	touch $@
+
+driver-%: .venv-neo4j-%/.installed
+	@echo "--- neo4j $* (neo4j-rust-ext $$(.venv-neo4j-$*/bin/python -c 'from importlib.metadata import version; print(version("neo4j-rust-ext"))')): $(IMPORT_CHECK); core subset"
+	@.venv-neo4j-$*/bin/python -W error -c "$(IMPORT_CHECK)"
+	@$(call pytest_in_ci,neo4j-$*,.venv-neo4j-$*/bin/python,$(CORE_TESTS) $(DRIVER_ARGS))
 
 test-matrix:
 	$(MAKE) --no-print-directory -j2 $(addprefix .venv-,$(addsuffix /.installed,$(MATRIX_PYTHONS)))
 	$(MAKE) --no-print-directory --keep-going $(addprefix suite-,$(MATRIX_PYTHONS))
 
-.venv-%/.installed: pyproject.toml
-	@py="$$(scripts/find-python $*)" && echo "Python $*: $$py" && "$$py" -m venv --clear .venv-$*
-	.venv-$*/bin/python -m pip install --quiet --upgrade pip
-	.venv-$*/bin/python -m pip install --quiet -e '.[dev]'
+.venv-%/.installed: $(STAMP) pyproject.toml
+	@py="$$(scripts/find-python $*)" && echo "Python $*: $$py" && \
+	    $(UV) venv --quiet --clear --python "$$py" .venv-$*
+	$(UV) pip install --quiet --python .venv-$*/bin/python -e '.[dev]'
 	touch $@
 
 # venv-3.10: .venv-3.10, if Python 3.10 can be found (or STRICT_PYTHONS=1: must be).
@@ -94,7 +180,7 @@ core-%:
 	@$(MAKE) --no-print-directory venv-$*
 	@if [ -f .venv-$*/.installed ]; then \
 	    echo "--- core subset on Python $*: $(CORE_TESTS) $(CORE_EXTRA_$*)"; \
-	    .venv-$*/bin/python -m pytest $(CORE_TESTS) $(CORE_EXTRA_$*) $(CORE_ARGS) $(PYTEST_ARGS); \
+	    $(call pytest_in_ci,core-$*,.venv-$*/bin/python,$(CORE_TESTS) $(CORE_EXTRA_$*) $(CORE_ARGS)); \
 	fi
 
 suite-%: .venv-%/.installed
@@ -104,4 +190,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) .venv-* build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* build dist site .pytest_cache .mypy_cache .ruff_cache

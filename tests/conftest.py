@@ -3,8 +3,14 @@
 Shared here: ``configure`` (the registry set up for one test, reset after it),
 ``unraisable`` (no exception may escape a finalizer), and ``bolt_proxy`` with
 ``worker_config`` (what worker subprocesses connect with, counted; the Celery and
-LightRAG tests). Helpers every package imports are plain modules on the test
-path: ``polling``, ``user_code`` and ``exception_chain``.
+LightRAG tests). Helpers every package imports are plain modules in
+``tests/support`` (on the test path): ``polling``, ``user_code``,
+``exception_chain`` and ``celery_helpers``.
+
+Tiers: every test is marked by what it needs (:func:`pytest_collection_modifyitems`),
+from the fixtures it uses and the directory it lives in, so that
+``pytest -m "not server and not subprocess"`` (``make test-fast``) runs the tests
+that need neither a server nor a child process.
 """
 
 from __future__ import annotations
@@ -12,14 +18,63 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import neopool.testing.plugin
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig
 from neopool.testing import BoltTarget, TcpProxy
 
-pytest_plugins = ["neopool.testing.plugin"]
+#: Marks given to a test that uses one of these fixtures (directly or through another).
+MARKS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "neopool_bolt": ("server",),
+    "neopool_broker_url": ("server", "celery"),
+    "start_worker": ("celery", "subprocess"),
+    "start_process_worker": ("celery", "subprocess"),
+    "neopool_tls_certificates": ("tls",),
+    "neopool_tls_proxy": ("tls",),
+}
+#: Marks given to every test under one of these directories (relative to tests/).
+MARKS_BY_DIRECTORY: dict[str, tuple[str, ...]] = {
+    "celery": ("celery",),
+    "lightrag": ("lightrag",),
+}
+#: Marks given to every test of one of these modules (relative to tests/).
+MARKS_BY_MODULE: dict[str, tuple[str, ...]] = {
+    "test_tls.py": ("tls",),
+    "test_config_tls.py": ("tls",),
+    "reliability/test_tls_proxy.py": ("tls",),
+}
+TESTS = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Use the fixtures of ``neopool.testing.plugin`` once, under the name its entry point gives.
+
+    An installed neopool registers the plugin through its ``pytest11`` entry point;
+    a source tree whose metadata predates it, or a run with plugin autoloading
+    off, gets it here instead, never twice.
+    """
+    if not config.pluginmanager.has_plugin("neopool"):
+        config.pluginmanager.register(neopool.testing.plugin, "neopool")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it needs: its fixtures, its directory, its module."""
+    for item in items:
+        names: set[str] = set()
+        for fixture in getattr(item, "fixturenames", ()):
+            names.update(MARKS_BY_FIXTURE.get(fixture, ()))
+        try:
+            relative = item.path.relative_to(TESTS).as_posix()
+        except ValueError:  # not under tests/
+            relative = ""
+        names.update(MARKS_BY_DIRECTORY.get(relative.split("/", 1)[0], ()))
+        names.update(MARKS_BY_MODULE.get(relative, ()))
+        for name in sorted(names - {mark.name for mark in item.iter_markers()}):
+            item.add_marker(name)
 
 
 @pytest.fixture

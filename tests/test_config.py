@@ -304,6 +304,11 @@ DRIVER_PROBES = [
 ]
 
 
+#: What the driver ignores: neo4j 6 and later 5.x warn about it, older 5.x say nothing;
+#: the config refuses it with every driver.
+IGNORED_BY_THE_DRIVER = frozenset(uri for uri in DRIVER_PROBES if uri.endswith(("/db", "#x")))
+
+
 @pytest.mark.parametrize("uri", DRIVER_PROBES)
 async def test_a_uri_the_driver_refuses_or_warns_about_is_a_config_error(uri: str) -> None:
     with warnings.catch_warnings():
@@ -314,6 +319,7 @@ async def test_a_uri_the_driver_refuses_or_warns_about_is_a_config_error(uri: st
             driver = None
     if driver is not None:
         await driver.close()
+    if driver is not None and uri not in IGNORED_BY_THE_DRIVER:
         Neo4jConnectionConfig(uri=uri)  # accepted by both
     else:
         with pytest.raises(ConfigError, match=r"uri \(NEO4J_URI\)"):

@@ -13,10 +13,10 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import neo4j
 import pytest
 from neo4j import (
     AsyncGraphDatabase,
-    NotificationDisabledClassification,
     NotificationMinimumSeverity,
     TrustCustomCAs,
     basic_auth,
@@ -343,12 +343,27 @@ def test_the_user_agent_defaults_to_neopool_and_its_version(
     assert "surrogate" in _error(user_agent="a\udcff")
 
 
+#: The driver's names: classifications from neo4j 6, categories in 5.x (where 5.22-5.28's
+#: classifications are a preview that warns when read).
+_DRIVER_HAS_CLASSIFICATIONS = "NotificationDisabledClassification" in vars(neo4j)
+DISABLED_CLASSIFICATION = (
+    vars(neo4j)["NotificationDisabledClassification"]
+    if _DRIVER_HAS_CLASSIFICATIONS
+    else neo4j.NotificationDisabledCategory
+)
+CLASSIFICATIONS_OPTION = (
+    "notifications_disabled_classifications"
+    if _DRIVER_HAS_CLASSIFICATIONS
+    else "notifications_disabled_categories"
+)
+
+
 async def test_the_driver_takes_any_notification_setting_so_the_config_checks_them() -> None:
     # Nothing stops these at construction in the driver: the server would refuse them.
     driver = AsyncGraphDatabase.driver(
         "bolt://h",
         notifications_min_severity="LOUD",  # type: ignore[arg-type]
-        notifications_disabled_classifications=["NOPE"],  # type: ignore[list-item]
+        **{CLASSIFICATIONS_OPTION: ["NOPE"]},  # type: ignore[arg-type]
     )
     await driver.close()
     message = _error(notifications_min_severity="LOUD")
@@ -368,17 +383,17 @@ def test_notification_settings_are_normalised_for_the_driver(
         uri="bolt://h",
         notifications_min_severity=NotificationMinimumSeverity.WARNING,
         notifications_disabled_classifications=[
-            NotificationDisabledClassification.HINT,
+            DISABLED_CLASSIFICATION.HINT,
             "deprecation",
             "HINT",
         ],
     )
     options = config.driver_options()
     assert options["notifications_min_severity"] == "WARNING"
-    assert options["notifications_disabled_classifications"] == ["HINT", "DEPRECATION"]
+    assert options[CLASSIFICATIONS_OPTION] == ["HINT", "DEPRECATION"]
     unset = Neo4jConnectionConfig(uri="bolt://h").driver_options()
     assert "notifications_min_severity" not in unset  # the server's own default
-    assert "notifications_disabled_classifications" not in unset
+    assert CLASSIFICATIONS_OPTION not in unset
     monkeypatch.setenv("NEO4J_URI", "bolt://h")
     monkeypatch.setenv("NEOPOOL_NOTIFICATIONS_MIN_SEVERITY", "off")
     monkeypatch.setenv("NEOPOOL_NOTIFICATIONS_DISABLED_CLASSIFICATIONS", "security, topology")

@@ -56,6 +56,7 @@ def test_bad_option_values_are_refused() -> None:
         parser.parse_args(["demo", "--rtt-ms", "-1"])
 
 
+@pytest.mark.subprocess
 def test_small_run_writes_results_without_errors(
     tmp_path: Path, neopool_bolt: BoltTarget, neopool_broker_url: str
 ) -> None:
@@ -114,6 +115,8 @@ def _start_with_sigint_ignored() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.server  # the demo starts its own servers
+@pytest.mark.subprocess
 def test_ctrl_c_stops_worker_and_servers(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO4J_", "NEOPOOL_"))}
     env.pop("CELERY_BROKER_URL", None)

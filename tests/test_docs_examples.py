@@ -195,6 +195,7 @@ def _celery_worker(module: str, cwd: Path, env: dict[str, str]) -> Iterator[None
     assert worker.returncode == 0, f"the worker failed:\n{log.read_text()}"
 
 
+@pytest.mark.subprocess  # each example in a fresh interpreter
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_example(
     example: Example,

@@ -30,6 +30,7 @@ def test_the_bolt_server_listens_on_loopback_only(neopool_bolt: BoltTarget) -> N
     assert server.password not in repr(server)
 
 
+@pytest.mark.server
 def test_the_broker_listens_on_loopback_only() -> None:
     with BrokerServer() as broker:
         pid = broker._server._process.pid

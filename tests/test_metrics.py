@@ -12,6 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+pytest.importorskip("prometheus_client", reason="needs the 'prometheus' extra")
+
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -141,6 +144,7 @@ def test_register_is_idempotent_and_empty_without_pools() -> None:
     assert "neopool_pool_in_use" not in {m.name for m in registry.collect()}
 
 
+@pytest.mark.subprocess
 def test_import_registers_nothing() -> None:
     code = (
         "import neopool.metrics, prometheus_client;"

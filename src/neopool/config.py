@@ -49,8 +49,9 @@ _NOT_FROM_ENVIRONMENT = frozenset({"credentials"})
 _LIST_SETTINGS = frozenset({"trusted_certificates", "notifications_disabled_classifications"})
 #: What the driver accepts for the notification settings (it checks neither itself).
 SEVERITIES = tuple(member.value for member in NotificationMinimumSeverity)
-#: The driver calls them classifications since 5.22, categories before.
-_CLASSIFICATION_ENUM: Any = getattr(neo4j, "NotificationDisabledClassification", None)
+#: The driver calls them classifications from 6.0, categories before. (5.22-5.28 have
+#: classifications too, as a preview that warns when read: ``vars`` does not ask for it.)
+_CLASSIFICATION_ENUM: Any = vars(neo4j).get("NotificationDisabledClassification")
 _CLASSIFICATIONS_OPTION = (
     "notifications_disabled_classifications"
     if _CLASSIFICATION_ENUM is not None

@@ -1,4 +1,8 @@
-"""Real Celery workers (subprocesses) on a real Valkey broker and a real Bolt server."""
+"""Real Celery workers (subprocesses) on a real Valkey broker and a real Bolt server.
+
+Every test here is marked ``celery`` by ``tests/conftest.py`` (its directory); those
+that start workers are marked ``subprocess`` and ``server`` too (their fixtures).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,12 @@ from typing import Any
 import pytest
 
 pytest.importorskip("celery", reason="the Celery tests need the 'celery' extra")
+pytest.importorskip("redis", reason="the Celery tests need the 'celery' extra (celery[redis])")
 
 
 from neopool.config import Neo4jConnectionConfig
 from neopool.testing.celery_app import make_app
 from neopool.testing.worker_process import CeleryWorkerProcess
-
-pytestmark = pytest.mark.celery
 
 _queues = itertools.count(1)
 

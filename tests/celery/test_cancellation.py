@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
-from celery_helpers import TASKS, distinct_ids, graph_counts, only_worker, settled_stats
 
+from celery_helpers import TASKS, distinct_ids, graph_counts, only_worker, settled_stats
 from neopool.celery import cluster_stats
 from neopool.testing import BoltTarget
 from neopool.testing.worker_process import CeleryWorkerProcess

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
-from celery_helpers import graph_counts, only_worker, settled_stats
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery import Celery
+from celery_helpers import graph_counts, only_worker, settled_stats
 from neopool import runner
 from neopool.celery import AsyncTask, cluster_stats
 from neopool.metrics import cluster_source, register

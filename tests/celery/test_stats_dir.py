@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery_helpers import settled_stats
 
+from celery_helpers import settled_stats
 from neopool.celery import cluster_stats
 from neopool.celery.stats import (
     DIR_PREFIX,

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery_helpers import TASKS, graph_counts, only_worker, settled_stats
 
+from celery_helpers import TASKS, graph_counts, only_worker, settled_stats
 from neopool.celery import cluster_stats
 from neopool.testing import BoltTarget
 from neopool.testing.proxy import TcpProxy

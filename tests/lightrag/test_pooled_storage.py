@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("lightrag", reason="needs lightrag-hku (pip install 'neopool[lightrag]')")
 
+pytest.importorskip("numpy", reason="needs numpy (a dependency of lightrag-hku)")
+
 import numpy as np
 from lightrag.kg import neo4j_impl
 from lightrag.kg.neo4j_impl import Neo4JStorage

@@ -12,7 +12,7 @@ from neopool import Neo4jConnectionConfig
 from neopool.runner import close_all_loops
 from neopool.testing import TcpProxy
 
-# The suite's one polling helper (tests/polling.py), re-exported for the modules that
+# The suite's one polling helper (tests/support/polling.py), re-exported for the modules that
 # import it from here (test_release_matrix.py).
 from polling import eventually
 

@@ -674,6 +674,7 @@ def problems(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     assert not seen, f"exceptions escaped: {seen}"
 
 
+@pytest.mark.slow  # 100 random lifecycles: about 20 s
 def test_random_lifecycles_on_fake_drivers_keep_the_contract(problems: list[Any]) -> None:
     LifecycleMachine.fake, LifecycleMachine.target = True, None
     run_state_machine_as_test(

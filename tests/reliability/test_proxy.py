@@ -245,6 +245,7 @@ async def test_a_proxy_process_carries_bolt_with_latency_and_ends_with_its_block
         await _round_trip(proxy.port, b"x")
 
 
+@pytest.mark.subprocess
 def test_a_proxy_process_that_cannot_listen_says_so(echo_port_sync: int) -> None:
     taken = ProxyProcess("127.0.0.1", echo_port_sync, listen_port=echo_port_sync)
     with pytest.raises(RuntimeError, match="did not start"):

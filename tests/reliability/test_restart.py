@@ -16,6 +16,7 @@ from neopool.testing import BoltTarget, WriteLoad, reset_registry, tls_requested
 from neopool.testing.write_load import DRILL_SETTINGS
 
 pytestmark = [
+    pytest.mark.server,  # a Bolt server of its own, which it restarts
     pytest.mark.timeout(180),
     pytest.mark.skipif(
         bool(os.environ.get("NEOPOOL_TEST_NEO4J_URI")),

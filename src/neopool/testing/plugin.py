@@ -1,4 +1,8 @@
-"""pytest fixtures with real servers: ``pytest_plugins = ["neopool.testing.plugin"]``.
+"""pytest fixtures with real servers, for your own tests too.
+
+``pip install 'neopool[testing]'`` and they are there: pytest loads this plugin
+through neopool's ``pytest11`` entry point (named ``neopool``; ``-p no:neopool``
+turns it off).
 
 ==============================  =======  ===================================================
 fixture                         scope    what it gives
