@@ -442,7 +442,8 @@ class _ThreadLoop:
         call = _Call(loop)
         _begin(call)
         try:
-            task = loop.create_task(_as_call(coro, call))
+            # Not through the loop's task factory: nothing spawns this task in a call.
+            task: asyncio.Task[_T] = asyncio.Task(_as_call(coro, call), loop=loop)
             try:
                 return loop.run_until_complete(task)
             except asyncio.CancelledError as exc:
