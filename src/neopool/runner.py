@@ -903,7 +903,8 @@ def _start_call(state: _ProcessLoop, call: _Call, coro: Coroutine[Any, Any, Any]
         assert call.future is not None
         call.future.set_exception(CallCancelled("neopool.run() call: the process loop closed"))
         return
-    task = call.loop.create_task(_as_call(coro, call))
+    # Not through the loop's task factory: nothing spawns this task in a call.
+    task = asyncio.Task(_as_call(coro, call), loop=call.loop)
     task.add_done_callback(lambda done: _settle(call, done))
 
 
