@@ -100,11 +100,8 @@ _T = TypeVar("_T")
 
 
 class _Runner(Protocol):
-    """What neopool uses of :class:`asyncio.Runner` (or its backport on 3.10)."""
-
-    def run(
-        self, coro: Coroutine[Any, Any, _T], *, context: contextvars.Context | None = None
-    ) -> _T: ...
+    """What neopool uses of :class:`asyncio.Runner` (or its backport on 3.10): it makes
+    and closes the loop (calls are run on the loop itself, see :meth:`_ThreadLoop.run`)."""
 
     def close(self) -> None: ...
 
@@ -199,7 +196,7 @@ _current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
 
 
 class _Call:
-    """One :func:`run` call: its loop, its main task, the tasks its code spawned (weakly)."""
+    """One :func:`run` call: its loop, its main task, the tasks its code spawned."""
 
     __slots__ = (
         "cancel_reason",
@@ -209,6 +206,7 @@ class _Call:
         "interrupt_handler",
         "loop",
         "main",
+        "prune_at",
         "returned",
         "tasks",
     )
@@ -218,7 +216,11 @@ class _Call:
         loop: asyncio.AbstractEventLoop,
         future: concurrent.futures.Future[Any] | None = None,
     ) -> None:
-        self.tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        #: The tasks its code spawned that may still run: a list, pruned of finished
+        #: ones as it doubles (see :func:`_task_factory`); cheaper than a WeakSet.
+        self.tasks: list[asyncio.Task[Any]] = []
+        #: The length at which :attr:`tasks` is next pruned.
+        self.prune_at = _PRUNE_FROM
         self.loop = loop
         #: The task running the call's coroutine, once it has started.
         self.main: asyncio.Task[Any] | None = None
@@ -355,14 +357,27 @@ def _end(call: _Call) -> None:
         _rt.calls.discard(call)
 
 
+#: A call's list of spawned tasks is first pruned at this length.
+_PRUNE_FROM = 64
+
+
 def _task_factory(
     loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
 ) -> asyncio.Task[Any]:
-    """Create tasks as usual, and note each under the call whose code spawned it."""
+    """Create tasks as usual, and note each under the call whose code spawned it.
+
+    The list is pruned of finished tasks whenever it has doubled since (amortised
+    O(1) per task): it holds the call's running tasks and a bounded number of
+    finished ones, however many a long call spawns.
+    """
     task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, **kwargs)
     call = _current_call.get()
     if call is not None:
-        call.tasks.add(task)
+        tasks = call.tasks
+        tasks.append(task)
+        if len(tasks) >= call.prune_at:
+            tasks[:] = [t for t in tasks if not t.done()]
+            call.prune_at = max(_PRUNE_FROM, 2 * len(tasks))
     return task
 
 
@@ -413,28 +428,40 @@ class _ThreadLoop:
             self.close_locked(self.close_timeout, Route.AFTER_CALL)
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Run one call (the caller holds :attr:`lock`)."""
-        call = _Call(self.loop)
-        context = contextvars.copy_context()  # each call a context of its own
+        """Run one call (the caller holds :attr:`lock`).
+
+        The call's task is made here, in the caller's thread, so it runs in a copy of
+        the caller's context (each call a context of its own), and the loop runs it
+        with ``run_until_complete``. Not ``Runner.run``: in the main thread it swaps the
+        SIGINT handler in and out on every call, more than half of a call's own cost.
+        Ctrl-C needs no handler of its own here: a ``KeyboardInterrupt`` raised out of
+        the loop cancels the call's coroutine and runs it to its end before it
+        propagates, as any signal's exception does below.
+        """
+        loop = self.loop
+        call = _Call(loop)
         _begin(call)
         try:
-            return self.runner.run(_as_call(coro, call), context=context)
-        except asyncio.CancelledError as exc:
-            if call.cancel_reason is not None:
-                raise call.cancelled_error() from exc
-            raise
-        except BaseException as exc:
-            # Raised out of the loop by a signal handler (soft time limit, Ctrl-C)
-            # while the call was suspended: the coroutine takes it or is cancelled,
-            # and is run here until it has finished, within 2 x LEFTOVER_TIMEOUT.
-            main = call.main
-            if main is None or main.done() or self.loop.is_closed():
+            # Not through the loop's task factory: nothing spawns this task in a call.
+            task: asyncio.Task[_T] = asyncio.Task(_as_call(coro, call), loop=loop)
+            try:
+                return loop.run_until_complete(task)
+            except asyncio.CancelledError as exc:
+                if call.cancel_reason is not None:
+                    raise call.cancelled_error() from exc
                 raise
-            taken = call.interrupt(exc)
-            _finish_within(self.loop, main, 2 * LEFTOVER_TIMEOUT)
-            if taken and main.done() and not main.cancelled():
-                return main.result()  # type: ignore[no-any-return]
-            raise
+            except BaseException as exc:
+                # Raised out of the loop by a signal handler (soft time limit, Ctrl-C)
+                # while the call was suspended (or before its coroutine started): the
+                # coroutine takes it or is cancelled, and is run here until it has
+                # finished, within 2 x LEFTOVER_TIMEOUT.
+                if task.done() or loop.is_closed():
+                    raise
+                taken = call.interrupt(exc)
+                _finish_within(loop, task, 2 * LEFTOVER_TIMEOUT)
+                if taken and task.done() and not task.cancelled():
+                    return task.result()
+                raise
         finally:
             _end(call)
 
@@ -520,9 +547,8 @@ async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
     me = asyncio.current_task()
     assert me is not None
     call.main = me
-    # The one place the call is marked: in its task's own context, which the tasks
-    # it spawns copy. (Not in the context handed to the Runner: its Python 3.10
-    # backport cannot give that to a task this loop's task factory makes.)
+    # The one place the call is marked: in its task's own context (a copy of its
+    # caller's), which the tasks it spawns copy.
     _current_call.set(call)
     try:
         if call.cancel_requested:  # cancelled before it could start
@@ -542,7 +568,8 @@ async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
             # (a shutdown's deadline) must not replace that outcome.
             call.returned = True
     finally:
-        await _cancel_leftovers(call, me)
+        if call.tasks:  # most calls spawn none, or only tasks that have ended
+            await _cancel_leftovers(call, me)
 
 
 async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
@@ -661,11 +688,7 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
     """
     if not asyncio.iscoroutine(coro):
         raise TypeError(f"neopool.run() takes a coroutine, not {type(coro).__name__}")
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    if asyncio._get_running_loop() is not None:  # no exception raised and caught per call
         coro.close()
         raise LoopAlreadyRunning(
             "neopool.run() was called while an event loop is running in this thread; "
@@ -882,7 +905,8 @@ def _start_call(state: _ProcessLoop, call: _Call, coro: Coroutine[Any, Any, Any]
         assert call.future is not None
         call.future.set_exception(CallCancelled("neopool.run() call: the process loop closed"))
         return
-    task = call.loop.create_task(_as_call(coro, call))
+    # Not through the loop's task factory: nothing spawns this task in a call.
+    task = asyncio.Task(_as_call(coro, call), loop=call.loop)
     task.add_done_callback(lambda done: _settle(call, done))
 
 
@@ -1082,10 +1106,7 @@ def _let_go(holder: _Holder) -> None:
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The loop running in the calling thread, if any."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    return asyncio._get_running_loop()
 
 
 def close_all_loops(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> int:

@@ -52,7 +52,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Container, Generator
 from typing import Any, TypeVar
 
 from celery.app.task import Context
@@ -111,7 +111,7 @@ class AsyncTask(Task):  # type: ignore[misc]
             return result  # a sync task: it may call neopool.run itself
         # Taken here, on Celery's thread: the coroutine may run on another one.
         request = self.request
-        soft_limit = self._soft_time_limit()
+        soft_limit = self._soft_time_limit(request)
         watched = _supervised(result, self, request, self.revocation_poll, soft_limit)
         try:
             return run(watched)
@@ -136,12 +136,23 @@ class AsyncTask(Task):  # type: ignore[misc]
             return current[1] if not current[2].done() else Context()
         return self._get_request()
 
-    def _soft_time_limit(self) -> float | None:
-        """This run's soft time limit (message, task or app), if it has one."""
-        limits = getattr(self.request, "timelimit", None) or (None, None)
-        soft = limits[1] if len(limits) > 1 else None
-        soft = soft or self.soft_time_limit or self.app.conf.task_soft_time_limit
-        return float(soft) if soft else None
+    def _soft_time_limit(self, request: Context) -> float | None:
+        """This run's soft time limit (the message's, else the task's or the app's), if any.
+
+        The task's or the app's is read on the task's first run and kept: the app's
+        settings are a chain of mappings, too slow to look through on every task (a
+        worker reads them once, at its start, too).
+        """
+        limits = getattr(request, "timelimit", None)
+        soft = limits[1] if limits and len(limits) > 1 else None
+        if soft:
+            return float(soft)
+        try:
+            return self.__dict__["_neopool_soft_limit"]  # type: ignore[no-any-return]
+        except KeyError:
+            soft = self.soft_time_limit or self.app.conf.task_soft_time_limit
+            default = self.__dict__["_neopool_soft_limit"] = float(soft) if soft else None
+            return default
 
     def _requeue_when_cut_off(self) -> bool:
         """Whether a task cut off by shutdown goes back to the queue (as on a lost worker)."""
@@ -183,53 +194,101 @@ async def _supervised(
     signalled = _soft_limits_signalled and threading.current_thread() is threading.main_thread()
     if task_id is None and soft_limit is None and not signalled:
         return await awaitable
-    from celery.worker import state as worker_state
-
+    revoked = _revoked_ids() if task_id is not None else None
     loop = asyncio.get_running_loop()
     timer = soft_limit is not None and not _soft_limits_signalled
     deadline = loop.time() + soft_limit if timer and soft_limit is not None else math.inf
     deliverable = _Deliverable(awaitable) if soft_limit is not None else None
-    work: asyncio.Future[T] = asyncio.ensure_future(
-        _as_coroutine(deliverable if deliverable is not None else awaitable)
+    # One future to wait on, completed when the work is done or a check says it must
+    # end; one timer at a time, for the next check (a revocation poll, the soft limit,
+    # the end of the time to clean up after it).
+    wake: asyncio.Future[None] = loop.create_future()
+    work: asyncio.Future[T] = loop.create_task(
+        _run_then_wake(deliverable if deliverable is not None else awaitable, wake)
     )
+    ending: list[BaseException] = []  # why the task ends while its work still runs
+    next_check: asyncio.TimerHandle | None = None
+
+    def wake_up(_: object = None) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    def arm() -> None:
+        nonlocal next_check, deadline
+        if next_check is not None:
+            next_check.cancel()
+            next_check = None
+        if deliverable is not None and deliverable.delivered is not None:
+            # Thrown in (by the timer or the signal): the time to clean up starts.
+            deadline = deliverable.delivered + runner.LEFTOVER_TIMEOUT
+        wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
+        if wait < math.inf:
+            next_check = loop.call_later(max(0.0, wait), check)
+
+    def check() -> None:
+        nonlocal next_check
+        next_check = None
+        if work.done() or wake.done():
+            return
+        if revoked is not None and task_id in revoked:
+            ending.append(TaskRevokedError(f"task {task_id} was revoked while running"))
+            wake_up()
+            return
+        if loop.time() >= deadline:
+            assert deliverable is not None  # a deadline comes with a soft limit
+            if deliverable.thrown is None:
+                assert soft_limit is not None
+                deliverable.throw(  # arms the next check itself
+                    SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
+                )
+                return
+            # Delivered, and not done cleaning up within LEFTOVER_TIMEOUT.
+            ending.append(deliverable.thrown)
+            wake_up()
+            return
+        arm()
+
+    work.add_done_callback(wake_up)  # also when it is cancelled before its first step
     if deliverable is not None:
         deliverable.task = work
+        deliverable.thrown_hook = arm
         runner.deliver_interrupts(deliverable.throw)
     lost: list[BaseException] = []
     restore = _catch_a_lost_soft_limit(loop, work, lost, deliverable) if signalled else None
+    arm()
     try:
-        while True:
-            if deliverable is not None and deliverable.delivered is not None:
-                # Thrown in (by the timer or the signal): the time to clean up starts.
-                deadline = deliverable.delivered + runner.LEFTOVER_TIMEOUT
-            wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
-            done, _ = await asyncio.wait({work}, timeout=max(0.0, wait))
-            if lost:  # Celery's signal landed in a loop callback: it ends the task here
-                await _cancel(work)
-                raise lost[0]
-            if done:
-                if work.cancelled() and deliverable is not None and deliverable.thrown:
-                    raise deliverable.thrown  # cancelled before it started: it never ran
-                return work.result()
-            if task_id is not None and task_id in worker_state.revoked:
-                await _cancel(work)
-                raise TaskRevokedError(f"task {task_id} was revoked while running")
-            if loop.time() >= deadline:
-                assert deliverable is not None  # a deadline comes with a soft limit
-                if deliverable.thrown is None:
-                    assert soft_limit is not None
-                    deliverable.throw(
-                        SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
-                    )
-                    continue
-                # Delivered, and not done cleaning up within LEFTOVER_TIMEOUT.
-                await _cancel(work)
-                raise deliverable.thrown
+        await wake
+        if lost:  # Celery's signal landed in a loop callback: it ends the task here
+            await _cancel(work)
+            raise lost[0]
+        if ending:  # revoked, or its soft limit passed and it did not clean up in time
+            await _cancel(work)
+            raise ending[0]
+        if work.cancelled() and deliverable is not None and deliverable.thrown:
+            raise deliverable.thrown  # cancelled before it started: it never ran
+        return work.result()
     finally:
+        if next_check is not None:
+            next_check.cancel()
         if restore is not None:
             restore()
         if not work.done():  # we were cancelled (a signal, a shutdown): pass it on
             await _cancel(work)
+
+
+#: ``celery.worker.state.revoked``, once imported (see :func:`_revoked_ids`).
+_revoked: Container[str] | None = None
+
+
+def _revoked_ids() -> Container[str]:
+    """The ids of the tasks this worker was told are revoked (imported on first use: the
+    worker's module is heavy for a process that only sends tasks)."""
+    global _revoked
+    if _revoked is None:
+        from celery.worker import state as worker_state
+
+        _revoked = worker_state.revoked
+    return _revoked
 
 
 #: The message of the cancel that carries an exception to :class:`_Deliverable`.
@@ -255,7 +314,7 @@ class _Deliverable:
     AsyncTask uses it only for tasks with a soft time limit.
     """
 
-    __slots__ = ("coro", "delivered", "pending", "task", "thrown")
+    __slots__ = ("coro", "delivered", "pending", "task", "thrown", "thrown_hook")
 
     def __init__(self, coro: Awaitable[Any]) -> None:
         self.coro = coro.__await__()
@@ -265,6 +324,8 @@ class _Deliverable:
         self.thrown: BaseException | None = None
         self.delivered: float | None = None
         self.pending: BaseException | None = None
+        #: Called once :meth:`throw` has thrown (AsyncTask's supervisor arms its next check).
+        self.thrown_hook: Callable[[], None] | None = None
 
     def throw(self, exc: BaseException) -> None:
         """On the loop, while it runs: throw ``exc`` into the coroutine where it waits (once)."""
@@ -274,6 +335,8 @@ class _Deliverable:
         self.thrown = self.pending = exc
         self.delivered = asyncio.get_running_loop().time()
         task.cancel(_THROWING)
+        if self.thrown_hook is not None:
+            self.thrown_hook()
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro = self.coro
@@ -354,5 +417,11 @@ async def _cancel(work: asyncio.Future[Any]) -> None:
         work.exception()  # retrieved: its outcome is the cancellation's, reported by Celery
 
 
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
+async def _run_then_wake(awaitable: Awaitable[T], wake: asyncio.Future[None]) -> T:
+    """Await ``awaitable``, and wake the supervisor as it ends: in the same step, one loop
+    iteration sooner than a done callback would."""
+    try:
+        return await awaitable
+    finally:
+        if not wake.done():
+            wake.set_result(None)
