@@ -68,11 +68,6 @@ BASELINE = {
 }
 #: Rows run in process-loop mode.
 PROCESS_ROWS = (PROCESS_USER, PROCESS_EMPTY)
-#: Rows of ``--proposal``: the proposed call path (``runner_proposal.py``), side by side.
-PROPOSAL_RUNNER = "proposal: run, driver on its loop (runner alone)"
-PROPOSAL_USER = "proposal: run + borrow + session"
-PROPOSAL_EMPTY = "proposal: run(returns at once)"
-BASELINE.update({PROPOSAL_RUNNER: IDEAL, PROPOSAL_USER: IDEAL, PROPOSAL_EMPTY: RUC_EMPTY})
 
 
 async def run_query(driver: AsyncDriver, database: str) -> None:
@@ -108,7 +103,7 @@ def celery_task(database: str) -> Callable[[], Any]:
     return query  # type: ignore[no-any-return]
 
 
-def measure(target: Target, rounds: int, proposal: bool = False) -> dict[str, Any]:
+def measure(target: Target, rounds: int) -> dict[str, Any]:
     db = target.database
     GlobalNeo4jConnectionPool.set_config(target.config())
     loop = asyncio.new_event_loop()
@@ -126,13 +121,6 @@ def measure(target: Target, rounds: int, proposal: bool = False) -> dict[str, An
         PROCESS_USER: lambda: neopool.run(pooled_query(db)),
         PROCESS_EMPTY: lambda: neopool.run(returns_at_once()),
     }
-    if proposal:
-        import runner_proposal
-
-        proposal_driver = runner_proposal.run(open_driver(target))
-        variants[PROPOSAL_RUNNER] = lambda: runner_proposal.run(run_query(proposal_driver, db))
-        variants[PROPOSAL_USER] = lambda: runner_proposal.run(pooled_query(db))
-        variants[PROPOSAL_EMPTY] = lambda: runner_proposal.run(returns_at_once())
 
     def block(name: str, tasks: int) -> float:
         """µs per task of ``tasks`` calls of ``name`` in a row."""
@@ -160,9 +148,6 @@ def measure(target: Target, rounds: int, proposal: bool = False) -> dict[str, An
         loop.close()
         neopool.run(runner_driver.close())
         runner.close_all_loops()
-        if proposal:
-            runner_proposal.run(proposal_driver.close())
-            runner_proposal.close()
     rows = {}
     for name, blocks in per_block.items():
         base = per_block[BASELINE[name]]
@@ -181,11 +166,6 @@ def main() -> None:
     cli = parser(__doc__ or "")
     cli.set_defaults(rtt_ms=[0.0])
     cli.add_argument("--rounds", type=int, default=None, help="rounds of blocks (default 40)")
-    cli.add_argument(
-        "--proposal",
-        action="store_true",
-        help="also the proposed neopool.run call path (runner_proposal.py), side by side",
-    )
     args = cli.parse_args()
     rounds = args.rounds or (4 if args.quick else 40)
     results: dict[str, Any] = {
@@ -197,7 +177,7 @@ def main() -> None:
         for rtt, tls in networks(args):
             label = network_label(rtt, tls)
             with network(server, rtt, tls) as target:
-                results["networks"][label] = measure(target, rounds, args.proposal)
+                results["networks"][label] = measure(target, rounds)
     report(results)
     save("sync_caller", results, args.json)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery_helpers import only_worker
 from prometheus_client import CollectorRegistry
 
+from celery_helpers import only_worker
 from neopool.celery import cluster_stats, cluster_totals, setup
 from neopool.errors import ConfigError
 from neopool.metrics import NeopoolCollector, cluster_source
