@@ -93,7 +93,7 @@ typecheck: $(STAMP)
 # The docs site, warnings as errors (skipped with a message while there is no mkdocs.yml).
 docs: $(STAMP)
 	@if [ -f mkdocs.yml ]; then \
-	    $(VENV)/bin/mkdocs build --strict; \
+	    NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict; \
 	else \
 	    echo "*** mkdocs.yml not found: the docs site is not built"; \
 	fi
