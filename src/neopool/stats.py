@@ -131,11 +131,9 @@ class ProcessCounters:
             )
 
 
-#: This process's counters (the same object for its whole life: a fork resets it in place).
+#: This process's counters (the same object for its whole life: a fork resets it in place,
+#: first thing in the fork hook's first step, before the inherited pools end).
 PROCESS = ProcessCounters()
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=PROCESS.reset)
 
 
 class Say(NamedTuple):
