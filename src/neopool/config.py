@@ -36,10 +36,10 @@ from neopool._version import __version__
 from neopool.credentials import CredentialsProvider, auth_manager
 from neopool.errors import ConfigError
 
-#: URI schemes the official driver accepts.
 #: Seconds a close (a runner's loop, or every pool) may take when nothing gives a deadline.
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
+#: URI schemes the official driver accepts.
 DRIVER_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 #: The routing-context key the driver fills in itself and refuses from the URI.
 _RESERVED_ROUTING_KEY = "address"
