@@ -598,10 +598,11 @@ class Neo4jConnectionConfig(BaseSettings):
 
         The static ``(username, password)``, or, with a ``credentials``
         provider, a new auth manager of the driver's own (managers belong to
-        the event loop of the driver that uses them, so none is shared).
+        the event loop of the driver that uses them, so none is shared), whose
+        wait for the provider is bounded by ``connection_acquisition_timeout``.
         """
         if self.credentials is not None:
-            return auth_manager(self.credentials)
+            return auth_manager(self.credentials, self.connection_acquisition_timeout)
         return self.auth()
 
     @property
