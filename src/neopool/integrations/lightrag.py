@@ -647,8 +647,12 @@ def _report_dropped() -> None:
 
 
 def _after_fork_in_child() -> None:
+    """The child's own counts and reports from zero (the parent's drops are the parent's
+    to report), with fresh locks."""
+    global _dropped, _races
     _fulltext.after_fork_in_child()
-    _dropped.lock = threading.Lock()
+    _dropped = _Dropped()
+    _races = _Races()
 
 
 _fork.add_step(_fork.Step.LIGHTRAG, _after_fork_in_child)
