@@ -434,6 +434,16 @@ def test_a_credentials_provider_gives_every_driver_a_manager_of_its_own() -> Non
     assert static.driver_auth() == static.auth() == ("neo4j", SECRET)
 
 
+def test_a_drivers_own_manager_waits_for_the_provider_as_long_as_the_config_says() -> None:
+    """Also for a driver the application opens itself with ``auth=config.driver_auth()``."""
+    config = Neo4jConnectionConfig(
+        uri="bolt://h", credentials=_provider, connection_acquisition_timeout=3.5
+    )
+    manager = config.driver_auth()
+    assert isinstance(manager, ProviderAuthManager)
+    assert manager.timeout == 3.5
+
+
 async def _async_provider() -> object:
     return basic_auth("neo4j", SECRET)
 

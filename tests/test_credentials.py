@@ -54,8 +54,7 @@ from neopool import (
     credentials,
 )
 from neopool.credentials import _as_expiring_auth as as_expiring_auth
-from neopool.credentials import _call_provider as call_provider
-from neopool.credentials import auth_manager
+from neopool.credentials import _start_call, auth_manager
 from neopool.embedded import BoltServer
 from neopool.testing import BoltTarget, TcpProxy, reset_registry
 
@@ -133,16 +132,16 @@ async def test_a_plain_provider_runs_in_a_worker_thread_and_an_async_one_on_the_
             await asyncio.sleep(0.005)
 
     ticking = asyncio.create_task(ticker())
-    assert await call_provider(plain) == ("alice", "pw")
+    assert await _start_call(plain) == ("alice", "pw")
     ticking.cancel()
     assert ticks >= 3, "the loop stalled while the plain provider blocked"
     assert seen[0] is not loop_thread
 
-    assert await call_provider(coroutine) == ("bob", "pw")
-    assert await call_provider(functools.partial(coroutine)) == ("bob", "pw")
-    assert await call_provider(Callable_()) == ("carol", "pw")
+    assert await _start_call(coroutine) == ("bob", "pw")
+    assert await _start_call(functools.partial(coroutine)) == ("bob", "pw")
+    assert await _start_call(Callable_()) == ("carol", "pw")
     assert seen[1:4] == [loop_thread] * 3
-    assert await call_provider(returns_awaitable) == ("bob", "pw")
+    assert await _start_call(returns_awaitable) == ("bob", "pw")
 
 
 # -- a server user whose password changes -------------------------------------------------------

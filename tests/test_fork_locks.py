@@ -45,6 +45,12 @@ def _instance_lock() -> Any:
     return GlobalNeo4jConnectionPool._instance_lock
 
 
+def _process_totals_lock() -> Any:
+    from neopool.stats import PROCESS
+
+    return PROCESS._lock
+
+
 def _preparer_lock() -> Any:
     return preparer._lock
 
@@ -68,6 +74,7 @@ _needs_lightrag = pytest.mark.skipif(
 LOCKS = [
     pytest.param(_churn_lock, id="loop-churn-monitor"),
     pytest.param(_instance_lock, id="registry-instance"),
+    pytest.param(_process_totals_lock, id="process-totals"),
     pytest.param(_preparer_lock, id="database-preparer"),
     pytest.param(_lightrag_fulltext_lock, id="lightrag-fulltext", marks=_needs_lightrag),
     pytest.param(_lightrag_dropped_lock, id="lightrag-dropped", marks=_needs_lightrag),

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import threading
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
-from neopool.stats import ProcessTotals
+import pytest
+
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
+from neopool.stats import PROCESS, ProcessTotals
+from neopool.testing import FakeDriverFactory, reset_registry
+from polling import eventually
 
 
 def _delta(after: ProcessTotals, before: ProcessTotals) -> dict[str, int]:
@@ -86,3 +92,59 @@ def test_a_forked_child_starts_from_zero(neopool_registry: GlobalNeo4jConnection
     finally:
         loop.run_until_complete(neopool_registry.close_all_pools())
         loop.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_fork_while_another_thread_counts_does_not_hang_the_child() -> None:
+    """The totals' lock, held by a parent thread at the fork, is not the one the child's
+    ending of its inherited pools counts under (server-free: fake drivers)."""
+    reset_registry()
+    GlobalNeo4jConnectionPool.set_config(
+        Neo4jConnectionConfig(uri="bolt://127.0.0.1:7687", password="x")
+    )
+    GlobalNeo4jConnectionPool.set_driver_factory(FakeDriverFactory())
+    loop = asyncio.new_event_loop()
+    held, done = threading.Event(), threading.Event()
+
+    def count_slowly() -> None:
+        with PROCESS._lock:  # as a parent thread's count does, at the wrong moment
+            held.set()
+            done.wait(30)
+
+    try:
+        loop.run_until_complete(_borrow_once())  # a pool the child inherits
+        holder = threading.Thread(target=count_slowly, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if PROCESS.totals()["pools_closed"] == 0 else 4)
+        done.set()
+        holder.join(10)
+        ended: list[tuple[int, int]] = []
+
+        def child_ended() -> bool:
+            ended.append(os.waitpid(pid, os.WNOHANG))
+            return ended[-1][0] != 0
+
+        assert eventually(child_ended, 20), (
+            "the child hung: it counted under a lock a parent thread held at the fork"
+        )
+        assert os.waitstatus_to_exitcode(ended[-1][1]) == 0
+    finally:
+        done.set()
+        with contextlib.suppress(ChildProcessError, NameError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        loop.run_until_complete(GlobalNeo4jConnectionPool().close_all_pools())
+        loop.close()
+        GlobalNeo4jConnectionPool.set_driver_factory()
+        reset_registry()
+
+
+async def _borrow_once() -> None:
+    async with Neo4jConnectionFactory.borrow_connection():
+        pass

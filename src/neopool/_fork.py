@@ -30,7 +30,8 @@ logger = logging.getLogger("neopool")
 class Step(enum.IntEnum):
     """The fork hook's steps, in the order they run."""
 
-    #: The registry: every inherited pool terminated, without a byte sent.
+    #: The registry: the process totals from zero, every inherited pool terminated,
+    #: without a byte sent.
     POOLS = 1
     #: The runner: the parent's loops forgotten (kept, never closed), its calls not ours.
     LOOPS = 2

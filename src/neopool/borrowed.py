@@ -27,7 +27,7 @@ from neopool.registry import GlobalNeo4jConnectionPool
 
 __all__ = ["BorrowedConnection", "PooledSession"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class _Holding:
@@ -256,9 +256,9 @@ class PooledSession:
 
 async def on_lease(
     action: str,
-    work: Callable[[AsyncDriver, PooledConnectionManager], Awaitable[T]],
+    work: Callable[[AsyncDriver, PooledConnectionManager], Awaitable[_T]],
     registry: GlobalNeo4jConnectionPool | None = None,
-) -> T:
+) -> _T:
     """``work(driver, lease)`` on a lease of the running loop's pool (this task's, if held)."""
     pool = (registry or GlobalNeo4jConnectionPool()).running_loop_pool(action)
     lease = _held_by_this_task(pool)

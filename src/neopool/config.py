@@ -36,10 +36,10 @@ from neopool._version import __version__
 from neopool.credentials import CredentialsProvider, auth_manager
 from neopool.errors import ConfigError
 
-#: URI schemes the official driver accepts.
 #: Seconds a close (a runner's loop, or every pool) may take when nothing gives a deadline.
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
+#: URI schemes the official driver accepts.
 DRIVER_SCHEMES = ("bolt", "bolt+s", "bolt+ssc", "neo4j", "neo4j+s", "neo4j+ssc")
 #: The routing-context key the driver fills in itself and refuses from the URI.
 _RESERVED_ROUTING_KEY = "address"
@@ -598,10 +598,11 @@ class Neo4jConnectionConfig(BaseSettings):
 
         The static ``(username, password)``, or, with a ``credentials``
         provider, a new auth manager of the driver's own (managers belong to
-        the event loop of the driver that uses them, so none is shared).
+        the event loop of the driver that uses them, so none is shared), whose
+        wait for the provider is bounded by ``connection_acquisition_timeout``.
         """
         if self.credentials is not None:
-            return auth_manager(self.credentials)
+            return auth_manager(self.credentials, self.connection_acquisition_timeout)
         return self.auth()
 
     @property

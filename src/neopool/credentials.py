@@ -249,11 +249,6 @@ def _expired(auth: ExpiringAuth) -> bool:
     return auth.expires_at is not None and auth.expires_at < time.time()
 
 
-async def _call_provider(provider: CredentialsProvider) -> object:
-    """Call ``provider`` without blocking the loop: plain functions run in a daemon thread."""
-    return await _start_call(provider)
-
-
 def _start_call(provider: CredentialsProvider) -> asyncio.Future[object]:
     """One call of ``provider``, started now; its answer (or error) as a future of this loop.
 

@@ -45,7 +45,7 @@ from neopool._release import (
     driver_transports,
     release_transports,
 )
-from neopool.credentials import ProviderAuthManager, credential_rejected, track
+from neopool.credentials import credential_rejected, track
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
 from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
 from neopool.stats import PROCESS, PoolStats, UtilisationMonitor, report_leaks
@@ -75,8 +75,6 @@ def create_driver(config: Neo4jConnectionConfig) -> AsyncDriver:
     and whose wait for the provider is bounded by ``connection_acquisition_timeout``.
     """
     auth = config.driver_auth()
-    if isinstance(auth, ProviderAuthManager):
-        auth.timeout = config.connection_acquisition_timeout
     driver = AsyncGraphDatabase.driver(config.uri, auth=auth, **config.driver_options())
     track(driver, auth)
     return driver

@@ -476,6 +476,9 @@ class GlobalNeo4jConnectionPool:
 
     @classmethod
     def after_fork_step_in_child(cls) -> None:
+        # First: ending the inherited pools counts under the totals' lock, which a
+        # parent thread may have held at the fork.
+        PROCESS.reset()
         cls._instance_lock = threading.Lock()
         if cls._instance is not None:
             cls._instance.after_fork_in_child()

@@ -131,11 +131,9 @@ class ProcessCounters:
             )
 
 
-#: This process's counters (the same object for its whole life: a fork resets it in place).
+#: This process's counters (the same object for its whole life: a fork resets it in place,
+#: first thing in the fork hook's first step, before the inherited pools end).
 PROCESS = ProcessCounters()
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=PROCESS.reset)
 
 
 class Say(NamedTuple):
@@ -424,17 +422,10 @@ def report_leaks(
     frequent first, with its count. Pass a ``limiter`` (one per process, say)
     to rate-limit reports across pools too.
     """
-    counts = Counter(site or "<unknown>" for site in sites)
-    total = sum(counts.values())
-    if not total:
+    counted = _counted(sites, limiter, "leases in use at a close")
+    if counted is None:
         return
-    note = ""
-    if limiter is not None:
-        say = limiter.occurred(total)
-        limiter.cleared()  # an event: nothing goes on after it
-        if say is None:
-            return
-        note = say.note("leases in use at a close")
+    counts, total, note = counted
     by = f" by {closed_by}" if closed_by else ""
     if total == 1:
         what, where = "a lease was", f"it was borrowed at {next(iter(counts))}"
@@ -486,17 +477,10 @@ def _report(
     one: str,
     many: str,
 ) -> None:
-    counts = Counter(site or "<unknown>" for site in sites)
-    total = sum(counts.values())
-    if not total:
+    counted = _counted(sites, limiter, "leaked leases")
+    if counted is None:
         return
-    note = ""
-    if limiter is not None:
-        say = limiter.occurred(total)
-        limiter.cleared()  # a leak is an event: nothing goes on after it
-        if say is None:
-            return
-        note = say.note("leaked leases")
+    counts, total, note = counted
     if total == 1:
         logger.warning(
             "neopool: a lease of event loop %s %s %s. %s%s",
@@ -516,6 +500,27 @@ def _report(
         _ADVICE,
         note,
     )
+
+
+def _counted(
+    sites: Iterable[str | None], limiter: SayOnce | None, what: str
+) -> tuple[Counter[str], int, str] | None:
+    """The sites counted, their total and the limiter's note on ``what``; ``None``: say nothing.
+
+    Nothing to say when there is no site, or when ``limiter`` holds the line back.
+    """
+    counts = Counter(site or "<unknown>" for site in sites)
+    total = sum(counts.values())
+    if not total:
+        return None
+    note = ""
+    if limiter is not None:
+        say = limiter.occurred(total)
+        limiter.cleared()  # an event: nothing goes on after it
+        if say is None:
+            return None
+        note = say.note(what)
+    return counts, total, note
 
 
 def _ranked(counts: Counter[str]) -> str:

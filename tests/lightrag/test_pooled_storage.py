@@ -501,3 +501,53 @@ def test_a_call_leaves_no_lightrag_task_behind_and_detached_is_the_opt_out(
         neopool.run(held.finalize_storages())
     finally:
         neopool.runner.close_thread_loop()  # cancels what was kept
+
+
+def test_a_session_dropped_in_a_forked_child_sends_nothing_to_the_parents_loop() -> None:
+    """A held lease collected in a child of ``fork`` (its pool's ``pid`` the parent's) is
+    not given back through the loop: that loop's wake-up pipe is the parent's (server-free)."""
+    from types import SimpleNamespace
+
+    from neopool.integrations import lightrag
+
+    sent: list[object] = []
+
+    class ParentsLoop:
+        def is_closed(self) -> bool:
+            return False
+
+        def call_soon_threadsafe(self, callback: object, *args: object) -> None:
+            sent.append(callback)
+
+    pool = SimpleNamespace(loop=ParentsLoop(), pid=-1)  # made in another process
+    pending = len(lightrag._dropped.pending)
+    lightrag._share_dropped(pool, object(), None)  # type: ignore[arg-type]
+    assert sent == []
+    assert len(lightrag._dropped.pending) == pending + 1  # the next initialise reports it
+    lightrag._dropped.pending.pop()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_counts_its_own_lost_races_and_drops() -> None:
+    """What the parent counted (or has still to report) is not the child's (server-free)."""
+    import os
+
+    from neopool.integrations import lightrag
+
+    lightrag._races.lost += 3
+    lightrag._dropped.pending.append(("session", None))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        fresh = lost_races_retried() == 0 and not lightrag._dropped.pending
+        os.write(write, b"1" if fresh else b"0")
+        os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as answer:
+            assert answer.read() == b"1"
+    finally:
+        os.waitpid(pid, 0)
+        lightrag._races.lost -= 3
+        lightrag._dropped.pending.pop()

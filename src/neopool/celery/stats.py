@@ -401,13 +401,7 @@ def cluster_stats(app: Any, timeout: float = 2.0) -> ClusterStats:
     pool in that process (empty before the first borrow). The same data as
     ``celery -A proj inspect neopool_stats``.
     """
-    replies = app.control.broadcast(COMMAND, reply=True, timeout=timeout) or []
-    merged: ClusterStats = {}
-    for reply in replies:
-        for node, payload in reply.items():
-            if isinstance(payload, dict) and "error" not in payload:
-                merged[node] = payload
-    return merged
+    return _by_node(app, COMMAND, timeout)
 
 
 def cluster_totals(app: Any, timeout: float = 2.0) -> ClusterTotals:
@@ -419,8 +413,13 @@ def cluster_totals(app: Any, timeout: float = 2.0) -> ClusterTotals:
     these counts (loops served, drivers created and closed) grow with every
     task while the live pools stay one per thread.
     """
-    replies = app.control.broadcast(TOTALS_COMMAND, reply=True, timeout=timeout) or []
-    merged: ClusterTotals = {}
+    return _by_node(app, TOTALS_COMMAND, timeout)
+
+
+def _by_node(app: Any, command: str, timeout: float) -> dict[str, Any]:
+    """``{worker node name: reply}`` of the workers that answered ``command`` without error."""
+    replies = app.control.broadcast(command, reply=True, timeout=timeout) or []
+    merged: dict[str, Any] = {}
     for reply in replies:
         for node, payload in reply.items():
             if isinstance(payload, dict) and "error" not in payload:

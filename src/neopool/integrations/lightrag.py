@@ -421,7 +421,7 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
         self._DATABASE = database
         self._driver = LeasedDriver(registry, site=site)
         loop = weakref.ref(asyncio.get_running_loop())
-        self._finalizer = weakref.finalize(self, _storage_dropped, site, loop)
+        self._finalizer = weakref.finalize(self, _storage_dropped, site, loop, os.getpid())
         try:
             await _fulltext.ensure(self, config)
         except BaseException:  # cancelled: not initialised after all
@@ -578,9 +578,9 @@ class _Dropped:
 _dropped = _Dropped()
 
 
-def _storage_dropped(site: _Site, loop: weakref.ref[asyncio.AbstractEventLoop]) -> None:
+def _storage_dropped(site: _Site, loop: weakref.ref[asyncio.AbstractEventLoop], pid: int) -> None:
     _dropped.pending.append(("storage", site))
-    _ask_loop_to_report(loop())
+    _ask_loop_to_report(loop(), pid)
 
 
 def _share_dropped(
@@ -590,12 +590,12 @@ def _share_dropped(
     _dropped.pending.append(("session", site))
     loop = pool.loop
     try:
-        if loop is None or loop.is_closed():
-            raise RuntimeError("closed")
+        if loop is None or loop.is_closed() or pool.pid != os.getpid():
+            raise RuntimeError("the loop can never run this")
         loop.call_soon_threadsafe(_give_back, lease)
     except RuntimeError:
-        pass  # the loop is gone: its pool released everything when it ended
-    _ask_loop_to_report(loop)
+        pass  # the loop is gone (or the parent's): its pool released everything when it ended
+    _ask_loop_to_report(loop, pool.pid)
 
 
 def _give_back(lease: PooledConnectionManager) -> None:
@@ -603,10 +603,11 @@ def _give_back(lease: PooledConnectionManager) -> None:
         lease.mark_available()
 
 
-def _ask_loop_to_report(loop: asyncio.AbstractEventLoop | None) -> None:
-    """Report on ``loop`` (the storage's) soon; if it is gone, the next initialise reports."""
-    if loop is None or loop.is_closed():
-        return
+def _ask_loop_to_report(loop: asyncio.AbstractEventLoop | None, pid: int) -> None:
+    """Report on ``loop`` (the storage's, made in process ``pid``) soon; if it is gone, or
+    is the parent's in a forked child, the next initialise reports."""
+    if loop is None or loop.is_closed() or pid != os.getpid():
+        return  # (an inherited loop's wake-up pipe is the parent's: nothing may be sent on it)
     with contextlib.suppress(RuntimeError):  # closed meanwhile
         loop.call_soon_threadsafe(_report_dropped)
 
@@ -646,8 +647,12 @@ def _report_dropped() -> None:
 
 
 def _after_fork_in_child() -> None:
+    """The child's own counts and reports from zero (the parent's drops are the parent's
+    to report), with fresh locks."""
+    global _dropped, _races
     _fulltext.after_fork_in_child()
-    _dropped.lock = threading.Lock()
+    _dropped = _Dropped()
+    _races = _Races()
 
 
 _fork.add_step(_fork.Step.LIGHTRAG, _after_fork_in_child)
