@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # executed no test (pytest's exit code 5 included).
 CI_DIR ?= build/ci
 # How many of test's three lanes run at once: the whole suite; lint, types, docs and
-# the TLS run; the other Pythons' and drivers' environments and their core subsets.
+# the TLS run; the other Pythons' environments (each with its driver) and core subsets.
 CI_JOBS ?= 3
 # pytest in `make test`: every tier (-m "" overrides pyproject's "not slow and not
 # packaging"), the ten slowest tests, a JUnit report named after the run.
@@ -39,10 +39,11 @@ STRICT_PYTHONS ?= 0
 export PYTHONNODEBUGRANGES := 1
 CI_PYTHONS     ?= 3.10 3.13
 MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
-# The core subset: the top-level test modules except the demo's, and the runner's
-# (how calls and loops end differs between Python versions), without tests marked
-# slow or packaging.
-CORE_TESTS ?= $(filter-out tests/test_demo.py,$(wildcard tests/test_*.py)) \
+# The core subset: the top-level test modules except the demo's and the docs' examples
+# (a fresh interpreter each, about what the docs say: the whole suite runs them), and the
+# runner's (how calls and loops end differs between Python versions), without tests
+# marked slow or packaging.
+CORE_TESTS ?= $(filter-out tests/test_demo.py tests/test_docs_examples.py,$(wildcard tests/test_*.py)) \
               tests/celery/test_runner.py tests/reliability/test_lifecycle.py
 # Added on one version: how a process with loops in every state exits (3.13.0-3.13.2
 # print an error at exit for a thread that a finaliser made known to threading again).
@@ -50,17 +51,15 @@ CORE_EXTRA_3.13 ?= tests/reliability/test_release_matrix.py
 CORE_ARGS  ?= -m "not slow and not packaging"
 # The fast tier (make test-fast): no server, no child process, nothing slow.
 FAST_MARKS ?= not server and not subprocess and not slow and not packaging
-# The neo4j drivers CI runs besides the newest (in .venv): the oldest that pyproject.toml
-# allows (its lower bound) and 5.28 (the 5.x long-term line). Each gets its own
-# virtualenv (.venv-neo4j-X; neo4j-rust-ext follows the driver's version) and is
-# imported with warnings as errors, then runs the core subset less its child processes
-# (the docs' examples: a fresh interpreter each, about what the docs say, not the driver)
-# and less the README's configuration table (written with the newest driver, whose list
-# of notification classifications is longer).
+# The neo4j driver range: the whole suite runs on the newest driver (.venv), and each
+# other Python's environment pins one older driver, so every Python and every driver
+# line runs the core subset once: the oldest driver pyproject.toml allows (its lower
+# bound) on the oldest Python, 5.28 (the 5.x long-term line) on the newest.
+# neo4j-rust-ext follows the driver's version. Each environment first imports neopool
+# with warnings as errors.
 NEO4J_OLDEST   := $(shell sed -n 's/^ *"neo4j>=\([0-9.]*\)".*/\1/p' pyproject.toml)
-NEO4J_VERSIONS ?= $(NEO4J_OLDEST) 5.28.1
-DRIVER_ARGS    ?= -m "not slow and not packaging and not subprocess" \
-                  --deselect tests/test_docs_examples.py::test_the_configuration_table_matches_the_model
+NEO4J_FOR_3.10 ?= $(NEO4J_OLDEST)
+NEO4J_FOR_3.13 ?= 5.28.1
 IMPORT_CHECK   := import neopool, neopool.celery, neopool.integrations.lightrag
 # Run once more over TLS by `make test` (NEOPOOL_TEST_TLS=1: every connection the
 # neopool_bolt and neopool_proxy fixtures give goes through a TLS-terminating proxy whose
@@ -71,7 +70,7 @@ TLS_TESTS ?= tests/test_loop_pool.py tests/test_registry.py tests/reliability/te
              tests/reliability/test_tls_proxy.py
 
 .PHONY: demo test test-fast lint typecheck docs check-format unit unit-tls bench test-matrix \
-        clean ci-suite ci-checks ci-versions envs cores drivers import-check
+        clean ci-suite ci-checks ci-versions envs cores import-check
 .PRECIOUS: .venv-%/.installed
 
 $(STAMP): pyproject.toml
@@ -127,35 +126,22 @@ ci-checks: $(STAMP)
 	@scripts/stage lint $(MAKE) --no-print-directory lint
 	@scripts/stage typecheck $(MAKE) --no-print-directory typecheck
 	@scripts/stage docs $(MAKE) --no-print-directory docs
+	@$(MAKE) --no-print-directory import-check
 	@NEOPOOL_TEST_TLS=1 $(call pytest_in_ci,tls,$(PY),$(TLS_TESTS))
 
-# Lane 3: the other Pythons' and drivers' environments, then their core subsets, two
-# at a time.
+# Lane 3: the other Pythons' environments (each with its driver), then their core
+# subsets, two at a time.
 ci-versions: $(STAMP)
 	@scripts/stage environments $(MAKE) --no-print-directory -j2 envs
-	@$(MAKE) --no-print-directory --keep-going -j2 cores drivers
+	@$(MAKE) --no-print-directory --keep-going -j2 cores
 
-envs: $(addprefix venv-,$(CI_PYTHONS)) $(addprefix .venv-neo4j-,$(addsuffix /.installed,$(NEO4J_VERSIONS)))
+envs: $(addprefix venv-,$(CI_PYTHONS))
 
 cores: $(addprefix core-,$(CI_PYTHONS))
-
-# The driver range: each older driver imported with warnings as errors, then its core
-# subset; the newest, in .venv, imported the same way (the whole suite runs on it).
-drivers: import-check $(addprefix driver-,$(NEO4J_VERSIONS))
 
 import-check: $(STAMP)
 	@echo "--- neo4j $$($(PY) -c 'import neo4j; print(neo4j.__version__)') (.venv): $(IMPORT_CHECK)"
 	@$(PY) -W error -c "$(IMPORT_CHECK)"
-
-.venv-neo4j-%/.installed: $(STAMP) pyproject.toml
-	$(UV) venv --quiet --clear --python $(PYTHON) .venv-neo4j-$*
-	$(UV) pip install --quiet --python .venv-neo4j-$*/bin/python -e '.[dev]' 'neo4j==$*'
-	touch $@
-
-driver-%: .venv-neo4j-%/.installed
-	@echo "--- neo4j $* (neo4j-rust-ext $$(.venv-neo4j-$*/bin/python -c 'from importlib.metadata import version; print(version("neo4j-rust-ext"))')): $(IMPORT_CHECK); core subset"
-	@.venv-neo4j-$*/bin/python -W error -c "$(IMPORT_CHECK)"
-	@$(call pytest_in_ci,neo4j-$*,.venv-neo4j-$*/bin/python,$(CORE_TESTS) $(DRIVER_ARGS))
 
 test-matrix:
 	$(MAKE) --no-print-directory -j2 $(addprefix .venv-,$(addsuffix /.installed,$(MATRIX_PYTHONS)))
@@ -164,7 +150,8 @@ test-matrix:
 .venv-%/.installed: $(STAMP) pyproject.toml
 	@py="$$(scripts/find-python $*)" && echo "Python $*: $$py" && \
 	    $(UV) venv --quiet --clear --python "$$py" .venv-$*
-	$(UV) pip install --quiet --python .venv-$*/bin/python -e '.[dev]'
+	$(UV) pip install --quiet --python .venv-$*/bin/python -e '.[dev]' \
+	    $(if $(NEO4J_FOR_$*),'neo4j==$(NEO4J_FOR_$*)')
 	touch $@
 
 # venv-3.10: .venv-3.10, if Python 3.10 can be found (or STRICT_PYTHONS=1: must be).
@@ -179,7 +166,8 @@ venv-%:
 core-%:
 	@$(MAKE) --no-print-directory venv-$*
 	@if [ -f .venv-$*/.installed ]; then \
-	    echo "--- core subset on Python $*: $(CORE_TESTS) $(CORE_EXTRA_$*)"; \
+	    echo "--- core subset on Python $* (neo4j $$(.venv-$*/bin/python -c 'import neo4j; print(neo4j.__version__)')): $(CORE_TESTS) $(CORE_EXTRA_$*)"; \
+	    .venv-$*/bin/python -W error -c "$(IMPORT_CHECK)" || exit 1; \
 	    $(call pytest_in_ci,core-$*,.venv-$*/bin/python,$(CORE_TESTS) $(CORE_EXTRA_$*) $(CORE_ARGS)); \
 	fi
 

@@ -186,7 +186,7 @@ def test_cluster_source_reports_prefork_children(
 
         eventually(six_borrows_published, timeout=30)
     borrows = families["neopool_pool_borrows"].samples
-    assert sum(s.value for s in borrows) == 6
+    assert sum(s.value for s in borrows) == 6, [(s.labels, s.value) for s in borrows]
     assert {s.labels["worker"] for s in borrows} == {f"{queue}@localhost"}
     assert all(s.labels["pid"].isdigit() for s in borrows)
     drivers = families["neopool_pool_drivers_created"].samples
