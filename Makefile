@@ -13,9 +13,13 @@ PYTEST_ARGS ?=
 # closing lines (scripts/ci_summary.py) fail the run if a stage failed or a pytest run
 # executed no test (pytest's exit code 5 included).
 CI_DIR ?= build/ci
-# How many of test's three lanes run at once: the whole suite; lint, types, docs and
-# the TLS run; the other Pythons' environments (each with its driver) and core subsets.
+# How many of test's four lanes run at once: the suite's Celery and LightRAG tests (worker
+# processes); the rest of the suite; the other Pythons' environments (each with its
+# driver) and core subsets; lint, types, docs and the TLS run.
 CI_JOBS ?= 3
+# The suite's two halves, of about the same length: the tests that run Celery workers
+# and LightRAG, and the rest.
+SUITE_WORKER_TESTS ?= tests/celery tests/lightrag
 # pytest in `make test`: every tier (-m "" overrides pyproject's "not slow and not
 # packaging"), the ten slowest tests, a JUnit report named after the run.
 pytest_in_ci = scripts/stage pytest:$(1) $(2) -m pytest --junitxml=$(CI_DIR)/junit/$(1).xml \
@@ -70,7 +74,7 @@ TLS_TESTS ?= tests/test_loop_pool.py tests/test_registry.py tests/reliability/te
              tests/reliability/test_tls_proxy.py
 
 .PHONY: demo test test-fast lint typecheck docs check-format unit unit-tls bench test-matrix \
-        clean ci-suite ci-checks ci-versions envs cores import-check
+        clean ci-suite ci-suite-workers ci-suite-rest ci-checks ci-versions envs cores import-check
 .PRECIOUS: .venv-%/.installed
 
 $(STAMP): pyproject.toml
@@ -107,21 +111,26 @@ unit: $(STAMP)
 unit-tls: $(STAMP)
 	NEOPOOL_TEST_TLS=1 $(PY) -m pytest $(TLS_TESTS) $(PYTEST_ARGS)
 
-# Everything, in three lanes run side by side (CI_JOBS), then one summary: each stage's
+# Everything, in four lanes, CI_JOBS at a time, then one summary: each stage's
 # time, each pytest run's counts, and a failure if anything failed or tested nothing.
 test: $(STAMP)
 	@rm -rf $(CI_DIR)
 	@status=0; \
 	$(MAKE) --no-print-directory --keep-going -j$(CI_JOBS) --output-sync=target \
-	    ci-suite ci-checks ci-versions || status=$$?; \
+	    ci-suite-workers ci-suite-rest ci-versions ci-checks || status=$$?; \
 	$(PY) scripts/ci_summary.py $(CI_DIR) || status=1; \
 	exit $$status
 
-# Lane 1: the whole suite, every tier.
-ci-suite: $(STAMP)
-	@$(call pytest_in_ci,suite,$(PY))
+# Lanes 1 and 2: the whole suite, every tier, in two halves.
+ci-suite: ci-suite-workers ci-suite-rest
 
-# Lane 2: lint, types, docs, then the TLS run.
+ci-suite-workers: $(STAMP)
+	@$(call pytest_in_ci,suite-workers,$(PY),$(SUITE_WORKER_TESTS))
+
+ci-suite-rest: $(STAMP)
+	@$(call pytest_in_ci,suite-rest,$(PY),$(addprefix --ignore=,$(SUITE_WORKER_TESTS)))
+
+# Lane 4: lint, types, docs, then the TLS run.
 ci-checks: $(STAMP)
 	@scripts/stage lint $(MAKE) --no-print-directory lint
 	@scripts/stage typecheck $(MAKE) --no-print-directory typecheck
