@@ -61,6 +61,7 @@ Nothing here logs or shows the credentials: errors name types only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -203,6 +204,11 @@ class ProviderAuthManager(AsyncAuthManager):
     def _answered(self, call: asyncio.Future[object]) -> None:
         if self._call is call:
             self._call = None
+            # Current from the moment it is answered: a logon that comes before the
+            # waiters have resumed uses it instead of asking the provider again.
+            if not call.cancelled() and call.exception() is None:
+                with contextlib.suppress(Exception):  # a bad answer: its waiters report it
+                    self._current = _as_expiring_auth(call.result(), self._provider)
         if not call.cancelled():
             call.exception()  # retrieved here: every logon waiting for it sees it too
 
