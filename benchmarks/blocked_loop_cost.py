@@ -4,16 +4,18 @@ Threads submit calls to the process loop (``neopool.run``), as a
 ``--pool=threads`` worker in the process-loop mode does: each call borrows a
 lease and runs ``RETURN 1`` on the server (the ``query`` workload), or only
 yields to the loop a few times (``loop``: no I/O, so any cost of the detector's
-heartbeat shows at its largest). The detector is on (``blocked_loop_threshold``
-0.25 s, the default) or off (0), both in every round (ABBA order), each on a
-process loop started afresh; the table gives the median of the rounds, and
-the median of each round's ratio on/off for throughput and for CPU time per
-call (pairing cancels the machine's drift between rounds).
+heartbeat shows at its largest). One process loop, with its pool and driver,
+serves every round; the detector is switched on (a watch with a threshold of
+0.25 s, the default) and off between blocks, both in every round (ABBA order),
+so the two modes share the loop, the driver and its sockets and differ only by
+the detector. The table gives the median of the rounds, and the median of each
+round's ratio on/off for throughput and for CPU time per call (pairing cancels
+the machine's drift between rounds).
 First it measures the floor: the CPU a process with an idle process loop
 uses per second with the detector on and off (its heartbeat wakes the loop,
 and its watchdog wakes, every 0.125 s).
 
-    python benchmarks/blocked_loop_cost.py [--rounds 8] [--calls 400] [--threads 16]
+    python benchmarks/blocked_loop_cost.py [--rounds 20] [--calls 100] [--threads 16]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import neopool
 from common import bolt_target, parser, save, table
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, blocked_loop, runner
 
 ON, OFF = "detector on (0.25 s)", "detector off"
 THRESHOLDS = {ON: 0.25, OFF: 0.0}
@@ -46,11 +48,21 @@ async def loop_only() -> None:
 WORKLOADS = {"query": query, "loop": loop_only}
 
 
-def one_round(workload: str, threads: int, calls: int) -> dict[str, float]:
-    """``threads`` threads each making ``calls`` calls; throughput and CPU per call."""
+def one_round(workload: str, threads: int, calls: int, threshold: float) -> dict[str, float]:
+    """``threads`` threads each making ``calls`` calls; throughput and CPU per call,
+    with the detector watching the process loop at ``threshold`` (0: off)."""
     work = WORKLOADS[workload]
-    for _ in range(threads):  # warm: the loop, its pool, its driver and sockets
-        neopool.run(work())
+    loop = runner.process_loop()
+    (thread,) = (t for t in threading.enumerate() if t.name == runner.PROCESS_LOOP_THREAD)
+    watch = blocked_loop.watch(loop, thread, threshold) if threshold else None
+    try:
+        return timed_calls(work, threads, calls)
+    finally:
+        if watch is not None:
+            watch.stop(timeout=5)
+
+
+def timed_calls(work: Any, threads: int, calls: int) -> dict[str, float]:
     go = threading.Barrier(threads + 1)
 
     def caller() -> None:
@@ -92,12 +104,12 @@ def target_config(threshold: float) -> Any:
 
 def main() -> None:
     cli = parser(__doc__.splitlines()[0])
-    cli.add_argument("--rounds", type=int, default=8, help="rounds per mode (default 8)")
-    cli.add_argument("--calls", type=int, default=400, help="calls per thread and round")
+    cli.add_argument("--rounds", type=int, default=20, help="rounds per mode (default 20)")
+    cli.add_argument("--calls", type=int, default=100, help="calls per thread and round")
     cli.add_argument("--threads", type=int, default=16, help="threads calling (-c of a worker)")
     args = cli.parse_args()
     if args.quick:
-        args.rounds, args.calls = 2, 50
+        args.rounds, args.calls = 2, 20
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     idle: dict[str, list[float]] = {ON: [], OFF: []}
     for r in range(4):
@@ -106,22 +118,26 @@ def main() -> None:
     idle_cost = statistics.median(idle[ON]) - statistics.median(idle[OFF])
     print(f"idle process loop: the detector costs {idle_cost * 1e3:.2f} ms of CPU per second")
     with bolt_target() as target:
-        for workload in WORKLOADS:
-            by_mode: dict[str, list[dict[str, float]]] = {ON: [], OFF: []}
-            for r in range(args.rounds):
-                order = (ON, OFF) if r % 4 in (0, 3) else (OFF, ON)  # ABBA
-                for mode in order:
-                    GlobalNeo4jConnectionPool.set_config(
-                        target.config(
-                            blocked_loop_threshold=THRESHOLDS[mode], pool_max_size=args.threads
+        # The detector is switched per block (below), not by the configuration.
+        GlobalNeo4jConnectionPool.set_config(
+            target.config(blocked_loop_threshold=0, pool_max_size=args.threads)
+        )
+        runner.use_process_loop()
+        try:
+            for workload in WORKLOADS:
+                for _ in range(2):  # warm: the loop, its pool, its driver and sockets
+                    one_round(workload, args.threads, max(1, args.calls // 4), THRESHOLDS[ON])
+                by_mode: dict[str, list[dict[str, float]]] = {ON: [], OFF: []}
+                for r in range(args.rounds):
+                    order = (ON, OFF) if r % 4 in (0, 3) else (OFF, ON)  # ABBA
+                    for mode in order:
+                        by_mode[mode].append(
+                            one_round(workload, args.threads, args.calls, THRESHOLDS[mode])
                         )
-                    )
-                    runner.use_process_loop()
-                    try:
-                        by_mode[mode].append(one_round(workload, args.threads, args.calls))
-                    finally:
-                        runner.close_process_loop(10)
-            results[workload] = by_mode
+                results[workload] = by_mode
+        finally:
+            runner.use_process_loop(False)
+            runner.close_process_loop(10)
 
     rows: list[list[Any]] = []
     summary: dict[str, Any] = {}

@@ -146,8 +146,10 @@ async def one_query(target: Target, rounds: int) -> dict[str, Any]:
        down after ``close()`` returns, and that work lands on whatever runs next.
     """
     config = target.config()
-    shared = create_driver(config)  # the same settings the pool's driver gets
-    await shared.verify_connectivity()
+    # The pool's own driver, used without borrowing: the same driver and socket for every
+    # variant, so what differs is only what wraps the query.
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        shared = await borrowed.get_driver()
     semaphore = asyncio.Semaphore(config.pool_max_size)
     db = target.database
 
@@ -169,15 +171,12 @@ async def one_query(target: Target, rounds: int) -> dict[str, Any]:
         finally:
             await driver.close()
 
-    try:
-        overhead = await interleaved({RAW: raw, SEMAPHORE: with_semaphore, POOLED: pooled}, rounds)
-        versus = await interleaved(
-            {POOLED: pooled, NEW: new_driver},
-            max(1, rounds // 3 // VERSUS_BLOCK),
-            block=VERSUS_BLOCK,
-        )
-    finally:
-        await shared.close()
+    overhead = await interleaved({RAW: raw, SEMAPHORE: with_semaphore, POOLED: pooled}, rounds)
+    versus = await interleaved(
+        {POOLED: pooled, NEW: new_driver},
+        max(1, rounds // 3 // VERSUS_BLOCK),
+        block=VERSUS_BLOCK,
+    )
     return {
         "overhead": summarise(overhead),
         "overhead_paired_us": paired_differences_us(overhead),
@@ -223,7 +222,11 @@ async def concurrent(target: Target, rounds: int, seconds: float) -> dict[str, A
     )
     registry = GlobalNeo4jConnectionPool()
     registry.set_config(config)
-    shared = create_driver(config)
+    # The raw rows use the pool's own driver, without borrowing: the same driver, the
+    # same sockets, so what differs is only the borrow. (Two drivers hold different
+    # server connections, whose speed differs by a few percent for the server's reasons.)
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        shared = await borrowed.get_driver()
     db = target.database
 
     async def raw() -> None:
@@ -267,7 +270,6 @@ async def concurrent(target: Target, rounds: int, seconds: float) -> dict[str, A
                 }
             )
     finally:
-        await shared.close()
         await registry.close_all_pools()
     return {"cells": cells, "rounds": rounds, "seconds_per_window": seconds}
 

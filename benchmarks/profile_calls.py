@@ -7,7 +7,9 @@ VARIANT is one of:
 - ``ideal``: ``loop.run_until_complete`` of one query on a shared driver;
 - ``runner``: ``neopool.run`` of one query on a driver made on the runner's loop;
 - ``user``: ``neopool.run`` + ``borrow_connection`` + ``get_driver`` + session;
-- ``task``: ``AsyncTask`` with a worker's request, borrowing as ``user`` does;
+- ``task``: ``AsyncTask`` with a worker's request, borrowing as ``user`` does, as
+  under the threads pool (it watches for a revocation);
+- ``prefork-task``: the same as in a prefork child (nothing to watch);
 - ``empty``: ``neopool.run`` of a coroutine that returns at once;
 - ``process``: ``user`` on the process loop;
 - ``borrow``: ``async with borrow_connection()`` + ``get_driver`` on a warm pool, no I/O.
@@ -31,9 +33,10 @@ from typing import Any
 import neopool
 from common import bolt_target
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
+from neopool.celery.task import worker_pool
 from sync_caller import celery_task, open_driver, pooled_query, returns_at_once, run_query
 
-VARIANTS = ("ideal", "runner", "user", "task", "empty", "process", "borrow")
+VARIANTS = ("ideal", "runner", "user", "task", "prefork-task", "empty", "process", "borrow")
 
 
 def calls(variant: str, target: Any, database: str) -> tuple[Callable[[], Any], Callable[[], None]]:
@@ -66,7 +69,8 @@ def calls(variant: str, target: Any, database: str) -> tuple[Callable[[], Any], 
             runner.close_all_loops()
 
         return (lambda: neopool.run(run_query(driver, database))), end_runner
-    if variant == "task":
+    if variant in ("task", "prefork-task"):
+        worker_pool("prefork" if variant == "prefork-task" else "threads")
         return celery_task(database), runner.close_all_loops
     if variant == "empty":
         return (lambda: neopool.run(returns_at_once())), runner.close_all_loops

@@ -5,15 +5,27 @@ one-query coroutine again and again. Rows, per task:
 
 - the ideal by hand: one long-lived loop in the thread, one shared driver made
   on it, ``loop.run_until_complete`` of the query;
-- ``neopool.run`` of the same query on a driver made on the runner's loop: the
-  runner alone;
+- ``neopool.run`` of the same query on the same driver: the runner alone;
 - ``neopool.run`` + ``borrow_connection`` + ``get_driver`` + session: what users write;
-- ``AsyncTask`` (a Celery task whose body is that coroutine, called as the
-  worker calls it, with a request id, so revocation is watched);
+- the ideal as a plain Celery task (a sync body calling
+  ``loop.run_until_complete``), called as the worker calls it, with a request
+  id: what a hand-written task pays Celery itself;
+- ``AsyncTask`` (a Celery task whose body is that coroutine, called the same
+  way): under the threads pool, where it watches for a revocation, and under
+  prefork, where it has nothing to watch; compared with the plain Celery task;
+- the ideal again, on a loop and a driver of its own: the control. Two drivers
+  hold two server connections, and a connection's speed differs from another's
+  by a few percent for reasons of the server's (its threads, its JIT): this
+  row shows that spread, which the other rows avoid by sharing one;
 - ``loop.run_until_complete`` and ``neopool.run`` of a coroutine that returns at
   once: the fixed cost of a call;
 - the same ``neopool.run`` rows in process-loop mode (the call is handed to the
   loop's own thread and waited for).
+
+The ideal, the runner and the users' rows run on one loop (the calling
+thread's runner loop) and one driver (its pool's), so one connection serves
+them all and what differs between them is only neopool's own work. The ideal
+runs with the loop's task factory taken off, as a loop made by hand has none.
 
 Each row runs ``BLOCK`` tasks in a row (a block); each round runs every row's
 block once, in a new random order. A row's figure is the median of its
@@ -41,6 +53,7 @@ from celery import Celery
 from common import Target, bolt_target, network, network_label, networks, parser, save, table
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory, runner
 from neopool.celery import AsyncTask
+from neopool.celery.task import worker_pool
 from neopool.loop_pool import create_driver
 
 QUERY = "RETURN 1 AS x"
@@ -48,9 +61,12 @@ QUERY = "RETURN 1 AS x"
 BLOCK = 150
 
 IDEAL = "ideal: loop.run_until_complete, shared driver"
-RUNNER = "neopool.run, driver on the runner's loop (runner alone)"
+RUNNER = "neopool.run, same driver (the runner alone)"
 USER = "neopool.run + borrow_connection + get_driver + session"
-TASK = "AsyncTask (worker request) + borrow + session"
+CELERY_IDEAL = "the ideal as a plain Celery task (worker request)"
+TASK = "AsyncTask, threads pool (revocation watched) + borrow + session"
+PREFORK_TASK = "AsyncTask, prefork child + borrow + session"
+CONTROL = "control: the ideal on a loop and driver of its own"
 RUC_EMPTY = "loop.run_until_complete(returns at once)"
 RUN_EMPTY = "neopool.run(returns at once)"
 PROCESS_USER = "process loop: neopool.run + borrow + session"
@@ -60,7 +76,10 @@ BASELINE = {
     IDEAL: IDEAL,
     RUNNER: IDEAL,
     USER: IDEAL,
-    TASK: IDEAL,
+    CELERY_IDEAL: IDEAL,
+    TASK: CELERY_IDEAL,
+    PREFORK_TASK: CELERY_IDEAL,
+    CONTROL: IDEAL,
     PROCESS_USER: IDEAL,
     RUC_EMPTY: RUC_EMPTY,
     RUN_EMPTY: RUC_EMPTY,
@@ -103,35 +122,70 @@ def celery_task(database: str) -> Callable[[], Any]:
     return query  # type: ignore[no-any-return]
 
 
+def celery_task_by_hand(body: Callable[[], Any]) -> Callable[[], Any]:
+    """A plain (sync) Celery task running ``body``, called as :func:`celery_task` is: what
+    a hand-written task pays to Celery itself."""
+    app = Celery("sync_caller_by_hand", set_as_current=False)
+
+    @app.task(name="sync_caller.by_hand")  # type: ignore[untyped-decorator]
+    def by_hand() -> None:
+        body()
+
+    by_hand.push_request(id="sync-caller-benchmark", called_directly=False)
+    return by_hand  # type: ignore[no-any-return]
+
+
+async def pool_driver() -> AsyncDriver:
+    """The driver of this loop's pool: the one ``pooled_query`` borrows."""
+    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
+        return await borrowed.get_driver()
+
+
 def measure(target: Target, rounds: int) -> dict[str, Any]:
     db = target.database
     GlobalNeo4jConnectionPool.set_config(target.config())
-    loop = asyncio.new_event_loop()
-    ideal_driver = loop.run_until_complete(open_driver(target))
-    runner_driver = neopool.run(open_driver(target))
+    shared = neopool.run(pool_driver())
+    loop = runner.thread_loop()  # the loop neopool.run uses in this thread
+    own_loop = asyncio.new_event_loop()
+    own_driver = own_loop.run_until_complete(open_driver(target))
     task = celery_task(db)
 
+    def by_hand(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``loop.run_until_complete`` on the runner's loop, as on a loop made by hand."""
+        return lambda: loop.run_until_complete(coro_fn())
+
     variants: dict[str, Callable[[], Any]] = {
-        IDEAL: lambda: loop.run_until_complete(run_query(ideal_driver, db)),
-        RUNNER: lambda: neopool.run(run_query(runner_driver, db)),
+        IDEAL: by_hand(lambda: run_query(shared, db)),
+        RUNNER: lambda: neopool.run(run_query(shared, db)),
         USER: lambda: neopool.run(pooled_query(db)),
+        CELERY_IDEAL: celery_task_by_hand(by_hand(lambda: run_query(shared, db))),
         TASK: task,
-        RUC_EMPTY: lambda: loop.run_until_complete(returns_at_once()),
+        PREFORK_TASK: task,
+        CONTROL: lambda: own_loop.run_until_complete(run_query(own_driver, db)),
+        RUC_EMPTY: by_hand(returns_at_once),
         RUN_EMPTY: lambda: neopool.run(returns_at_once()),
         PROCESS_USER: lambda: neopool.run(pooled_query(db)),
         PROCESS_EMPTY: lambda: neopool.run(returns_at_once()),
     }
+    #: Rows run as by hand: without the runner's task factory on the loop.
+    plain = {IDEAL, CELERY_IDEAL, RUC_EMPTY}
 
     def block(name: str, tasks: int) -> float:
         """µs per task of ``tasks`` calls of ``name`` in a row."""
         call = variants[name]
         runner.use_process_loop(name in PROCESS_ROWS)
+        factory = loop.get_task_factory()
+        if name in plain:
+            loop.set_task_factory(None)
+        worker_pool("prefork" if name == PREFORK_TASK else "threads")
         try:
             started = time.perf_counter()
             for _ in range(tasks):
                 call()
             return (time.perf_counter() - started) / tasks * 1e6
         finally:
+            loop.set_task_factory(factory)
+            worker_pool("threads")
             runner.use_process_loop(False)
 
     try:
@@ -144,9 +198,8 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
             for name in order.sample(names, len(names)):
                 per_block[name].append(block(name, BLOCK))
     finally:
-        loop.run_until_complete(ideal_driver.close())
-        loop.close()
-        neopool.run(runner_driver.close())
+        own_loop.run_until_complete(own_driver.close())
+        own_loop.close()
         runner.close_all_loops()
     rows = {}
     for name, blocks in per_block.items():

@@ -18,7 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from celery import Celery
 from neopool import runner
-from neopool.celery.task import AsyncTask, soft_time_limits_signalled
+from neopool.celery.task import AsyncTask, worker_pool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,13 +44,13 @@ def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
         raise SoftTimeLimitExceeded()
 
     previous = signal.signal(signal.SIGALRM, soft_limit)
-    soft_time_limits_signalled(True)
+    worker_pool("prefork")
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.3)
         yield request.param
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        soft_time_limits_signalled(False)
+        worker_pool("threads")
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -124,3 +124,25 @@ def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(
 
     result = overrun.apply()
     assert isinstance(result.result, SoftTimeLimitExceeded), result.traceback
+
+
+@pytest.mark.parametrize("delivery", ["signal", "signal-in-callback"], indirect=True)
+def test_under_prefork_a_revokes_signal_ends_a_task_without_a_soft_limit_of_its_own(
+    app: Celery, mode: str, delivery: str
+) -> None:
+    """``revoke(task_id, terminate=True, signal="SIGUSR1")``: Celery's soft-limit signal
+    reaches a task that has no soft limit, wherever the loop is when it lands."""
+
+    @app.task(base=AsyncTask, shared=False)  # type: ignore[untyped-decorator]
+    async def revoked() -> str:
+        await wait_for_io(delivery)
+        return "ran to the end"
+
+    began = time.monotonic()
+    revoked.push_request(id="revoked-by-signal", called_directly=False)  # as the worker calls it
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            revoked()
+    finally:
+        revoked.pop_request()
+    assert time.monotonic() - began < 10  # not the 20 s it would have run

@@ -57,7 +57,7 @@ from typing import Any, Literal, get_args
 
 from neopool import runner
 from neopool.celery.stats import PublishDir, StatsPublisher, register_command
-from neopool.celery.task import soft_time_limits_signalled
+from neopool.celery.task import worker_pool
 from neopool.config import Neo4jConnectionConfig
 from neopool.errors import ConfigError, NeopoolError
 from neopool.registry import GlobalNeo4jConnectionPool
@@ -132,8 +132,9 @@ class _WorkerLifecycle:
         if self.loop_mode == "process" and kind == "threads":
             self._size_for(_concurrency(sender))
         self._use_loop_mode()
-        # Prefork children get Celery's soft-time-limit signal; threads and solo get none.
-        soft_time_limits_signalled(kind == "prefork")
+        # Prefork children get Celery's soft-time-limit signal and no revocations;
+        # threads and solo get no signal and hear of every revocation.
+        worker_pool(kind)
         self.start_notes += _mode_notes(kind, self.loop_mode, chosen=given is None)
         if kind == "threads" and self.app.conf.task_time_limit:
             self.start_notes.append(

@@ -75,17 +75,24 @@ _current_request: contextvars.ContextVar[tuple[AsyncTask, Context, asyncio.Task[
 
 #: Whether the worker's pool signals soft time limits to the task (prefork).
 _soft_limits_signalled = False
+#: Whether this process hears of revocations (not a prefork child: its parent does).
+_revocations_heard = True
 
 
-def soft_time_limits_signalled(signalled: bool) -> None:
-    """Whether the worker's pool signals soft time limits to the task (prefork does).
+def worker_pool(kind: str) -> None:
+    """Tell AsyncTask the worker's pool (``prefork``, ``threads`` or ``solo``).
 
-    :func:`neopool.celery.setup` says so for prefork. AsyncTask then keeps no
-    timer of its own (two for one limit would race) and instead catches the
-    signal where asyncio would drop it: see :func:`_catch_a_lost_soft_limit`.
+    :func:`neopool.celery.setup` calls it at worker start. Prefork signals soft
+    time limits to its children: AsyncTask then keeps no timer of its own (two
+    for one limit would race) and instead catches the signal where asyncio would
+    drop it (see :func:`_catch_a_lost_soft_limit`). A prefork child never hears
+    of a revocation (the parent does, and terminates the child if asked to), so
+    AsyncTask does not watch for one there: a task with no soft limit runs its
+    coroutine as the call's own task, with nothing around it.
     """
-    global _soft_limits_signalled
-    _soft_limits_signalled = signalled
+    global _soft_limits_signalled, _revocations_heard
+    _soft_limits_signalled = kind == "prefork"
+    _revocations_heard = kind != "prefork"
 
 
 class AsyncTask(Task):  # type: ignore[misc]
@@ -192,10 +199,14 @@ async def _supervised(
     task_id = getattr(request, "id", None)
     # Signal handlers run in the main thread: only a loop there can be hit by one.
     signalled = _soft_limits_signalled and threading.current_thread() is threading.main_thread()
-    if task_id is None and soft_limit is None and not signalled:
-        return await awaitable
-    revoked = _revoked_ids() if task_id is not None else None
+    watch_revocation = task_id is not None and _revocations_heard
     loop = asyncio.get_running_loop()
+    if not watch_revocation and soft_limit is None:
+        # Nothing to watch on a timer: the coroutine runs as the call's own task.
+        if not signalled:
+            return await awaitable
+        return await _as_prefork_child(awaitable, call, loop)
+    revoked = _revoked_ids() if watch_revocation else None
     timer = soft_limit is not None and not _soft_limits_signalled
     deadline = loop.time() + soft_limit if timer and soft_limit is not None else math.inf
     deliverable = _Deliverable(awaitable) if soft_limit is not None else None
@@ -221,7 +232,7 @@ async def _supervised(
         if deliverable is not None and deliverable.delivered is not None:
             # Thrown in (by the timer or the signal): the time to clean up starts.
             deadline = deliverable.delivered + runner.LEFTOVER_TIMEOUT
-        wait = min(poll if task_id is not None else math.inf, deadline - loop.time())
+        wait = min(poll if revoked is not None else math.inf, deadline - loop.time())
         if wait < math.inf:
             next_check = loop.call_later(max(0.0, wait), check)
 
@@ -274,6 +285,24 @@ async def _supervised(
             restore()
         if not work.done():  # we were cancelled (a signal, a shutdown): pass it on
             await _cancel(work)
+
+
+async def _as_prefork_child(
+    awaitable: Awaitable[T], call: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
+) -> T:
+    """Await ``awaitable`` in a prefork child, for a task without a soft limit: only a
+    revoke's signal can end it early (``revoke(..., terminate=True, signal="SIGUSR1")``),
+    and one landing in a loop callback cancels ``call`` (the task running it) here."""
+    lost: list[BaseException] = []
+    restore = _catch_a_lost_soft_limit(loop, call, lost, None)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if lost:
+            raise lost[0] from None
+        raise
+    finally:
+        restore()
 
 
 #: ``celery.worker.state.revoked``, once imported (see :func:`_revoked_ids`).
@@ -378,8 +407,9 @@ def _catch_a_lost_soft_limit(
     a plain loop callback (a driver decoding records) asyncio logs the exception
     and goes on, and the task would run until its hard limit. This loop's
     exception handler takes it instead: it is thrown into the coroutine, or (a
-    task without a soft limit of its own: a revoke's signal) ``work`` is cancelled
-    and ``lost`` says why. Returns what puts the previous handler back.
+    task without a soft limit of its own: a revoke's signal) ``work`` (the task
+    running the coroutine) is cancelled and ``lost`` says why. Returns what puts
+    the previous handler back.
     """
     previous = loop.get_exception_handler()
 
