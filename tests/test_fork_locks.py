@@ -71,8 +71,17 @@ def _lightrag_dropped_lock() -> Any:
     return lightrag._dropped.lock
 
 
+def _metrics_registered_lock() -> Any:
+    from neopool import metrics
+
+    return metrics._registered_lock
+
+
 _needs_lightrag = pytest.mark.skipif(
     importlib.util.find_spec("lightrag") is None, reason="needs lightrag-hku"
+)
+_needs_prometheus = pytest.mark.skipif(
+    importlib.util.find_spec("prometheus_client") is None, reason="needs prometheus_client"
 )
 
 LOCKS = [
@@ -82,6 +91,7 @@ LOCKS = [
     pytest.param(_preparer_lock, id="database-preparer"),
     pytest.param(_lightrag_fulltext_lock, id="lightrag-fulltext", marks=_needs_lightrag),
     pytest.param(_lightrag_dropped_lock, id="lightrag-dropped", marks=_needs_lightrag),
+    pytest.param(_metrics_registered_lock, id="metrics-registered", marks=_needs_prometheus),
 ]
 
 
