@@ -5,7 +5,7 @@ Shared here: ``configure`` (the registry set up for one test, reset after it),
 ``worker_config`` (what worker subprocesses connect with, counted; the Celery and
 LightRAG tests). Helpers every package imports are plain modules in
 ``tests/support`` (on the test path): ``polling``, ``user_code``,
-``exception_chain`` and ``celery_helpers``.
+``exception_chain``, ``celery_helpers``, ``forking`` and ``runner_modes``.
 
 Tiers: every test is marked by what it needs (:func:`pytest_collection_modifyitems`),
 from the fixtures it uses and the directory it lives in, so that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -16,8 +17,10 @@ import pytest
 
 import neopool
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, runner
-from neopool.blocked_loop import LoopWatch, blocking_site, watch
+from neopool.blocked_loop import ENV, LoopWatch, blocking_site, watch
+from neopool.errors import ConfigError
 from neopool.stats import PROCESS
+from neopool.testing import reset_registry
 from polling import eventually
 
 WATCHDOG = "neopool-blocked-loop-watch"
@@ -50,12 +53,9 @@ def blocked_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "process loop was blocked" in r.getMessage()]
 
 
-@pytest.fixture
-def process_loop(
-    configure: Callable[..., Neo4jConnectionConfig],
-) -> Iterator[None]:
-    """The process loop, with a 0.1 s threshold, for one test; closed after it."""
-    configure(blocked_loop_threshold=THRESHOLD)
+@contextlib.contextmanager
+def on_the_process_loop() -> Iterator[None]:
+    """Process-loop mode for a while; then the process loop is closed, and its watchdog ends."""
     runner.close_all_loops(10)
     runner.use_process_loop()
     try:
@@ -64,6 +64,16 @@ def process_loop(
         runner.use_process_loop(False)
         assert runner.close_process_loop(10)
         assert eventually(lambda: watchdogs() == [])  # it ends with its loop
+
+
+@pytest.fixture
+def process_loop(
+    configure: Callable[..., Neo4jConnectionConfig],
+) -> Iterator[None]:
+    """The process loop, with a 0.1 s threshold, for one test; closed after it."""
+    configure(blocked_loop_threshold=THRESHOLD)
+    with on_the_process_loop():
+        yield
 
 
 @pytest.mark.timing
@@ -127,6 +137,38 @@ def test_off_at_zero_and_none(configure: Callable[..., Neo4jConnectionConfig]) -
             assert runner.close_process_loop(10)
     finally:
         loop.close()
+
+
+@pytest.fixture
+def unconfigured() -> Iterator[None]:
+    """No configuration set, for one test."""
+    reset_registry()
+    try:
+        yield
+    finally:
+        reset_registry()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf"])
+def test_a_bad_threshold_in_the_environment_is_named_when_no_configuration_is_set(
+    unconfigured: None,
+    value: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="neopool")
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ConfigError, match=ENV):  # what a configuration says of it
+        Neo4jConnectionConfig(uri="bolt://localhost:7687")
+
+    with on_the_process_loop():
+        assert neopool.run(enrich(0)) == "done"
+        assert len(watchdogs()) == 1  # watched with the default
+
+    (line,) = [r.getMessage() for r in caplog.records if ENV in r.getMessage()]
+    assert f"{ENV}={value!r} is not a valid blocked_loop_threshold" in line
+    assert "default, 0.25 s" in line  # what is used instead
+    assert "a number of seconds >= 0" in line  # and the fix
 
 
 def test_it_stops_with_its_loop_and_never_keeps_it_alive(

@@ -57,6 +57,7 @@ from neopool.credentials import _as_expiring_auth as as_expiring_auth
 from neopool.credentials import _start_call, auth_manager
 from neopool.embedded import BoltServer
 from neopool.testing import BoltTarget, TcpProxy, reset_registry
+from user_code import query_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -555,20 +556,12 @@ async def test_an_expiring_credential_is_fetched_again_once_it_has_expired(
         neopool_bolt.config(username=account.name, credentials=token, pool_min_size=1), "expiring"
     )
 
-    async def query() -> None:
-        lease = await pool.borrow()
-        try:
-            driver = await lease.get_driver()
-            await driver.execute_query("RETURN 1", database_="neo4j")
-        finally:
-            await pool.return_connection(lease)
-
     try:
-        await query()
-        await query()
+        await query_on(pool)
+        await query_on(pool)
         assert len(calls) == 1  # cached while it is valid
         await asyncio.sleep(0.6)
-        await query()
+        await query_on(pool)
         assert len(calls) == 2  # expired: fetched again before the next use
         assert pool.stats()["drivers_created"] == 1
     finally:

@@ -24,6 +24,7 @@ from neo4j.auth_management import ExpiringAuth
 
 from neopool import CredentialsTimeout, EventLoopConnectionPool
 from neopool.testing import BoltTarget
+from user_code import query_on
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,21 +69,13 @@ async def test_a_query_fails_within_the_acquisition_timeout_when_the_provider_ha
     provider = HangingProvider(neopool_bolt)
     pool = EventLoopConnectionPool(_config(neopool_bolt, provider), "hung-provider")
 
-    async def query() -> None:
-        lease = await pool.borrow()
-        try:
-            driver = await lease.get_driver()
-            await driver.execute_query("RETURN 1", database_="neo4j")
-        finally:
-            await pool.return_connection(lease)
-
     try:
-        await query()
+        await query_on(pool)
         await asyncio.sleep(1.1)  # the first credential has expired
         for _ in range(2):  # the second waits for the same call: it is still on its way
             started = time.monotonic()
             with pytest.raises(CredentialsTimeout) as raised:
-                await asyncio.wait_for(query(), 60)
+                await asyncio.wait_for(query_on(pool), 60)
             elapsed = time.monotonic() - started
             assert BOUND_S - 0.2 <= elapsed < BOUND_S + SLACK_S, elapsed
         message = str(raised.value)
@@ -96,17 +89,17 @@ async def test_a_query_fails_within_the_acquisition_timeout_when_the_provider_ha
         assert hung is not threading.current_thread()
 
         provider.release.set()  # the provider answers again: logons work again
-        assert await _eventually_succeeds(query)
+        assert await _eventually_succeeds(pool)
         assert pool.stats()["drivers_created"] == 1
     finally:
         provider.release.set()
         await pool.close()
 
 
-async def _eventually_succeeds(query: Any, attempts: int = 5) -> bool:
+async def _eventually_succeeds(pool: EventLoopConnectionPool, attempts: int = 5) -> bool:
     for _ in range(attempts):
         try:
-            await query()
+            await query_on(pool)
         except CredentialsTimeout:
             continue
         return True

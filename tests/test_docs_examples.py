@@ -24,7 +24,9 @@ docs/reference/configuration.md is also checked against the model here.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 import signal
@@ -241,3 +243,29 @@ def test_the_api_reference_covers_every_public_module() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
     assert [p for p in pages if p not in nav] == [], "pages missing from mkdocs.yml's nav"
+
+
+@pytest.mark.parametrize("name", [m for m in PUBLIC_MODULES if m != "neopool"])
+def test_a_module_page_documents_what_the_module_defines(name: str) -> None:
+    """Its ``__all__`` (what its API page shows) lists every public function it defines, and
+    no class or function of another module: ``neopool``'s own page shows the errors, once."""
+    if name == "neopool.integrations.lightrag":
+        pytest.importorskip("lightrag")
+    module = importlib.import_module(name)
+    exported = {n: getattr(module, n) for n in module.__all__}
+    foreign = [
+        n
+        for n, value in exported.items()
+        if (inspect.isclass(value) or inspect.isfunction(value))
+        and not value.__module__.startswith(name)
+    ]
+    assert foreign == [], f"{name}.__all__ lists names defined elsewhere"
+    unlisted = [
+        n
+        for n, value in vars(module).items()
+        if not n.startswith("_")
+        and inspect.isfunction(value)
+        and value.__module__ == name
+        and n not in exported
+    ]
+    assert unlisted == [], f"public functions of {name} missing from its __all__"

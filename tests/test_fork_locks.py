@@ -11,6 +11,7 @@ and close its own pool, and exit 0 within a bound.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import signal
@@ -21,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
+from forking import query_value, warm_parent_loop
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig
 from neopool.database import preparer
 from neopool.testing import TcpProxy
 
@@ -35,6 +37,8 @@ pytestmark = [
 CHILD_BOUND_S = 30.0
 
 LockOf = Callable[[], Any]
+#: What the parent and the child prepare.
+WORKSPACE = "fork_lock_test"
 
 
 def _churn_lock() -> Any:
@@ -67,8 +71,17 @@ def _lightrag_dropped_lock() -> Any:
     return lightrag._dropped.lock
 
 
+def _metrics_registered_lock() -> Any:
+    from neopool import metrics
+
+    return metrics._registered_lock
+
+
 _needs_lightrag = pytest.mark.skipif(
     importlib.util.find_spec("lightrag") is None, reason="needs lightrag-hku"
+)
+_needs_prometheus = pytest.mark.skipif(
+    importlib.util.find_spec("prometheus_client") is None, reason="needs prometheus_client"
 )
 
 LOCKS = [
@@ -78,6 +91,7 @@ LOCKS = [
     pytest.param(_preparer_lock, id="database-preparer"),
     pytest.param(_lightrag_fulltext_lock, id="lightrag-fulltext", marks=_needs_lightrag),
     pytest.param(_lightrag_dropped_lock, id="lightrag-dropped", marks=_needs_lightrag),
+    pytest.param(_metrics_registered_lock, id="metrics-registered", marks=_needs_prometheus),
 ]
 
 
@@ -87,24 +101,11 @@ def parent_loop(
 ) -> Iterator[asyncio.AbstractEventLoop]:
     """A parent holding a warm pool on a loop that stays open: the child inherits it."""
     configure(uri=neopool_proxy.uri(), database="neo4j", pool_min_size=1)
-    loop = asyncio.new_event_loop()
-    try:
-        assert loop.run_until_complete(_query(5)) == 5
+    with warm_parent_loop(WORKSPACE) as loop:
         yield loop
-        loop.run_until_complete(GlobalNeo4jConnectionPool().close_all_pools())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
 
 
-async def _query(value: int) -> int:
-    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-        database = await borrowed.prepare_database("fork_lock_test")
-        driver = await borrowed.get_driver()
-        records, _, _ = await driver.execute_query(
-            "RETURN $value AS value", value=value, database_=database or "neo4j"
-        )
-        return int(records[0]["value"])
+_query = functools.partial(query_value, workspace=WORKSPACE)
 
 
 def _in_child(lock_of: LockOf) -> int:

@@ -39,7 +39,7 @@ from neopool import (
 )
 from neopool._release import driver_socket_count
 from neopool.loop_pool import PoolState
-from neopool.registry import LoopState
+from neopool.registry import LoopReach
 from neopool.testing import FakeDriver, FakeDriverFactory, reset_registry
 from polling import eventually, eventually_async
 from user_code import WorkerThread, borrowers_in_line
@@ -810,9 +810,9 @@ def test_the_registry_terminates_the_pool_of_a_closed_loop_at_its_next_sweep(
     lease = loop.run_until_complete(registry.borrow_connection())
     pool = lease.pool
     loop.run_until_complete(registry.return_connection(lease))
-    assert registry.loop_state(pool) is LoopState.IDLE
+    assert registry.loop_reach(pool) is LoopReach.IDLE
     loop.close()
-    assert registry.loop_state(pool) is LoopState.CLOSED
+    assert registry.loop_reach(pool) is LoopReach.CLOSED
     assert registry.sweep() == 1
     assert pool.state is PoolState.CLOSED
     assert ended(factory.drivers[0])
@@ -924,7 +924,7 @@ def test_shutdown_closes_a_pool_whose_loop_runs_in_another_thread_within_its_tim
         lease = asyncio.run_coroutine_threadsafe(registry.borrow_connection(), loop).result(LIMIT)
         pool = lease.pool
         factory.drivers[0].close_hangs = True
-        assert registry.loop_state(pool) is LoopState.RUNNING
+        assert registry.loop_reach(pool) is LoopReach.RUNNING
         started = loop.time()
         registry.shutdown(timeout=DEADLINE)  # drains the lease for half of it, then the close hangs
         assert loop.time() - started < DEADLINE + SLACK

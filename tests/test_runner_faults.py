@@ -16,6 +16,7 @@ import pytest
 
 import neopool
 from neopool import CallCancelled, runner
+from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,14 +40,10 @@ def interrupt_in() -> Iterator[Any]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(params=["thread", "process"])
+@pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    runner.use_process_loop(request.param == "process")
-    try:
-        yield request.param
-    finally:
-        runner.use_process_loop(False)
-        runner.close_all_loops(5)
+    with runner_in_mode(request.param) as mode:
+        yield mode
 
 
 async def swallow_cancellation(released: threading.Event, seconds: float) -> None:

@@ -11,8 +11,9 @@ steps run in the order of :class:`Step`, whatever order the modules were importe
 in: the registry first (its pools terminated: the child's copies of their sockets
 released, nothing sent), then the runner (the parent's loops forgotten and kept,
 never closed), then the database cache (preparations running in the parent's
-threads will never finish here), then LightRAG's shared state. Every step runs,
-whatever an earlier one raised: a child must not inherit a lock held.
+threads will never finish here), then LightRAG's shared state, then the metrics
+collectors' lock. Every step runs, whatever an earlier one raised: a child must
+not inherit a lock held.
 
 It imports nothing of neopool's, so any module can add its step at import.
 """
@@ -39,6 +40,8 @@ class Step(enum.IntEnum):
     DATABASE = 3
     #: LightRAG's shared state (full-text index cache, dropped-storage report).
     LIGHTRAG = 4
+    #: The Prometheus collectors registered (neopool.metrics): a lock of its own.
+    METRICS = 5
 
 
 _Hook = Callable[[], None]

@@ -37,6 +37,9 @@ import time
 import weakref
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError, create_model
 
 from neopool.errors import ConfigError
 from neopool.stats import PROCESS, SayOnce
@@ -287,22 +290,46 @@ class LoopWatch:
 
 
 def configured_threshold() -> float | None:
-    """``blocked_loop_threshold`` of the configuration in use (or of the environment)."""
+    """``blocked_loop_threshold`` of the configuration in use (or of the environment).
+
+    With no configuration, :data:`ENV` still counts; a value the configuration
+    would refuse is logged as a warning (the variable, the value, what is wrong,
+    the fix) and the default is used, since the loop it is read for has already
+    started. A configuration built from that environment raises
+    :class:`~neopool.errors.ConfigError` for the same value.
+    """
     from neopool.config import Neo4jConnectionConfig
     from neopool.registry import GlobalNeo4jConnectionPool
 
     try:
         return GlobalNeo4jConnectionPool.get_config().blocked_loop_threshold
     except ConfigError:  # no server configured yet: the setting alone still counts
-        default: float | None = Neo4jConnectionConfig.model_fields[SETTING].default
+        field = Neo4jConnectionConfig.model_fields[SETTING]
+        default: float | None = field.default
         text = os.environ.get(ENV)
-        if not text:
+        if text is None:
             return default
+        # The setting's own field, so that a value is refused here as by Neo4jConnectionConfig.
+        definition: Any = (field.annotation, field)
+        setting = create_model("BlockedLoopThreshold", **{SETTING: definition})
         try:
-            value = float(text)
-        except ValueError:
+            value: float | None = getattr(setting.model_validate({ENV: text}), SETTING)
+        except ValidationError as exc:
+            problem = exc.errors(include_input=False, include_url=False)[0]["msg"]
+            logger.warning(
+                "neopool: %s=%r is not a valid %s (%s); the process loop is watched with "
+                "the default, %s s. Set %s to a number of seconds >= 0 (0 turns the "
+                "blocked-loop warning off) or unset it; Neo4jConnectionConfig refuses this "
+                "value with a ConfigError.",
+                ENV,
+                text,
+                SETTING,
+                problem,
+                default,
+                ENV,
+            )
             return default
-        return value if 0 <= value < float("inf") else default
+        return value
 
 
 def watch(

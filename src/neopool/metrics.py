@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from neopool import _fork
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import PoolStats, ProcessTotals
 
@@ -209,6 +210,17 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, NeopoolCollector] = (
     weakref.WeakKeyDictionary()
 )
 _registered_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A parent thread inside register() at the fork holds the child's copy for good:
+    # a register() or serve() in the child (a worker child serving its own metrics)
+    # would wait forever.
+    global _registered_lock
+    _registered_lock = threading.Lock()
+
+
+_fork.add_step(_fork.Step.METRICS, _after_fork_in_child)
 
 
 def register(

@@ -45,7 +45,7 @@ from neopool.lease import PooledConnectionManager
 from neopool.loop_pool import DriverFactory, EventLoopConnectionPool, PoolState, create_driver
 from neopool.stats import PROCESS, LoopChurnMonitor, PoolStats, ProcessTotals
 
-__all__ = ["GlobalNeo4jConnectionPool", "LoopState"]
+__all__ = ["GlobalNeo4jConnectionPool", "LoopReach"]
 
 logger = logging.getLogger("neopool")
 
@@ -103,8 +103,13 @@ def sweep() -> int:
     return registry.sweep() if registry is not None else 0
 
 
-class LoopState(enum.Enum):
-    """What a pool's loop can still do, as seen from the calling thread."""
+class LoopReach(enum.Enum):
+    """What a pool's loop can still do, as seen from the calling thread.
+
+    :meth:`GlobalNeo4jConnectionPool.end_pool` ends the pool by it: closed on its
+    loop while that loop can run, terminated when it never can. Not the runner's
+    ``LoopState``, which is where one of its loops is in its life.
+    """
 
     CURRENT = "running in this thread"
     RUNNING = "running in another thread"
@@ -116,7 +121,7 @@ class LoopState(enum.Enum):
     @property
     def can_run(self) -> bool:
         """Whether the loop may ever run again (if not, only terminate() is left)."""
-        return self in (LoopState.CURRENT, LoopState.RUNNING, LoopState.IDLE)
+        return self in (LoopReach.CURRENT, LoopReach.RUNNING, LoopReach.IDLE)
 
 
 #: A thread's recent pool: the registry's generation when found, and the pool, weakly.
@@ -283,20 +288,20 @@ class GlobalNeo4jConnectionPool:
             self._churn.pool_ended(time.monotonic() - pool.created_at, pool.borrows)
 
     # -- how a pool ends -----------------------------------------------------------
-    def loop_state(self, pool: EventLoopConnectionPool) -> LoopState:
+    def loop_reach(self, pool: EventLoopConnectionPool) -> LoopReach:
         """What ``pool``'s loop can still do, seen from here."""
         loop = pool.loop
         if pool.pid != os.getpid():
-            return LoopState.INHERITED
+            return LoopReach.INHERITED
         if loop is None or loop.is_closed():
-            return LoopState.CLOSED
+            return LoopReach.CLOSED
         if pool.on_own_loop():
-            return LoopState.CURRENT
+            return LoopReach.CURRENT
         if loop.is_running():
-            return LoopState.RUNNING
+            return LoopReach.RUNNING
         if not pool.thread.is_alive() or pool.thread in self._ended_threads:
-            return LoopState.THREAD_ENDED
-        return LoopState.IDLE
+            return LoopReach.THREAD_ENDED
+        return LoopReach.IDLE
 
     def end_pool(
         self, pool: EventLoopConnectionPool, timeout: float, reason: str | None = None
@@ -308,25 +313,25 @@ class GlobalNeo4jConnectionPool:
         """
         if pool.state is PoolState.CLOSED:
             return None
-        state = self.loop_state(pool)
+        reach = self.loop_reach(pool)
         loop = pool.loop
-        if not state.can_run or loop is None:
+        if not reach.can_run or loop is None:
             self._detach(pool)
             released = pool.terminate(reason=reason or _CANNOT_RUN)
-            if released and state is not LoopState.INHERITED:
+            if released and reach is not LoopReach.INHERITED:
                 logger.info(
                     "neopool: event loop %s was %s without closing its pool; released %d "
                     "socket(s) without I/O. Use asyncio.run, asyncio.Runner or neopool.run "
                     "so pools close gracefully.",
                     pool.loop_id,
-                    "left" if state is LoopState.THREAD_ENDED else state.value,
+                    "left" if reach is LoopReach.THREAD_ENDED else reach.value,
                     released,
                 )
             return None
         self._detach(pool)
-        if state is LoopState.CURRENT:
+        if reach is LoopReach.CURRENT:
             return asyncio.ensure_future(pool.close(timeout, reason=reason))
-        if state is LoopState.IDLE:
+        if reach is LoopReach.IDLE:
             ending = _loop_host.run_on_idle_loop(
                 loop, lambda: pool.close(timeout, reason=reason), timeout
             )
@@ -338,7 +343,7 @@ class GlobalNeo4jConnectionPool:
         except RuntimeError:  # it closed in the meantime
             return self.end_pool(pool, timeout, reason)
         # An idle loop that is not ours closes its pool when it runs next: nothing to wait for.
-        return ended if state is LoopState.RUNNING else None
+        return ended if reach is LoopReach.RUNNING else None
 
     def sweep(self) -> int:
         """Terminate the pools whose loops can never run again; return how many."""
@@ -349,7 +354,7 @@ class GlobalNeo4jConnectionPool:
             candidates = [*self._ending, *(ref() for ref in refs)]
         ended = 0
         for pool in candidates:
-            if pool is not None and not self.loop_state(pool).can_run:
+            if pool is not None and not self.loop_reach(pool).can_run:
                 self.end_pool(pool, 0)
                 ended += 1
         return ended

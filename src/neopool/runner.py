@@ -79,13 +79,12 @@ logger = logging.getLogger("neopool")
 
 __all__ = [
     "PROCESS_LOOP_THREAD",
-    "CallCancelled",
-    "LoopAlreadyRunning",
     "calls_in_flight",
     "cancel_calls",
     "close_all_loops",
     "close_process_loop",
     "close_thread_loop",
+    "deliver_interrupts",
     "detached",
     "loop_mode",
     "loops",

@@ -17,20 +17,16 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery import Celery
-from neopool import runner
 from neopool.celery.task import AsyncTask, worker_pool
+from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["thread", "process"])
+@pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    runner.use_process_loop(request.param == "process")
-    try:
-        yield request.param
-    finally:
-        runner.use_process_loop(False)
-        runner.close_all_loops(5)
+    with runner_in_mode(request.param) as mode:
+        yield mode
 
 
 @pytest.fixture(params=["timer", "signal", "signal-in-callback"])

@@ -11,6 +11,7 @@ one node. The Bolt server is behind a counting proxy.
 from __future__ import annotations
 
 import collections
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,26 +38,40 @@ DOCUMENTS = 36
 STRAY_TASKS_BOUND = 2
 
 
-@pytest.fixture
-def worker(
-    neopool_broker_url: str, worker_config: Neo4jConnectionConfig, tmp_path: Path
+@contextlib.contextmanager
+def lightrag_worker(
+    broker_url: str,
+    config: Neo4jConnectionConfig,
+    workdir: Path,
+    pool: str,
+    concurrency: int,
+    env: dict[str, str] | None = None,
 ) -> Iterator[CeleryWorkerProcess]:
+    """A started LightRAG worker on a queue of its own (its client app is ``.app``); ended after."""
     queue = f"neopool-lightrag-{uuid.uuid4().hex[:8]}"
-    app = make_lightrag_app(neopool_broker_url, queue=queue, main=queue)
+    app = make_lightrag_app(broker_url, queue=queue, main=queue)
     process = CeleryWorkerProcess(
         app,
-        worker_config,
-        pool="prefork",
-        concurrency=CHILDREN,
+        config,
+        pool=pool,
+        concurrency=concurrency,
         queue=queue,
         app_module="neopool.testing.lightrag_worker",
-        env={WORKDIR_ENV: str(tmp_path)},
+        env={WORKDIR_ENV: str(workdir), **(env or {})},
     )
     process.start()
     try:
         yield process
     finally:
         process.end()
+
+
+@pytest.fixture
+def worker(
+    neopool_broker_url: str, worker_config: Neo4jConnectionConfig, tmp_path: Path
+) -> Iterator[CeleryWorkerProcess]:
+    with lightrag_worker(neopool_broker_url, worker_config, tmp_path, "prefork", CHILDREN) as w:
+        yield w
 
 
 def entity_counts(bolt: BoltTarget, database: str | None, workspace: str) -> tuple[int, int]:
@@ -124,19 +139,15 @@ def test_threads_pool_on_defaults_ingests_on_one_loop_with_one_driver(
 ) -> None:
     """``setup(app)`` as written first, under ``--pool=threads``: LightRAG's state is the
     process's, so the worker picks the process loop itself and says so once at start."""
-    queue = f"neopool-lightrag-{uuid.uuid4().hex[:8]}"
-    app = make_lightrag_app(neopool_broker_url, queue=queue, main=queue)
-    worker = CeleryWorkerProcess(
-        app,
+    with lightrag_worker(
+        neopool_broker_url,
         worker_config,
-        pool="threads",
-        concurrency=4,
-        queue=queue,
-        app_module="neopool.testing.lightrag_worker",
-        env={WORKDIR_ENV: str(tmp_path), "NEOPOOL_CELERY_LOOP": ""},  # the default
-    )
-    worker.start()
-    try:
+        tmp_path,
+        "threads",
+        4,
+        env={"NEOPOOL_CELERY_LOOP": ""},  # the default
+    ) as worker:
+        app = worker.app
         workspace = f"celery-lightrag-{uuid.uuid4().hex[:8]}"
         results = [
             app.send_task("neopool.testing.lightrag_ingest", args=[workspace, doc_id, text])
@@ -159,5 +170,3 @@ def test_threads_pool_on_defaults_ingests_on_one_loop_with_one_driver(
         assert log.count("loop mode 'process' (chosen: --pool=threads with LightRAG loaded") == 1
         assert "bound to a different event loop" not in log
         assert "attached to a different loop" not in log
-    finally:
-        worker.end()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import multiprocessing
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig, Neo4jConnectionFactory
+from forking import query_value, warm_parent_loop
+from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionConfig
 from neopool._release import driver_is_closed, driver_socket_count
 from neopool.testing import TcpProxy
 
@@ -24,6 +26,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
 ]
 
+#: What the parent and the child prepare.
+WORKSPACE = "fork_test"
+
 
 @pytest.fixture
 def parent_loop(
@@ -31,24 +36,11 @@ def parent_loop(
 ) -> Iterator[asyncio.AbstractEventLoop]:
     """A parent that already holds a warm pool on a loop that stays open, like a Celery master."""
     configure(uri=neopool_proxy.uri(), database="neo4j", pool_min_size=2, pool_max_size=4)
-    loop = asyncio.new_event_loop()
-    try:
-        assert loop.run_until_complete(_query(5)) == 5
+    with warm_parent_loop(WORKSPACE) as loop:
         yield loop
-        loop.run_until_complete(GlobalNeo4jConnectionPool().close_all_pools())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
 
 
-async def _query(value: int) -> int:
-    async with Neo4jConnectionFactory.borrow_connection() as borrowed:
-        database = await borrowed.prepare_database("fork_test")
-        driver = await borrowed.get_driver()
-        records, _, _ = await driver.execute_query(
-            "RETURN $value AS value", value=value, database_=database or "neo4j"
-        )
-        return int(records[0]["value"])
+_query = functools.partial(query_value, workspace=WORKSPACE)
 
 
 def _child_work() -> dict[str, Any]:

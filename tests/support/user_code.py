@@ -1,6 +1,7 @@
 """What user code does with the pool, shared by the test packages.
 
 * :func:`one_query`: a task's body: borrow, one query, return.
+* :func:`query_on`: the same on a given loop pool (one the test made itself).
 * :func:`borrowers_in_line`: tasks queued one after another on a full pool,
   each noting when it was served.
 * :class:`WorkerThread`: a thread with a persistent neopool loop, idle between
@@ -26,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     from backports.asyncio.runner import Runner
 
-__all__ = ["Runner", "WorkerThread", "borrowers_in_line", "one_query"]
+__all__ = ["Runner", "WorkerThread", "borrowers_in_line", "one_query", "query_on"]
 
 
 async def one_query() -> int:
@@ -35,6 +36,16 @@ async def one_query() -> int:
         driver = await borrowed.get_driver()
         records, _, _ = await driver.execute_query("RETURN 1 AS one", database_="neo4j")
         return int(records[0]["one"])
+
+
+async def query_on(pool: EventLoopConnectionPool) -> None:
+    """Borrow from ``pool``, run ``RETURN 1``, give the lease back (also when the query fails)."""
+    lease = await pool.borrow()
+    try:
+        driver = await lease.get_driver()
+        await driver.execute_query("RETURN 1", database_="neo4j")
+    finally:
+        await pool.return_connection(lease)
 
 
 async def borrowers_in_line(
