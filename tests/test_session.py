@@ -251,3 +251,23 @@ async def test_a_lease_held_for_an_objects_life_is_lent_only_to_the_task_that_to
     assert await one_session() == 2  # this task does not hold that lease: it borrows
     await borrowed.__aexit__(None, None, None)
     assert pool.in_use == 0
+
+
+async def test_a_lease_lent_to_a_session_stays_out_until_the_session_ends(
+    configure: Callable[..., Any],
+) -> None:
+    """The note's pattern, finalised while a session on its lease is still open: the lease
+    goes back when its last user ends, never under a session that still runs on it."""
+    configure(pool_max_size=1, pool_min_size=0)
+    borrowed = Neo4jConnectionFactory.borrow_connection()
+    await borrowed.__aenter__()  # initialize()
+    pool = await this_loops_pool()
+    async with Neo4jConnectionFactory.session(database="neo4j") as session:
+        await borrowed.__aexit__(None, None, None)  # finalize(), with the session open
+        assert borrowed.connection is None
+        assert pool.in_use == 1  # still the session's
+        record = await (await session.run("RETURN 2 AS n")).single()
+        assert record is not None
+        assert record["n"] == 2
+    assert pool.in_use == 0
+    assert pool.borrows == 1

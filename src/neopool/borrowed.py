@@ -2,16 +2,25 @@
 
 Two shapes: :class:`BorrowedConnection` (the design note's: a lease you ask
 the driver of) and :class:`PooledSession` (a driver session on a lease, in one
-call). A task that holds a lease of the running loop's pool (through either)
-runs the sessions and queries it opens inside on that same lease: nesting in
-one task never waits for a second lease, so it cannot deadlock even at
-``pool_max_size=1``. Tasks it spawns borrow their own.
+call). A lease held through either is *lent* to the code inside: sessions and
+queries opened there (these, ``execute_query``, ``prepare_database``, and the
+LightRAG integration's storage sessions) run on it instead of borrowing a
+second one, so nesting never waits for itself, even at ``pool_max_size=1``.
+
+The one mechanism for that is here: a :class:`SharedLease` counts the users
+of one borrowed lease and the last to leave returns it; a :class:`Lending`
+makes it the lease that code running in a context uses. A lending is for the
+task that made it (tasks it spawns borrow their own), or also for the tasks
+spawned inside it where the lender says so (LightRAG's storage sessions,
+because ``asyncio.wait_for`` runs its coroutine in a task of its own before
+Python 3.12).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -30,54 +39,138 @@ __all__ = ["BorrowedConnection", "PooledSession"]
 _T = TypeVar("_T")
 
 
-class _Holding:
-    """A lease one task holds now, which sessions it opens inside may use too."""
+# -- one lease, used by nested code ------------------------------------------------------
 
-    __slots__ = ("active", "lease", "previous", "task")
+
+class SharedLease:
+    """A borrowed lease and how many users hold it now; the last to leave returns it.
+
+    Nested code joins the lease held around it rather than borrowing another;
+    the count lets whichever user ends last give it back, in whatever order
+    they end (a task spawned inside may outlive its lender).
+    """
+
+    __slots__ = ("__weakref__", "_dropped", "lease", "pool", "users")
 
     def __init__(
         self,
         lease: PooledConnectionManager,
-        task: asyncio.Task[Any] | None,
-        previous: _Holding | None,
+        on_dropped: Callable[[PooledConnectionManager], None] | None = None,
     ) -> None:
         self.lease = lease
-        self.task = task
+        self.pool = lease._pool
+        self.users = 1
+        # Collected with users left (their task destroyed mid-session): ``on_dropped(lease)``
+        # gives it back. Without one, the pool's own lost-lease warning does.
+        self._dropped = None if on_dropped is None else weakref.finalize(self, on_dropped, lease)
+
+    def leave(self, error: BaseException | None = None) -> None:
+        """One user is done; the last returns the lease (with ``error``). Never awaits."""
+        self.users -= 1
+        if self.users > 0:
+            return
+        dropped = self._dropped
+        if dropped is not None and dropped.detach() is None:
+            return  # its drop handler ran already and gave the lease back
+        self.pool._return_nowait(self.lease, error)
+
+    def __repr__(self) -> str:
+        return f"<SharedLease {self.lease!r}, {self.users} user(s)>"
+
+
+class Lending:
+    """One entry of what code running in a context may use: a shared lease, and for whom.
+
+    Entries stack (each covers the one before); :meth:`end` uncovers the
+    previous one in the context that shows this entry (its own task's; a task
+    spawned inside keeps its own copy, which stops mattering once the lease
+    has no users). The task is held weakly: a context captured inside (a
+    callback, a task) must not keep it, its exception and its frames alive.
+    """
+
+    __slots__ = ("previous", "shared", "task", "to_spawned_tasks")
+
+    def __init__(
+        self,
+        shared: SharedLease,
+        task: asyncio.Task[Any] | None,
+        to_spawned_tasks: bool,
+        previous: Lending | None,
+    ) -> None:
+        self.shared = shared
+        self.task = None if task is None or to_spawned_tasks else weakref.ref(task)
+        self.to_spawned_tasks = to_spawned_tasks
         self.previous = previous
-        self.active = True
+
+    def lends_to(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether code running in ``task`` (the current one) may use the lease."""
+        if self.to_spawned_tasks:
+            return True
+        own = self.task
+        return (own() if own is not None else None) is task
 
     def end(self) -> None:
-        """Stop lending the lease, and uncover the holding it covered.
-
-        Only a context that shows this holding is changed: its own task's, or
-        that of a task it spawned that ends it (each has its own copy).
-        """
-        self.active = False
-        if _holding.get() is self:
-            _holding.set(self.previous)
+        """Stop lending here: the context that shows this entry shows the one it covered."""
+        if _lending.get() is self:
+            _lending.set(self.previous)
 
 
-#: The innermost lease held by the current task (a child task sees it, but it is not its task).
-_holding: ContextVar[_Holding | None] = ContextVar("neopool_holding", default=None)
+#: The innermost lending of the running context (tasks spawned here start with a copy).
+_lending: ContextVar[Lending | None] = ContextVar("neopool_lending", default=None)
 
 
-def _held_by_this_task(pool: EventLoopConnectionPool) -> PooledConnectionManager | None:
-    """The lease of ``pool`` the current task holds now, if any."""
-    holding = _holding.get()
-    if (
-        holding is not None
-        and holding.active
-        and holding.lease._pool is pool
-        and holding.task is asyncio.current_task()
-    ):
-        return holding.lease
+def lent_lease(pool: EventLoopConnectionPool) -> SharedLease | None:
+    """The lease of ``pool`` lent to the code running here, if one is still out."""
+    lending = _lending.get()
+    if lending is None:  # the usual case
+        return None
+    task = asyncio.current_task()
+    while lending is not None:
+        shared = lending.shared
+        if shared.users > 0 and shared.pool is pool and lending.lends_to(task):
+            return shared
+        lending = lending.previous
     return None
 
 
-def _hold(lease: PooledConnectionManager) -> _Holding:
-    holding = _Holding(lease, asyncio.current_task(), _holding.get())
-    _holding.set(holding)
-    return holding
+async def take_lease(
+    pool: EventLoopConnectionPool,
+    timeout: float | None = None,
+    *,
+    on_dropped: Callable[[PooledConnectionManager], None] | None = None,
+) -> SharedLease:
+    """Join the lease of ``pool`` lent here, or borrow one (waiting up to ``timeout``).
+
+    ``pool`` is the running loop's. Every taker calls :meth:`SharedLease.leave`
+    once when done; ``on_dropped`` is for a lease borrowed here (see :class:`SharedLease`).
+    """
+    shared = lent_lease(pool)
+    if shared is not None:
+        shared.users += 1
+        return shared
+    lease = pool._lend_now(sys._getframe(1)) if timeout is None else None
+    if lease is None:
+        lease = await pool.borrow(timeout)
+    return SharedLease(lease, on_dropped)
+
+
+def lend(shared: SharedLease, *, to_spawned_tasks: bool = False) -> Lending | None:
+    """Lend ``shared`` to the code that runs here from now on (and to the tasks it spawns,
+    if ``to_spawned_tasks``) until :meth:`Lending.end`; ``None`` if it is lent so already."""
+    current = _lending.get()
+    task = asyncio.current_task()
+    if (
+        current is not None
+        and current.shared is shared
+        and (current.to_spawned_tasks or (not to_spawned_tasks and current.lends_to(task)))
+    ):
+        return None
+    lending = Lending(shared, task, to_spawned_tasks, current)
+    _lending.set(lending)
+    return lending
+
+
+# -- the async-with shapes ---------------------------------------------------------------
 
 
 class BorrowedConnection:
@@ -86,39 +179,37 @@ class BorrowedConnection:
     ``__aenter__`` returns the object itself, so the design note's LightRAG
     pattern (enter in ``initialize``, exit in ``finalize``) works as written.
     Leaving with an exception returns the lease too; a connectivity error also
-    has the driver checked before the next borrow. While it is held,
-    :meth:`Neo4jConnectionFactory.session` in the same task uses this lease.
+    has the driver checked before the next borrow. Always a borrow of its own;
+    while it is held, the sessions and queries the same task opens use it.
     """
 
-    __slots__ = ("_entering", "_holding", "_lease", "_registry", "_timeout")
+    __slots__ = ("_entering", "_lending", "_registry", "_shared", "_timeout")
 
     def __init__(
         self, timeout: float | None = None, *, registry: GlobalNeo4jConnectionPool | None = None
     ) -> None:
         self._timeout = timeout
         self._registry = registry or GlobalNeo4jConnectionPool()
-        self._lease: PooledConnectionManager | None = None
-        self._holding: _Holding | None = None
+        self._shared: SharedLease | None = None
+        self._lending: Lending | None = None
         self._entering = False
 
     async def __aenter__(self) -> BorrowedConnection:
-        if self._lease is not None or self._entering:
+        if self._shared is not None or self._entering:
             raise LeaseError(
                 "this BorrowedConnection already holds (or is taking) a lease; call "
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
         pool = self._registry.running_loop_pool("borrow_connection")
-        if self._timeout is None:  # the usual case: a free lease, handed out without waiting
-            self._lease = pool._lend_now(sys._getframe(1))
-            if self._lease is not None:
-                self._holding = _hold(self._lease)
-                return self
-        self._entering = True  # until the borrow ends: a second entry must not start one
-        try:
-            self._lease = await pool.borrow(self._timeout)
-        finally:
-            self._entering = False
-        self._holding = _hold(self._lease)
+        lease = pool._lend_now(sys._getframe(1)) if self._timeout is None else None
+        if lease is None:
+            self._entering = True  # until the borrow ends: a second entry must not start one
+            try:
+                lease = await pool.borrow(self._timeout)
+            finally:
+                self._entering = False
+        self._shared = SharedLease(lease)
+        self._lending = lend(self._shared)
         return self
 
     async def __aexit__(
@@ -127,31 +218,32 @@ class BorrowedConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lease, self._lease = self._lease, None
-        holding, self._holding = self._holding, None
-        if holding is not None:
-            holding.end()
-        if lease is not None:  # exiting twice is harmless, as finalize() may run twice
-            lease._pool._return_nowait(lease, exc)
+        shared, self._shared = self._shared, None
+        lending, self._lending = self._lending, None
+        if lending is not None:
+            lending.end()
+        if shared is not None:  # exiting twice is harmless, as finalize() may run twice
+            shared.leave(exc)
 
     @property
     def connection(self) -> PooledConnectionManager | None:
         """The lease held now, or ``None`` outside the ``async with``."""
-        return self._lease
+        shared = self._shared
+        return shared.lease if shared is not None else None
 
     def _held(self) -> PooledConnectionManager:
-        if self._lease is None:
+        shared = self._shared
+        if shared is None:
             raise LeaseError(
                 "this connection is not borrowed: use it inside 'async with "
                 "Neo4jConnectionFactory.borrow_connection() as borrowed:' (or after "
                 "'await borrowed.__aenter__()')"
             )
-        return self._lease
+        return shared.lease
 
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
-        lease = self._lease
-        return (lease if lease is not None else self._held())._driver_now()
+        return self._held()._driver_now()
 
     async def prepare_database(
         self,
@@ -177,19 +269,19 @@ class BorrowedConnection:
         return await preparer.prepare(driver, lease.pool.config, workspace, database, schema)
 
     def __repr__(self) -> str:
-        return f"<BorrowedConnection {self._lease!r}>"
+        return f"<BorrowedConnection {self.connection!r}>"
 
 
 class PooledSession:
     """A driver session on a lease of the running loop's pool, as an async context manager.
 
-    Entering borrows a lease (or uses the one this task already holds of the
-    pool) and opens ``driver.session(**session_kwargs)``; leaving closes the
-    session and returns the lease it borrowed, on every path (an exception,
+    Entering takes a lease (the one lent here, if any: see the module's
+    docstring) and opens ``driver.session(**session_kwargs)``; leaving closes
+    the session and leaves the lease, on every path (an exception,
     cancellation). Made by :meth:`Neo4jConnectionFactory.session`.
     """
 
-    __slots__ = ("_holding", "_kwargs", "_registry", "_session", "_timeout")
+    __slots__ = ("_kwargs", "_lending", "_registry", "_session", "_shared", "_timeout")
 
     def __init__(
         self,
@@ -202,7 +294,8 @@ class PooledSession:
         self._timeout = timeout
         self._registry = registry or GlobalNeo4jConnectionPool()
         self._session: AsyncSession | None = None
-        self._holding: _Holding | None = None
+        self._shared: SharedLease | None = None
+        self._lending: Lending | None = None
 
     async def __aenter__(self) -> AsyncSession:
         if self._session is not None:
@@ -210,16 +303,14 @@ class PooledSession:
                 "this session is open already; call Neo4jConnectionFactory.session() "
                 "again for a second one"
             )
-        pool = self._registry.running_loop_pool("session")
-        lease = _held_by_this_task(pool)
-        if lease is None:
-            lease = await pool.borrow(self._timeout)
-            self._holding = _hold(lease)
+        shared = await take_lease(self._registry.running_loop_pool("session"), self._timeout)
         try:
-            self._session = lease._driver_now().session(**self._kwargs)
+            self._session = shared.lease._driver_now().session(**self._kwargs)
         except BaseException as exc:
-            self._give_back(exc)
+            shared.leave(exc)
             raise
+        self._shared = shared
+        self._lending = lend(shared)
         return self._session
 
     async def __aexit__(
@@ -233,7 +324,7 @@ class PooledSession:
             return
         error = exc
         if isinstance(exc, GeneratorExit):  # the coroutine is being closed: it cannot await
-            self._give_back(exc)
+            self._leave(exc)
             return
         try:  # closes the session; on cancellation, without waiting for the server
             await session.__aexit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
@@ -241,13 +332,15 @@ class PooledSession:
             error = close_error
             raise
         finally:
-            self._give_back(error)
+            self._leave(error)
 
-    def _give_back(self, error: BaseException | None) -> None:
-        holding, self._holding = self._holding, None
-        if holding is not None:  # borrowed here: returned here
-            holding.end()
-            holding.lease._pool._return_nowait(holding.lease, error)
+    def _leave(self, error: BaseException | None) -> None:
+        shared, self._shared = self._shared, None
+        lending, self._lending = self._lending, None
+        if lending is not None:
+            lending.end()
+        if shared is not None:
+            shared.leave(error)
 
     def __repr__(self) -> str:
         state = "open" if self._session is not None else "not open"
@@ -259,19 +352,16 @@ async def on_lease(
     work: Callable[[AsyncDriver, PooledConnectionManager], Awaitable[_T]],
     registry: GlobalNeo4jConnectionPool | None = None,
 ) -> _T:
-    """``work(driver, lease)`` on a lease of the running loop's pool (this task's, if held)."""
-    pool = (registry or GlobalNeo4jConnectionPool()).running_loop_pool(action)
-    lease = _held_by_this_task(pool)
-    if lease is not None:
-        return await work(lease._driver_now(), lease)
-    lease = await pool.borrow()
-    holding = _hold(lease)
+    """``work(driver, lease)`` on a lease of the running loop's pool (the one lent here, if any).
+
+    ``work`` opens nothing nested (a query, a preparation), so the lease is not lent to it.
+    """
+    shared = await take_lease((registry or GlobalNeo4jConnectionPool()).running_loop_pool(action))
     error: BaseException | None = None
     try:
-        return await work(lease._driver_now(), lease)
+        return await work(shared.lease._driver_now(), shared.lease)
     except BaseException as exc:
         error = exc
         raise
     finally:
-        holding.end()
-        pool._return_nowait(lease, error)
+        shared.leave(error)

@@ -199,6 +199,25 @@ class GlobalNeo4jConnectionPool:
             )
 
     @classmethod
+    def set_config_if_unset(cls, make: Callable[[], Neo4jConnectionConfig]) -> None:
+        """Use ``make()`` unless a configuration was set (or read) already.
+
+        For an integration with defaults of its own (LightRAG's ``config.ini``):
+        what the application set wins, and ``make`` is then not even called.
+        """
+        registry = cls()
+        if registry._config is not None:
+            return
+        config = make()
+        if not isinstance(config, Neo4jConnectionConfig):
+            raise ConfigError(
+                f"set_config_if_unset() needs a Neo4jConnectionConfig, not {type(config).__name__}"
+            )
+        with registry._lock:
+            if registry._config is None:
+                registry._config = config
+
+    @classmethod
     def get_config(cls) -> Neo4jConnectionConfig:
         """The configuration in use, read from the environment if none was set."""
         registry = cls()

@@ -459,6 +459,22 @@ def test_a_storage_connects_with_config_ini_alone(
         reset_registry()
 
 
+def test_a_configuration_the_application_set_wins_over_config_ini(
+    monkeypatch: pytest.MonkeyPatch, configure: Any, neopool_bolt: BoltTarget, workspace: str
+) -> None:
+    server_in_config_ini(monkeypatch, neopool_bolt, connection_pool_size="33")
+    configure(max_connection_pool_size=7, pool_max_size=7)
+
+    async def use() -> int:
+        storage = PooledNeo4JStorage("chunk_entity_relation", {}, None, workspace)
+        await storage.initialize()
+        await storage.finalize()
+        return (await GlobalNeo4jConnectionPool().get_pool()).config.max_connection_pool_size
+
+    assert asyncio.run(use()) == 7
+    assert GlobalNeo4jConnectionPool.get_config().max_connection_pool_size == 7
+
+
 def test_a_call_leaves_no_lightrag_task_behind_and_detached_is_the_opt_out(
     neopool_registry: GlobalNeo4jConnectionPool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -521,7 +537,7 @@ def test_a_session_dropped_in_a_forked_child_sends_nothing_to_the_parents_loop()
 
     pool = SimpleNamespace(loop=ParentsLoop(), pid=-1)  # made in another process
     pending = len(lightrag._dropped.pending)
-    lightrag._share_dropped(pool, object(), None)  # type: ignore[arg-type]
+    lightrag._session_dropped(SimpleNamespace(pool=pool), None)  # type: ignore[arg-type]
     assert sent == []
     assert len(lightrag._dropped.pending) == pending + 1  # the next initialise reports it
     lightrag._dropped.pending.pop()

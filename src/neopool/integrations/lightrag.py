@@ -8,9 +8,11 @@ from and how long it is held:
 
 * ``initialize`` prepares the workspace's database through the process-wide
   cache (once per process) and gives the storage a :class:`LeasedDriver`;
-* every session the storage opens borrows a lease of the running loop's pool
+* every session the storage opens holds a lease of the running loop's pool
   for the session's life (``pool_max_size`` bounds concurrent *sessions*, not
   live storages: any number of LightRAG instances share one loop and driver);
+  one opened inside another (the storage's or ``Neo4jConnectionFactory.session()``)
+  uses the lease held around it (:mod:`neopool.borrowed` lends it);
 * ``finalize`` forgets the driver; the loop's driver stays open for the next
   storage. A storage that is garbage-collected without ``finalize`` holds no
   lease between sessions; one warning names where it was initialised.
@@ -34,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
+import functools
 import logging
 import os
 import random
@@ -50,12 +52,11 @@ from neo4j import AsyncDriver, AsyncSession
 from neo4j.exceptions import AuthError, ClientError, ConstraintError, TransientError
 
 from neopool import _fork
-from neopool.borrowed import BorrowedConnection
+from neopool.borrowed import Lending, SharedLease, lend, on_lease, take_lease
 from neopool.config import Neo4jConnectionConfig
-from neopool.database import Schema, database_name_for, shown
+from neopool.database import Schema, database_name_for, preparer, shown
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 from neopool.stats import SayOnce
 
@@ -118,75 +119,17 @@ def lightrag_config(**overrides: Any) -> Neo4jConnectionConfig:
     return Neo4jConnectionConfig(**values)
 
 
-def _configure(registry: GlobalNeo4jConnectionPool) -> None:
-    """Give the registry LightRAG's configuration, unless one was set (or read) already."""
-    if registry._config is None:  # neopool's own registry: not set, not yet read
-        config = lightrag_config()
-        with registry._lock:
-            registry._config = registry._config or config
-
-
 # -- leases per session ---------------------------------------------------------------
 
 
-class _Share:
-    """A lease of one pool, shared by the sessions opened inside a session that holds it.
+async def _take_lease(registry: GlobalNeo4jConnectionPool, site: _Site) -> SharedLease:
+    """The lease lent here (an enclosing storage or neopool session's), or a new one.
 
-    Opened with ``async with``, a session makes its lease the one that sessions
-    opened inside it use: later in the same code (LightRAG's
-    ``get_knowledge_graph`` falls back to ``_robust_fallback`` inside its own
-    session) and in tasks spawned there (``asyncio.wait_for``, ``gather``),
-    which inherit the context. Without that, such code would wait for a lease
-    it holds itself whenever the pool is busy. The lease goes back when the
-    last session using it ends, whichever that is.
+    A lease borrowed here that is collected while still in use (its task
+    destroyed mid-session) is given back and reported with the storage's drops.
     """
-
-    __slots__ = ("__weakref__", "depth", "finalizer", "lease", "pool")
-
-    def __init__(
-        self, pool: EventLoopConnectionPool, lease: PooledConnectionManager, site: _Site
-    ) -> None:
-        self.pool = pool
-        self.lease = lease
-        #: Sessions using the lease now; 0 once it is back in its pool.
-        self.depth = 1
-        # A share dropped while held (its task destroyed mid-session): its lease comes back
-        # here, reported with its storage's drop (not as a lost lease of unknown owner).
-        self.finalizer = weakref.finalize(self, _share_dropped, pool, lease, site)
-
-
-#: The shares that sessions opened here would use: one per pool, set by ``async with``.
-_held: contextvars.ContextVar[tuple[_Share, ...]] = contextvars.ContextVar(
-    "neopool_lightrag_held", default=()
-)
-
-
-async def _acquire(registry: GlobalNeo4jConnectionPool, site: _Site) -> _Share:
-    """The share held here for the running loop's pool, or a new lease of it."""
     pool = registry.running_loop_pool("open a session")
-    for share in _held.get():
-        if share.pool is pool and share.depth > 0:
-            share.depth += 1
-            return share
-    return _Share(pool, await pool.borrow(), site)
-
-
-def _hold(share: _Share) -> contextvars.Token[tuple[_Share, ...]] | None:
-    """Make ``share`` the one sessions opened from here on use; ``None`` if it already is."""
-    held = _held.get()
-    if share in held:
-        return None
-    return _held.set((share, *(s for s in held if s.pool is not share.pool and s.depth > 0)))
-
-
-def _release(share: _Share, error: BaseException | None) -> None:
-    """One session of the share ends; the last one returns the lease. Never awaits."""
-    share.depth -= 1
-    if share.depth > 0:
-        return
-    if share.finalizer.detach() is None:
-        return  # the collector got there first and gave the lease back itself
-    share.lease.mark_available(error)
+    return await take_lease(pool, on_dropped=functools.partial(_session_dropped, site=site))
 
 
 async def _retry_lost_races(attempt: Callable[[], Awaitable[_T]]) -> _T:
@@ -229,36 +172,42 @@ def lost_races_retried() -> int:
 class LeasedSession:
     """A session of the loop's driver that holds a lease of its pool while open.
 
-    ``async with driver.session(...) as session`` borrows on entry and returns
-    on exit, whatever happens inside; used without ``async with``, the first
-    query borrows and :meth:`close` returns. Everything else is the driver's
-    own :class:`neo4j.AsyncSession`; ``execute_write`` also retries a write
-    that lost a race for a unique entity (:func:`_retry_lost_races`).
+    ``async with driver.session(...) as session`` takes a lease on entry and
+    leaves it on exit, whatever happens inside; used without ``async with``,
+    the first query takes it and :meth:`close` leaves it. The lease is the
+    one lent here if there is one (a storage or neopool session around it),
+    else a borrow of its own. Entered with ``async with``, the session lends
+    its lease to what runs inside: sessions opened later in the same code
+    (LightRAG's ``get_knowledge_graph`` falls back to ``_robust_fallback``
+    inside its own session) and in tasks spawned there (``asyncio.wait_for``
+    before Python 3.12, ``gather``). Everything else is the driver's own
+    :class:`neo4j.AsyncSession`; ``execute_write`` also retries a write that
+    lost a race for a unique entity (:func:`_retry_lost_races`).
     """
 
     def __init__(self, owner: LeasedDriver, config: dict[str, Any]) -> None:
         self._owner = owner
         self._config = config
-        self._share: _Share | None = None
+        self._shared: SharedLease | None = None
         self._session: AsyncSession | None = None
-        self._token: contextvars.Token[tuple[_Share, ...]] | None = None
+        self._lending: Lending | None = None
 
     async def _open(self) -> AsyncSession:
         if self._session is not None:
             return self._session
-        share = await _acquire(self._owner.registry, self._owner.site)
+        shared = await _take_lease(self._owner.registry, self._owner.site)
         try:
-            session = (await share.lease.get_driver()).session(**self._config)
+            session = (await shared.lease.get_driver()).session(**self._config)
         except BaseException as exc:
-            _release(share, exc)
+            shared.leave(exc)
             raise
-        self._share, self._session = share, session
+        self._shared, self._session = shared, session
         return session
 
     async def __aenter__(self) -> LeasedSession:
         await self._open()
-        assert self._share is not None
-        self._token = _hold(self._share)
+        assert self._shared is not None
+        self._lending = lend(self._shared, to_spawned_tasks=True)
         return self
 
     async def __aexit__(
@@ -270,17 +219,16 @@ class LeasedSession:
         if exc is not None and self._owner.errors is not None:
             self._owner.errors.append(exc)
         session, self._session = self._session, None
-        share, self._share = self._share, None
-        token, self._token = self._token, None
+        shared, self._shared = self._shared, None
+        lending, self._lending = self._lending, None
         try:
             if session is not None:
                 await session.__aexit__(exc_type, exc, tb)  # type: ignore[no-untyped-call]
         finally:
-            if token is not None:
-                with contextlib.suppress(ValueError):  # closed in another context than opened
-                    _held.reset(token)
-            if share is not None:
-                _release(share, exc)
+            if lending is not None:
+                lending.end()
+            if shared is not None:
+                shared.leave(exc)
 
     async def close(self) -> None:
         """Close the session and return its lease (for use without ``async with``)."""
@@ -323,12 +271,12 @@ class LeasedSession:
 class LeasedDriver:
     """Stands in for the loop's :class:`neo4j.AsyncDriver` in a storage.
 
-    ``session()`` returns a :class:`LeasedSession`, which borrows a lease of the
-    running loop's pool for as long as it is open; ``execute_query`` borrows for
-    its one query. The driver itself is the pool's, found at each session (a
-    driver the pool replaced after a connectivity error is never used again);
-    ``close()`` does nothing, since the pool owns the driver. Other attributes
-    are the current driver's.
+    ``session()`` returns a :class:`LeasedSession`, which holds a lease of the
+    running loop's pool for as long as it is open; ``execute_query`` holds one
+    for its one query (each the lease lent here, if any). The driver itself is
+    the pool's, found at each session (a driver the pool replaced after a
+    connectivity error is never used again); ``close()`` does nothing, since
+    the pool owns the driver. Other attributes are the current driver's.
     """
 
     def __init__(
@@ -349,17 +297,18 @@ class LeasedDriver:
         return LeasedSession(self, config)
 
     async def execute_query(self, *args: Any, **kwargs: Any) -> Any:
-        """:meth:`neo4j.AsyncDriver.execute_query` on a lease held for the query."""
-        share = await _acquire(self.registry, self.site)
+        """:meth:`neo4j.AsyncDriver.execute_query` on a lease held for the query (the one lent
+        here, if any)."""
+        shared = await _take_lease(self.registry, self.site)
         error: BaseException | None = None
         try:
-            driver = await share.lease.get_driver()
+            driver = await shared.lease.get_driver()
             return await _retry_lost_races(lambda: driver.execute_query(*args, **kwargs))
         except BaseException as exc:
             error = exc
             raise
         finally:
-            _release(share, error)
+            shared.leave(error)
 
     async def close(self) -> None:
         """Nothing to do: the loop's pool owns the driver and closes it with the loop."""
@@ -399,23 +348,29 @@ class PooledNeo4JStorage(Neo4JStorage):  # type: ignore[misc]
     async def initialize(self) -> None:
         """Prepare this workspace's database (once per process) and take the loop's driver.
 
-        No lease is kept: each session the storage opens borrows its own.
+        No lease is kept: each session the storage opens takes one (or uses the
+        one held around it).
         """
         if self._driver is not None:
             return  # initialised already; LightRAG may call this more than once
         _report_dropped()  # a report pending from a loop that closed before it could say it
         registry = GlobalNeo4jConnectionPool()
-        _configure(registry)
+        registry.set_config_if_unset(lightrag_config)
         site = _initialised_at()
-        # Preparation is a unit of work like any other: it runs on one lease.
-        async with BorrowedConnection(registry=registry) as borrowed:
-            lease = borrowed.connection
-            assert lease is not None
+
+        async def prepare(
+            driver: AsyncDriver, lease: PooledConnectionManager
+        ) -> tuple[Neo4jConnectionConfig, str | None]:
             config = lease.pool.config
             # Neo4JStorage names the database after the namespace, not the workspace.
-            database = await borrowed.prepare_database(
-                self.workspace, database_name_for(self.namespace), schema=LIGHTRAG_SCHEMA
+            database = database_name_for(self.namespace)
+            prepared = await preparer.prepare(
+                driver, config, self.workspace, database, LIGHTRAG_SCHEMA
             )
+            return config, prepared
+
+        # A unit of work like any other: on one lease (the one lent here, if any).
+        config, database = await on_lease("initialize", prepare, registry)
         if self._driver is not None:
             return  # a concurrent initialize() of this storage finished first
         self._DATABASE = database
@@ -583,11 +538,10 @@ def _storage_dropped(site: _Site, loop: weakref.ref[asyncio.AbstractEventLoop], 
     _ask_loop_to_report(loop(), pid)
 
 
-def _share_dropped(
-    pool: EventLoopConnectionPool, lease: PooledConnectionManager, site: _Site
-) -> None:
+def _session_dropped(lease: PooledConnectionManager, site: _Site) -> None:
     """A session's lease whose holder was destroyed mid-session: give it back on its loop."""
     _dropped.pending.append(("session", site))
+    pool = lease.pool
     loop = pool.loop
     try:
         if loop is None or loop.is_closed() or pool.pid != os.getpid():
