@@ -921,6 +921,7 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
     """On the process loop: hand the call's outcome to the thread waiting for it."""
     future = call.future
     assert future is not None
+    _end(call)  # first: no longer in flight once its caller can have the outcome
     try:
         if call.exit is not None:
             future.set_exception(call.exit)
@@ -932,8 +933,6 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
             future.set_result(task.result())
     except concurrent.futures.InvalidStateError:
         pass
-    finally:
-        _end(call)
 
 
 def close_process_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
