@@ -64,7 +64,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
-from neopool import _fork, blocked_loop, registry
+from neopool import _fork, _signal_wakeup, blocked_loop, registry
 from neopool._ending_thread import run_off_ending_thread
 from neopool._release import keep_inherited_loop
 from neopool.config import DEFAULT_CLOSE_TIMEOUT
@@ -320,6 +320,7 @@ class _Runtime:
         if self.process is not None:
             inherited.append(self.process)
         self._start_empty()
+        _signal_wakeup.after_fork_in_child()
         for state in inherited:
             _move(state, LoopState.INHERITED, Route.FORK)
             keep_inherited_loop(state.loop)
@@ -393,6 +394,9 @@ class _ThreadLoop:
     def __init__(self, thread: threading.Thread) -> None:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
         self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
+        # In the main thread, a signal wakes the loop as it waits (its handler then
+        # raises there, at once): set up once, for the loop's life.
+        _signal_wakeup.watch(self.loop)
         self.thread_name = thread.name
         self.thread_ident = thread.ident
         self.lock = threading.Lock()
@@ -487,6 +491,8 @@ class _ThreadLoop:
             _close_runner(self.runner, self.loop, timeout, self.thread_name)
         finally:
             _move(self, LoopState.CLOSED, route)
+            if self.thread_ident == threading.get_ident():  # the main thread's wakeup: undone
+                _signal_wakeup.release(self.loop)
 
 
 def _finish_within(
@@ -878,6 +884,7 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, _T]) -> _T:
             continue
         break
     try:
+        _signal_wakeup.wait(future)  # in the main thread, woken by a signal too
         return future.result()
     except BaseException as exc:
         if future.done():
@@ -913,6 +920,7 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
     """On the process loop: hand the call's outcome to the thread waiting for it."""
     future = call.future
     assert future is not None
+    _end(call)  # first: no longer in flight once its caller can have the outcome
     try:
         if call.exit is not None:
             future.set_exception(call.exit)
@@ -924,8 +932,6 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
             future.set_result(task.result())
     except concurrent.futures.InvalidStateError:
         pass
-    finally:
-        _end(call)
 
 
 def close_process_loop(timeout: float = DEFAULT_CLOSE_TIMEOUT) -> bool:
@@ -945,6 +951,7 @@ def _close_process_until(deadline: float, route: Route, *, wait: bool = True) ->
     """Close the process loop by ``deadline``: 1 if closed here, 0 if none, -1 if not finished."""
     with _rt.process_lock:
         state, _rt.process = _rt.process, None
+    _signal_wakeup.release()  # in the main thread, unless its own loop still reads it
     if state is None or state.state in (LoopState.INHERITED, LoopState.CLOSED):
         return 0
     return 1 if state.close(max(0.0, deadline - time.monotonic()), route, wait=wait) else -1
