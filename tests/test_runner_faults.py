@@ -58,7 +58,7 @@ async def swallow_cancellation(released: threading.Event, seconds: float) -> Non
 def test_after_a_signal_the_wait_for_a_coroutine_that_swallows_cancellation_is_bounded(
     mode: str, interrupt_in: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.5)
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.25)
     released = threading.Event()
     interrupt_in(0.2)
     began = time.monotonic()
@@ -133,7 +133,7 @@ def test_a_task_spawned_by_a_leftover_while_it_is_cancelled_ends_before_the_call
 def test_collecting_the_tasks_leftovers_keep_spawning_is_bounded_in_total(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.5)
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.25)
 
     heads: list[asyncio.Future[None]] = []
     over = threading.Event()

@@ -22,6 +22,9 @@ from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
 
+#: Each test's soft limit, in seconds: the coroutine is waiting at its await by then.
+SOFT_LIMIT = 0.2
+
 
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
@@ -42,7 +45,7 @@ def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
     previous = signal.signal(signal.SIGALRM, soft_limit)
     worker_pool("prefork")
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        signal.setitimer(signal.ITIMER_REAL, SOFT_LIMIT)
         yield request.param
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -93,7 +96,7 @@ def test_a_task_that_catches_its_soft_limit_at_an_await_cleans_up_and_succeeds(
             seen.append("CancelledError")
             raise
 
-    @app.task(base=AsyncTask, soft_time_limit=0.3, shared=False)  # type: ignore[untyped-decorator]
+    @app.task(base=AsyncTask, soft_time_limit=SOFT_LIMIT, shared=False)  # type: ignore[untyped-decorator]
     async def clean_up() -> str:
         try:
             await query()
@@ -113,7 +116,7 @@ def test_a_task_that_catches_its_soft_limit_at_an_await_cleans_up_and_succeeds(
 def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(
     app: Celery, mode: str, delivery: str
 ) -> None:
-    @app.task(base=AsyncTask, soft_time_limit=0.3, shared=False)  # type: ignore[untyped-decorator]
+    @app.task(base=AsyncTask, soft_time_limit=SOFT_LIMIT, shared=False)  # type: ignore[untyped-decorator]
     async def overrun() -> str:
         await wait_for_io(delivery)
         return "ran to the end"
