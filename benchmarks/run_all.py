@@ -111,8 +111,8 @@ def targets(
             [
                 f"sync caller: neopool.run of an immediate coroutine within 2x "
                 f"loop.run_until_complete ({label})",
-                f"{empty['ratio_to_baseline']}x ({empty['us_per_task']} µs)",
-                empty["ratio_to_baseline"] <= 2,
+                f"{1 + empty['overhead_pct'] / 100:.2f}x ({empty['us_per_task']} µs)",
+                empty["overhead_pct"] <= 100,
             ]
         )
     no_io = nets.get("loopback", {}).get("no_io")
@@ -209,15 +209,17 @@ def markdown(
         settings = (sync_caller or {})["settings"]
         parts.append(
             f"\n**a sync caller (a Celery task body), one query per task, {label}** "
-            f"({settings['tasks_per_block']} tasks per block, {settings['rounds']} rounds, "
-            f"median of paired block ratios)\n"
+            f"({settings['tasks_per_round']} tasks per round, {settings['rounds']} rounds, task "
+            f"by task; median of the paired differences; CPU: this process's)\n"
         )
         parts.append(
             markdown_table(
-                ["per task", "µs", "over its baseline"],
+                ["per task", "µs", "over its baseline", "CPU µs", "CPU over its baseline"],
                 [
                     [name, f["us_per_task"],
-                     "baseline" if f["baseline"] == name else f"{f['overhead_pct']:+.1f}%"]
+                     "baseline" if f["baseline"] == name else f"{f['overhead_pct']:+.1f}%",
+                     f["cpu_us_per_task"],
+                     "baseline" if f["baseline"] == name else f"{f['cpu_overhead_pct']:+.1f}%"]
                     for name, f in figures["rows"].items()
                 ],
             )

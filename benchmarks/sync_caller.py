@@ -27,11 +27,16 @@ thread's runner loop) and one driver (its pool's), so one connection serves
 them all and what differs between them is only neopool's own work. The ideal
 runs with the loop's task factory taken off, as a loop made by hand has none.
 
-Each row runs ``BLOCK`` tasks in a row (a block); each round runs every row's
-block once, in a new random order. A row's figure is the median of its
-blocks' µs per task; its overhead is the median, over rounds, of its block
-over the ideal's block of the same round (paired, so a slow round slows every
-row alike). The immediate-coroutine rows are compared with
+The rows take turns task by task: each step runs one task of every row, in
+a new random order, so drift, the server's pauses and the caches' state
+hit every row alike (measured in blocks of one row at a time instead, two
+rows differed by up to 6% from one run to the next, because the order of
+the blocks was different). A row's figure is the median of its tasks' µs;
+its overhead is the median of its differences from its baseline's task of
+the same step, in µs and as a share of the baseline's median. The same for
+this process's CPU time (the server is a process of its own). Objects made
+before the timing are frozen out of the garbage collector's way
+(``gc.freeze``). The immediate-coroutine rows are compared with
 ``loop.run_until_complete`` of the same. The caller is the main thread, as in
 a prefork or solo worker.
 """
@@ -39,6 +44,7 @@ a prefork or solo worker.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import statistics
 import time
@@ -57,7 +63,7 @@ from neopool.celery.task import worker_pool
 from neopool.loop_pool import create_driver
 
 QUERY = "RETURN 1 AS x"
-#: Tasks in a row of one variant.
+#: Steps per round (each step runs one task of every row).
 BLOCK = 150
 
 IDEAL = "ideal: loop.run_until_complete, shared driver"
@@ -135,6 +141,16 @@ def celery_task_by_hand(body: Callable[[], Any]) -> Callable[[], Any]:
     return by_hand  # type: ignore[no-any-return]
 
 
+def paired_overhead(prefix: str, row: list[float], base: list[float]) -> dict[str, float]:
+    """The median of the row's differences from its baseline, task by task (each pair
+    ran side by side, in one round), in µs and as a share of the baseline's median."""
+    difference = statistics.median(r - b for r, b in zip(row, base, strict=True))
+    return {
+        f"{prefix}overhead_us": round(difference, 1),
+        f"{prefix}overhead_pct": round(100 * difference / statistics.median(base), 1),
+    }
+
+
 async def pool_driver() -> AsyncDriver:
     """The driver of this loop's pool: the one ``pooled_query`` borrows."""
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:
@@ -170,8 +186,9 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
     #: Rows run as by hand: without the runner's task factory on the loop.
     plain = {IDEAL, CELERY_IDEAL, RUC_EMPTY}
 
-    def block(name: str, tasks: int) -> float:
-        """µs per task of ``tasks`` calls of ``name`` in a row."""
+    def one_task(name: str) -> tuple[float, float]:
+        """One call of ``name``: µs of wall time, and of this process's CPU time (every
+        thread of it; the server is a process of its own)."""
         call = variants[name]
         runner.use_process_loop(name in PROCESS_ROWS)
         factory = loop.get_task_factory()
@@ -179,38 +196,46 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
             loop.set_task_factory(None)
         worker_pool("prefork" if name == PREFORK_TASK else "threads")
         try:
-            started = time.perf_counter()
-            for _ in range(tasks):
-                call()
-            return (time.perf_counter() - started) / tasks * 1e6
+            cpu, started = time.process_time(), time.perf_counter()
+            call()
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            return wall * 1e6, cpu * 1e6
         finally:
             loop.set_task_factory(factory)
             worker_pool("threads")
             runner.use_process_loop(False)
 
+    names = list(variants)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     try:
-        names = list(variants)
-        for name in names:  # warm-up: sockets open, pools made, code paths hot
-            block(name, BLOCK)
-        per_block: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(BLOCK):  # warm-up: sockets open, pools made, code paths hot
+            for name in names:
+                one_task(name)
+        # What exists now (the benchmark's imports: Celery, the driver...) is kept out of
+        # the collector's way, so a full collection costs what the tasks' own garbage does.
+        gc.collect()
+        gc.freeze()
         order = random.Random(0)
-        for _ in range(rounds):
+        for _ in range(rounds * BLOCK):
             for name in order.sample(names, len(names)):
-                per_block[name].append(block(name, BLOCK))
+                took, used = one_task(name)
+                wall[name].append(took)
+                cpu[name].append(used)
     finally:
+        gc.unfreeze()
         own_loop.run_until_complete(own_driver.close())
         own_loop.close()
         runner.close_all_loops()
     rows = {}
-    for name, blocks in per_block.items():
-        base = per_block[BASELINE[name]]
-        ratio = statistics.median(b / i for b, i in zip(blocks, base, strict=True))
+    for name in names:
+        base = BASELINE[name]
         rows[name] = {
-            "us_per_task": round(statistics.median(blocks), 1),
-            "us_per_task_min": round(min(blocks), 1),
-            "baseline": BASELINE[name],
-            "ratio_to_baseline": round(ratio, 3),
-            "overhead_pct": round(100 * (ratio - 1), 1),
+            "us_per_task": round(statistics.median(wall[name]), 1),
+            "baseline": base,
+            **paired_overhead("", wall[name], wall[base]),
+            "cpu_us_per_task": round(statistics.median(cpu[name]), 1),
+            **paired_overhead("cpu_", cpu[name], cpu[base]),
         }
     return {"rows": rows}
 
@@ -223,7 +248,7 @@ def main() -> None:
     rounds = args.rounds or (4 if args.quick else 40)
     results: dict[str, Any] = {
         "query": QUERY,
-        "settings": {"tasks_per_block": BLOCK, "rounds": rounds},
+        "settings": {"tasks_per_round": BLOCK, "rounds": rounds},
         "networks": {},
     }
     with bolt_target() as server:
@@ -239,16 +264,21 @@ def report(results: dict[str, Any]) -> None:
     settings = results["settings"]
     for label, figures in results["networks"].items():
         table(
-            f"a sync caller, one query per task, {label} ({settings['tasks_per_block']} tasks "
-            f"per block, {settings['rounds']} rounds, median of paired block ratios)",
-            ["per task", "µs", "over its baseline"],
+            f"a sync caller, one query per task, {label} ({settings['tasks_per_round']} tasks "
+            f"per round, {settings['rounds']} rounds, task by task in a new random order; "
+            f"median of the paired differences)",
+            ["per task", "µs", "over its baseline", "CPU µs", "CPU over its baseline"],
             [
                 [
                     name,
                     f["us_per_task"],
                     "baseline"
                     if f["baseline"] == name
-                    else f"{f['overhead_pct']:+.1f}% ({f['ratio_to_baseline']:.2f}x)",
+                    else f"{f['overhead_pct']:+.1f}% ({f['overhead_us']:+.1f} µs)",
+                    f["cpu_us_per_task"],
+                    "baseline"
+                    if f["baseline"] == name
+                    else f"{f['cpu_overhead_pct']:+.1f}% ({f['cpu_overhead_us']:+.1f} µs)",
                 ]
                 for name, f in figures["rows"].items()
             ],
