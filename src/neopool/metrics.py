@@ -215,7 +215,8 @@ _registered_lock = threading.Lock()
 def _after_fork_in_child() -> None:
     # A parent thread inside register() at the fork holds the child's copy for good:
     # a register() or serve() in the child (a worker child serving its own metrics)
-    # would wait forever.
+    # would wait forever. (prometheus_client's own registry lock, held by a parent
+    # thread scraping at the fork, is that library's to remake: not done here.)
     global _registered_lock
     _registered_lock = threading.Lock()
 

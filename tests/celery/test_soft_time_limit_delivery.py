@@ -145,3 +145,26 @@ def test_under_prefork_a_revokes_signal_ends_a_task_without_a_soft_limit_of_its_
     finally:
         revoked.pop_request()
     assert time.monotonic() - began < 10  # not the 20 s it would have run
+
+
+@pytest.mark.parametrize("delivery", ["signal-in-callback"], indirect=True)
+def test_under_prefork_a_revoke_that_the_coroutine_turns_into_a_return_still_fails_the_task(
+    app: Celery, mode: str, delivery: str
+) -> None:
+    """A revoke's signal landing in a callback cancels the coroutine; one that catches the
+    cancel and returns does not turn the revoked task into a success."""
+
+    @app.task(base=AsyncTask, shared=False)  # type: ignore[untyped-decorator]
+    async def partial() -> str:
+        try:
+            await wait_for_io(delivery)
+        except asyncio.CancelledError:
+            return "partial"
+        return "ran to the end"
+
+    partial.push_request(id="revoked-and-returning", called_directly=False)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            partial()
+    finally:
+        partial.pop_request()

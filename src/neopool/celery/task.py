@@ -296,13 +296,16 @@ async def _as_prefork_child(
     lost: list[BaseException] = []
     restore = _catch_a_lost_soft_limit(loop, call, lost, None)
     try:
-        return await awaitable
+        result = await awaitable
     except asyncio.CancelledError:
         if lost:
             raise lost[0] from None
         raise
     finally:
         restore()
+    if lost:  # it caught the cancel and returned: the revoke still ends the task
+        raise lost[0]
+    return result
 
 
 #: ``celery.worker.state.revoked``, once imported (see :func:`_revoked_ids`).
