@@ -102,6 +102,14 @@ def target_config(threshold: float) -> Any:
     return Neo4jConnectionConfig(uri="bolt://127.0.0.1:7687", blocked_loop_threshold=threshold)
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``values``."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4)
+    return first, third
+
+
 def main() -> None:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--rounds", type=int, default=20, help="rounds per mode (default 20)")
@@ -152,12 +160,17 @@ def main() -> None:
         # Each round ran both modes back to back: the ratio within a round cancels the drift
         # of the machine's load between rounds.
         pairs = list(zip(by_mode[ON], by_mode[OFF], strict=True))
-        throughput = statistics.median(on["calls_per_s"] / off["calls_per_s"] for on, off in pairs)
-        cpu = statistics.median(on["cpu_us_per_call"] / off["cpu_us_per_call"] for on, off in pairs)
+        throughput_ratios = [on["calls_per_s"] / off["calls_per_s"] for on, off in pairs]
+        cpu_ratios = [on["cpu_us_per_call"] / off["cpu_us_per_call"] for on, off in pairs]
+        throughput, cpu = statistics.median(throughput_ratios), statistics.median(cpu_ratios)
+        # The spread of the rounds' ratios: the noise a median of them sits in.
+        throughput_iqr, cpu_iqr = quartiles(throughput_ratios), quartiles(cpu_ratios)
         summary[workload] = {
             "medians": medians,
             "throughput_on_off": throughput,
+            "throughput_on_off_quartiles": throughput_iqr,
             "cpu_on_off": cpu,
+            "cpu_on_off_quartiles": cpu_iqr,
             "rounds": by_mode,
         }
         for mode in (OFF, ON):
@@ -167,8 +180,10 @@ def main() -> None:
                     mode,
                     f"{medians[mode]['calls_per_s']:.0f}",
                     f"{medians[mode]['cpu_us_per_call']:.0f}",
-                    "" if mode == OFF else f"{throughput:.3f}",
-                    "" if mode == OFF else f"{cpu:.3f}",
+                    ""
+                    if mode == OFF
+                    else f"{throughput:.3f} ({throughput_iqr[0]:.3f}-{throughput_iqr[1]:.3f})",
+                    "" if mode == OFF else f"{cpu:.3f} ({cpu_iqr[0]:.3f}-{cpu_iqr[1]:.3f})",
                 ]
             )
     table(
@@ -179,8 +194,8 @@ def main() -> None:
             "mode",
             "calls/s",
             "CPU us/call",
-            "throughput on/off (paired)",
-            "CPU on/off (paired)",
+            "throughput on/off (paired; quartiles)",
+            "CPU on/off (paired; quartiles)",
         ],
         rows,
     )
