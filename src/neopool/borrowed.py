@@ -27,16 +27,20 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from neo4j import AsyncDriver, AsyncSession
+from neo4j.exceptions import AuthError
 
 from neopool.database import DEFAULT_SCHEMA, Schema, preparer
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import EventLoopConnectionPool
+from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 
 __all__ = ["BorrowedConnection", "PooledSession"]
 
 _T = TypeVar("_T")
+
+#: The errors the pool acts on when a lease comes back (see ``_return_nowait``).
+_POOL_ERRORS = (*CONNECTIVITY_ERRORS, AuthError)
 
 
 # -- one lease, used by nested code ------------------------------------------------------
@@ -47,10 +51,12 @@ class SharedLease:
 
     Nested code joins the lease held around it rather than borrowing another;
     the count lets whichever user ends last give it back, in whatever order
-    they end (a task spawned inside may outlive its lender).
+    they end (a task spawned inside may outlive its lender). The first error
+    the pool acts on (connectivity, a refused logon) is kept for the return,
+    whichever user met it: the last to leave may have left cleanly.
     """
 
-    __slots__ = ("__weakref__", "_dropped", "lease", "pool", "users")
+    __slots__ = ("__weakref__", "_dropped", "_error", "lease", "pool", "users")
 
     def __init__(
         self,
@@ -60,18 +66,27 @@ class SharedLease:
         self.lease = lease
         self.pool = lease._pool
         self.users = 1
+        self._error: BaseException | None = None
         # Collected with users left (their task destroyed mid-session): ``on_dropped(lease)``
         # gives it back. Without one, the pool's own lost-lease warning does.
         self._dropped = None if on_dropped is None else weakref.finalize(self, on_dropped, lease)
 
     def leave(self, error: BaseException | None = None) -> None:
-        """One user is done; the last returns the lease (with ``error``). Never awaits."""
+        """One user is done; the last returns the lease. Never awaits.
+
+        The return carries the first error the pool acts on, whoever met it, else
+        the last user's own (a closed coroutine's ``GeneratorExit`` always its own).
+        """
+        if self._error is None and isinstance(error, _POOL_ERRORS):
+            self._error = error
         self.users -= 1
         if self.users > 0:
             return
         dropped = self._dropped
         if dropped is not None and dropped.detach() is None:
             return  # its drop handler ran already and gave the lease back
+        if self._error is not None and not isinstance(error, GeneratorExit):
+            error = self._error
         self.pool._return_nowait(self.lease, error)
 
     def __repr__(self) -> str:
