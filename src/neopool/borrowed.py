@@ -97,13 +97,14 @@ class Lending:
     """One entry of what code running in a context may use: a shared lease, and for whom.
 
     Entries stack (each covers the one before); :meth:`end` uncovers the
-    previous one in the context that shows this entry (its own task's; a task
-    spawned inside keeps its own copy, which stops mattering once the lease
-    has no users). The task is held weakly: a context captured inside (a
-    callback, a task) must not keep it, its exception and its frames alive.
+    previous one in the context that shows this entry (its own task's) and
+    stops it lending anywhere: a task spawned inside keeps a copy of the
+    stack, which must not lend it a lease its lender still holds for others.
+    The task is held weakly: a context captured inside (a callback, a task)
+    must not keep it, its exception and its frames alive.
     """
 
-    __slots__ = ("previous", "shared", "task", "to_spawned_tasks")
+    __slots__ = ("active", "previous", "shared", "task", "to_spawned_tasks")
 
     def __init__(
         self,
@@ -113,19 +114,23 @@ class Lending:
         previous: Lending | None,
     ) -> None:
         self.shared = shared
-        self.task = None if task is None or to_spawned_tasks else weakref.ref(task)
+        self.task = None if task is None else weakref.ref(task)
         self.to_spawned_tasks = to_spawned_tasks
         self.previous = previous
+        self.active = True
 
-    def lends_to(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether code running in ``task`` (the current one) may use the lease."""
-        if self.to_spawned_tasks:
-            return True
+    def made_in(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` made this entry (and so is the one that ends it)."""
         own = self.task
         return (own() if own is not None else None) is task
 
+    def lends_to(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether code running in ``task`` (the current one) may use the lease."""
+        return self.active and (self.to_spawned_tasks or self.made_in(task))
+
     def end(self) -> None:
-        """Stop lending here: the context that shows this entry shows the one it covered."""
+        """Stop lending: the context that shows this entry shows the one it covered."""
+        self.active = False
         if _lending.get() is self:
             _lending.set(self.previous)
 
@@ -174,10 +179,12 @@ def lend(shared: SharedLease, *, to_spawned_tasks: bool = False) -> Lending | No
     if ``to_spawned_tasks``) until :meth:`Lending.end`; ``None`` if it is lent so already."""
     current = _lending.get()
     task = asyncio.current_task()
-    if (
+    if (  # a lending of this task's own, that ends after this one: it covers it
         current is not None
         and current.shared is shared
-        and (current.to_spawned_tasks or (not to_spawned_tasks and current.lends_to(task)))
+        and current.active
+        and current.made_in(task)
+        and (current.to_spawned_tasks or not to_spawned_tasks)
     ):
         return None
     lending = Lending(shared, task, to_spawned_tasks, current)
