@@ -468,6 +468,38 @@ async def test_a_logon_refused_on_a_new_connection_makes_neopool_ask_again(
         await pool.close()
 
 
+async def test_a_logon_refused_to_a_nested_session_makes_neopool_ask_again(
+    configure: Callable[..., Any], account: Account, neopool_proxy: TcpProxy
+) -> None:
+    """The nested session meets the refusal and the borrow around it then ends cleanly: the lease
+    goes back with the AuthError all the same, and the next logon asks the provider again."""
+    configure(
+        uri=neopool_proxy.uri(),
+        username=account.name,
+        credentials=account.async_provider,
+        max_transaction_retry_time=0.0,
+        liveness_check_timeout=0.0,  # a socket cut by the proxy is found before use
+        pool_max_size=1,
+        pool_min_size=0,
+    )
+    new = f"second-{secrets.token_hex(8)}"
+
+    async def a_query() -> None:
+        async with Neo4jConnectionFactory.session(database="neo4j") as session:
+            await (await session.run("RETURN 1")).consume()
+
+    async with Neo4jConnectionFactory.borrow_connection():
+        await a_query()
+        assert neopool_proxy.cut_all() >= 1  # no connection open, so none reports it
+        account.drop()
+        account.create(new)
+        account.publish(new)
+        with pytest.raises(AuthError, match="failed"):
+            await a_query()
+    await a_query()  # the next logon used the new password
+    assert [password for password, *_ in account.fetched][-1] == new
+
+
 class _borrowed:
     """``async with`` one lease of ``pool``, returned with the error it ended with."""
 

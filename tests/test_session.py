@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from neo4j import AsyncSession
+from neo4j.exceptions import ServiceUnavailable, SessionExpired
 
 from neopool import EventLoopConnectionPool, GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 from neopool.errors import LeaseError
@@ -193,6 +194,28 @@ async def test_a_session_lent_to_nested_code_is_not_lent_after_it_ends(
         pool = await this_loops_pool()
         assert pool.in_use == 1  # a new borrow, not the returned lease
     assert pool.borrows == 2
+
+
+async def test_a_nested_sessions_connectivity_error_has_the_driver_checked_before_the_next_borrow(
+    configure: Callable[..., Any], neopool_proxy: TcpProxy
+) -> None:
+    """The nested session meets the error and the borrow around it then ends cleanly: the lease
+    goes back with the error all the same, so the driver is checked before it is lent again."""
+    configure(uri=neopool_proxy.uri(), pool_max_size=1, pool_min_size=0)
+
+    async def a_query_the_network_cuts() -> None:
+        async with Neo4jConnectionFactory.session(database="neo4j") as session:
+            await (await session.run("RETURN 1")).consume()
+            neopool_proxy.cut_all()
+            await (await session.run("RETURN 2")).consume()
+
+    async with Neo4jConnectionFactory.borrow_connection():
+        with pytest.raises((ServiceUnavailable, SessionExpired)):
+            await a_query_the_network_cuts()
+    opened = neopool_proxy.connections_opened
+    async with Neo4jConnectionFactory.borrow_connection():
+        assert neopool_proxy.connections_opened > opened  # the check connected to the server
+    assert (await this_loops_pool()).in_use == 0
 
 
 async def test_execute_query_gives_the_lease_back_after_an_error(

@@ -27,16 +27,20 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from neo4j import AsyncDriver, AsyncSession
+from neo4j.exceptions import AuthError
 
 from neopool.database import DEFAULT_SCHEMA, Schema, preparer
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import EventLoopConnectionPool
+from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 
 __all__ = ["BorrowedConnection", "PooledSession"]
 
 _T = TypeVar("_T")
+
+#: The errors the pool acts on when a lease comes back (see ``_return_nowait``).
+_POOL_ERRORS = (*CONNECTIVITY_ERRORS, AuthError)
 
 
 # -- one lease, used by nested code ------------------------------------------------------
@@ -47,10 +51,12 @@ class SharedLease:
 
     Nested code joins the lease held around it rather than borrowing another;
     the count lets whichever user ends last give it back, in whatever order
-    they end (a task spawned inside may outlive its lender).
+    they end (a task spawned inside may outlive its lender). The first error
+    the pool acts on (connectivity, a refused logon) is kept for the return,
+    whichever user met it: the last to leave may have left cleanly.
     """
 
-    __slots__ = ("__weakref__", "_dropped", "lease", "pool", "users")
+    __slots__ = ("__weakref__", "_dropped", "_error", "lease", "pool", "users")
 
     def __init__(
         self,
@@ -60,18 +66,27 @@ class SharedLease:
         self.lease = lease
         self.pool = lease._pool
         self.users = 1
+        self._error: BaseException | None = None
         # Collected with users left (their task destroyed mid-session): ``on_dropped(lease)``
         # gives it back. Without one, the pool's own lost-lease warning does.
         self._dropped = None if on_dropped is None else weakref.finalize(self, on_dropped, lease)
 
     def leave(self, error: BaseException | None = None) -> None:
-        """One user is done; the last returns the lease (with ``error``). Never awaits."""
+        """One user is done; the last returns the lease. Never awaits.
+
+        The return carries the first error the pool acts on, whoever met it, else
+        the last user's own (a closed coroutine's ``GeneratorExit`` always its own).
+        """
+        if self._error is None and isinstance(error, _POOL_ERRORS):
+            self._error = error
         self.users -= 1
         if self.users > 0:
             return
         dropped = self._dropped
         if dropped is not None and dropped.detach() is None:
             return  # its drop handler ran already and gave the lease back
+        if self._error is not None and not isinstance(error, GeneratorExit):
+            error = self._error
         self.pool._return_nowait(self.lease, error)
 
     def __repr__(self) -> str:
@@ -82,13 +97,14 @@ class Lending:
     """One entry of what code running in a context may use: a shared lease, and for whom.
 
     Entries stack (each covers the one before); :meth:`end` uncovers the
-    previous one in the context that shows this entry (its own task's; a task
-    spawned inside keeps its own copy, which stops mattering once the lease
-    has no users). The task is held weakly: a context captured inside (a
-    callback, a task) must not keep it, its exception and its frames alive.
+    previous one in the context that shows this entry (its own task's) and
+    stops it lending anywhere: a task spawned inside keeps a copy of the
+    stack, which must not lend it a lease its lender still holds for others.
+    The task is held weakly: a context captured inside (a callback, a task)
+    must not keep it, its exception and its frames alive.
     """
 
-    __slots__ = ("previous", "shared", "task", "to_spawned_tasks")
+    __slots__ = ("active", "previous", "shared", "task", "to_spawned_tasks")
 
     def __init__(
         self,
@@ -98,19 +114,23 @@ class Lending:
         previous: Lending | None,
     ) -> None:
         self.shared = shared
-        self.task = None if task is None or to_spawned_tasks else weakref.ref(task)
+        self.task = None if task is None else weakref.ref(task)
         self.to_spawned_tasks = to_spawned_tasks
         self.previous = previous
+        self.active = True
 
-    def lends_to(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether code running in ``task`` (the current one) may use the lease."""
-        if self.to_spawned_tasks:
-            return True
+    def made_in(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` made this entry (and so is the one that ends it)."""
         own = self.task
         return (own() if own is not None else None) is task
 
+    def lends_to(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether code running in ``task`` (the current one) may use the lease."""
+        return self.active and (self.to_spawned_tasks or self.made_in(task))
+
     def end(self) -> None:
-        """Stop lending here: the context that shows this entry shows the one it covered."""
+        """Stop lending: the context that shows this entry shows the one it covered."""
+        self.active = False
         if _lending.get() is self:
             _lending.set(self.previous)
 
@@ -159,10 +179,12 @@ def lend(shared: SharedLease, *, to_spawned_tasks: bool = False) -> Lending | No
     if ``to_spawned_tasks``) until :meth:`Lending.end`; ``None`` if it is lent so already."""
     current = _lending.get()
     task = asyncio.current_task()
-    if (
+    if (  # a lending of this task's own, that ends after this one: it covers it
         current is not None
         and current.shared is shared
-        and (current.to_spawned_tasks or (not to_spawned_tasks and current.lends_to(task)))
+        and current.active
+        and current.made_in(task)
+        and (current.to_spawned_tasks or not to_spawned_tasks)
     ):
         return None
     lending = Lending(shared, task, to_spawned_tasks, current)

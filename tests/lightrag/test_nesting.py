@@ -131,7 +131,8 @@ async def test_a_lease_shared_with_a_spawned_task_goes_back_when_its_last_user_e
     configure: Any, neopool_registry: GlobalNeo4jConnectionPool
 ) -> None:
     """The storage session ends while a task it spawned is still in a neopool session on its
-    lease: the lease stays out for that session, and comes back when it ends."""
+    lease: the lease stays out for that session (and is lent inside it), and comes back when it
+    ends."""
     configure(pool_max_size=2, pool_min_size=0)
     storage = new_storage()
     await storage.initialize()
@@ -142,6 +143,7 @@ async def test_a_lease_shared_with_a_spawned_task_goes_back_when_its_last_user_e
             inside.set()
             await leave.wait()
             await (await session.run("RETURN 1")).consume()  # the lease is still this session's
+            await audit("child")  # and lent to the code inside it, as before
 
     try:
         pool = await this_loops_pool()
@@ -157,3 +159,37 @@ async def test_a_lease_shared_with_a_spawned_task_goes_back_when_its_last_user_e
         assert pool.borrows == borrows + 1  # one borrow, for both
     finally:
         await storage.finalize()
+
+
+async def test_a_task_spawned_in_a_storage_session_borrows_its_own_lease_once_it_ends(
+    configure: Any, neopool_registry: GlobalNeo4jConnectionPool
+) -> None:
+    """The note's pattern holds a lease for the object's life; a storage session in that task
+    joins it and lends it to the tasks it spawns while it lasts, not after: a task spawned there
+    that goes on borrows its own lease for its later sessions."""
+    configure(pool_max_size=2, pool_min_size=0)
+    storage = new_storage()
+    await storage.initialize()
+    session_over = asyncio.Event()
+    in_use: list[int] = []
+    borrowed = Neo4jConnectionFactory.borrow_connection()
+    await borrowed.__aenter__()  # initialize()
+    pool = await this_loops_pool()
+
+    async def goes_on_after_the_session() -> None:
+        await session_over.wait()
+        async with Neo4jConnectionFactory.session(database="neo4j") as session:
+            await (await session.run("RETURN 1")).consume()
+            in_use.append(pool.in_use)
+
+    try:
+        async with storage._driver.session(database=storage._DATABASE):
+            child = asyncio.create_task(goes_on_after_the_session())
+        session_over.set()
+        await child
+        assert in_use == [2]  # a lease of its own beside the held one, not the held one
+        assert pool.in_use == 1
+    finally:
+        await borrowed.__aexit__(None, None, None)  # finalize()
+        await storage.finalize()
+    assert pool.in_use == 0
