@@ -10,9 +10,11 @@ it elsewhere, as it may for Celery's soft time limit under prefork.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ import pytest
 
 import neopool
 from neopool import runner
+from tests.support.polling import eventually
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -65,13 +68,17 @@ async def wait_for_ever() -> None:
     await asyncio.get_running_loop().create_future()
 
 
-def seconds_to_interrupt(wake: Callable[[], object]) -> float:
+def seconds_to_interrupt(
+    wake: Callable[[], object], asleep: Callable[[], bool] = lambda: True
+) -> float:
     """Run a call that waits for ever in the main thread; SIGUSR1 (blocked in the main
     thread) is sent to the process from another thread once it waits, and raises
     :class:`Interrupted`: seconds from the signal to the call raising it.
 
     ``wake()`` wakes the wait ``UNWOKEN`` s after the signal if nothing has raised (the
-    call's next I/O would), so a wait the signal does not wake fails the bound.
+    call's next I/O would), so a wait the signal does not wake fails the bound. The
+    signal is sent once ``asleep()`` says the main thread sleeps (before, it would run
+    the handler at its next bytecode, woken or not).
     """
     waiting = threading.Event()
     done = threading.Event()
@@ -85,7 +92,7 @@ def seconds_to_interrupt(wake: Callable[[], object]) -> float:
         raise Interrupted
 
     def send_once_waiting() -> None:
-        if waiting.wait(30):
+        if waiting.wait(30) and eventually(asleep):
             sent.append(time.monotonic())
             os.kill(os.getpid(), signal.SIGUSR1)
             if not done.wait(UNWOKEN):
@@ -107,6 +114,27 @@ def seconds_to_interrupt(wake: Callable[[], object]) -> float:
         sender.join(30)
         signal.signal(signal.SIGUSR1, previous)
     return raised - sent[0]
+
+
+def main_thread_waits_in(function: str, module: str) -> bool:
+    """Whether the main thread's innermost Python frame is ``function`` of ``module``
+    (blocked in the C call it makes there: the test holds the GIL as it looks)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    return (
+        frame is not None
+        and frame.f_code.co_name == function
+        and frame.f_code.co_filename.endswith(module)
+    )
+
+
+def main_thread_polls() -> bool:
+    """Whether the main thread sleeps in the wakeup's poll (in process-loop mode)."""
+    return main_thread_waits_in("wait", "_signal_wakeup.py")
+
+
+def main_thread_selects() -> bool:
+    """Whether the main thread sleeps in its runner loop's selector."""
+    return main_thread_waits_in("select", "selectors.py")
 
 
 def wake_thread_loop() -> Callable[[], object]:
@@ -221,3 +249,115 @@ def test_leftover_signal_bytes_do_not_keep_the_loop_busy() -> None:
         assert neopool.run(idle_iterations()) < 10  # not a busy loop on a readable socket
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_the_wakeup_fd_is_set_again_after_asyncio_code_cleared_it(mode: str) -> None:
+    """asyncio clears the wakeup fd as a loop that had signal handlers closes."""
+    if mode == "process":
+        runner.use_process_loop()
+        wake: Callable[[], object] = runner.cancel_calls
+        asleep = main_thread_polls
+    else:
+        wake = wake_thread_loop()
+        asleep = main_thread_selects
+    neopool.run(asyncio.sleep(0))
+    other = asyncio.new_event_loop()
+    other.add_signal_handler(signal.SIGUSR2, lambda: None)
+    other.close()
+    assert wakeup_fd() == -1
+    assert seconds_to_interrupt(wake, asleep) < PROMPTLY
+
+
+def test_a_wakeup_fd_someone_else_set_after_the_loop_was_made_is_left_in_place() -> None:
+    neopool.run(asyncio.sleep(0))
+    theirs, peer = socket.socketpair()
+    theirs.setblocking(False)
+    try:
+        signal.set_wakeup_fd(theirs.fileno())
+        neopool.run(asyncio.sleep(0))
+        assert wakeup_fd() == theirs.fileno()
+    finally:
+        signal.set_wakeup_fd(-1)
+        theirs.close()
+        peer.close()
+
+
+def test_a_signal_handler_raising_as_the_wakeup_fd_is_looked_at_leaves_someone_elses() -> None:
+    """A signal handler runs between two bytecodes: here, right after the first
+    ``set_wakeup_fd`` call returns (as a profile function sees it)."""
+    theirs, peer = socket.socketpair()
+    theirs.setblocking(False)
+
+    def raise_after_set_wakeup_fd(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and arg is signal.set_wakeup_fd:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    try:
+        signal.set_wakeup_fd(theirs.fileno())
+        call = asyncio.sleep(0)
+        sys.setprofile(raise_after_set_wakeup_fd)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                neopool.run(call)  # the main thread's loop is made
+        finally:
+            sys.setprofile(None)
+            call.close()
+        assert wakeup_fd() == theirs.fileno()
+    finally:
+        signal.set_wakeup_fd(-1)
+        theirs.close()
+        peer.close()
+
+
+def test_a_call_from_a_signal_handler_while_the_main_thread_waits_on_the_process_loop() -> None:
+    """The handler runs inside the main thread's poll (interrupted by the signal)."""
+    runner.use_process_loop()
+    waiting = threading.Event()
+    handled: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    async def outer() -> str:
+        waiting.set()
+        return await asyncio.wrap_future(handled)
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            handled.set_result(neopool.run(asyncio.sleep(0, "inner")))
+        except BaseException as exc:
+            handled.set_exception(exc)
+            raise
+
+    def send_once_polling() -> None:
+        if waiting.wait(30) and eventually(main_thread_polls):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    sender = threading.Thread(target=send_once_polling, name="signal-sender")
+    sender.start()
+    try:
+        assert neopool.run(outer()) == "inner"
+    finally:
+        sender.join(30)
+        signal.signal(signal.SIGUSR1, previous)
+    assert neopool.run(asyncio.sleep(0, "next")) == "next"
+
+
+def test_no_file_descriptor_for_the_wakeup_is_not_an_interrupt() -> None:
+    """The process loop is running; the main thread's first wait on it finds no fd left."""
+    import resource  # POSIX
+
+    runner.use_process_loop()
+    runner.process_loop()
+    assert wakeup_fd() == -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            socket.socketpair()
+        assert neopool.run(asyncio.sleep(0, "done")) == "done"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -11,19 +11,26 @@ writes a byte to the *wakeup fd*, when one is set: this module points it at a
 socket that the main thread's waits read, as asyncio does for its own signal
 handlers (``add_signal_handler``).
 
-* It is set once, the first time the main thread needs it (its runner loop is
-  made, or it waits on the process loop), not per call; the main thread's runner
-  loop reads the socket (a reader on it, added once per loop); in process-loop
-  mode the main thread waits on the socket, which the call's end writes to too.
-* A wakeup fd someone else set is left in place: a byte meant for their loop
-  would be lost in ours. Code that clears the wakeup fd afterwards (asyncio does,
-  as it removes its last signal handler) turns it off until it is set again
-  (the next runner loop of the main thread).
+* It is set the first time the main thread needs it (its runner loop is made, or
+  it waits on the process loop), and set again at each call of the main thread
+  (one ``set_wakeup_fd`` call, about 1 µs): code that cleared it since (asyncio
+  does, as it removes its last signal handler or closes a loop that had some)
+  turns it off until the next call. The main thread's runner loop reads the
+  socket (a reader on it, added once per loop); in process-loop mode the main
+  thread waits on the socket, which the call's end writes to too. A call made by
+  a signal handler while the main thread waits there (its poll is busy) waits on
+  its future instead.
+* A wakeup fd someone else set is left in place (put back at once, with the
+  default ``warn_on_full_buffer``, which asyncio uses: Python cannot say what it
+  was): a byte meant for their loop would be lost in ours. The wakeup fd is never
+  left unset in between, not even by a signal handler raising there.
 * It is put back as it was (``-1``), and the socket closed, when the main thread's
   runner loop closes in the main thread, when the main thread closes the process
   loop (unless its runner loop still reads it), and so at exit. A forked child
   puts back what its parent had replaced, and closes its copies of the socket; it
   sets one of its own when it needs one.
+* The wakeup is best-effort: when no socket can be made (no file descriptor
+  left), or the poll fails, the main thread waits as it would without it.
 * Only for loops that do not do it themselves: a selector loop; uvloop sets its
   own for each run, and so does the proactor loop on Windows, for its life.
 """
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -42,18 +50,20 @@ import weakref
 from asyncio import selector_events
 from typing import Any
 
-__all__ = ["after_fork_in_child", "release", "wait", "watch"]
+__all__ = ["after_fork_in_child", "rearm", "release", "wait", "watch"]
 
 
 class _Wakeup:
     """The socket pair the wakeup fd points at: the C handler writes to ``writer``."""
 
-    __slots__ = ("loop", "pid", "poller", "reader", "writer")
+    __slots__ = ("fd", "loop", "pid", "poller", "reader", "writer")
 
     def __init__(self) -> None:
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
         self.writer.setblocking(False)  # set_wakeup_fd requires it
+        #: What the wakeup fd is set to: ``(writer's fd,)`` (none once closed).
+        self.fd: tuple[int, ...] = (self.writer.fileno(),)
         self.pid = os.getpid()
         #: The main thread's runner loop that reads it, if any.
         self.loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
@@ -72,20 +82,30 @@ class _Wakeup:
             while self.reader.recv(4096):
                 pass
 
-    def wait(self) -> None:
-        """Sleep until a signal or a ring comes (one may have come already)."""
-        if self.poller is not None:
-            self.poller.poll()
-        else:  # pragma: no cover - Windows
-            select.select([self.reader], [], [])
+    def wait(self) -> bool:
+        """Sleep until a signal or a ring comes (one may have come already); ``False`` if
+        the wait itself failed (the caller waits some other way)."""
+        try:
+            if self.poller is not None:
+                self.poller.poll()
+            else:  # pragma: no cover - Windows
+                select.select([self.reader], [], [])
+        except OSError as exc:
+            # A signal handler's own OSError went through a frame of its own: it propagates.
+            if exc.__traceback__ is None or exc.__traceback__.tb_next is not None:
+                raise
+            return False
         self.drain()
+        return True
 
     def close(self) -> None:
+        self.fd = ()
         self.reader.close()
         self.writer.close()
 
 
-#: The process's wakeup, while the wakeup fd is ours (as far as we know).
+#: The process's wakeup, once made (the wakeup fd points at it, unless someone else's
+#: was set or it was cleared since: :func:`rearm`).
 _installed: _Wakeup | None = None
 
 
@@ -94,54 +114,94 @@ def _in_main_thread() -> bool:
 
 
 def _install() -> _Wakeup | None:
-    """In the main thread: point the wakeup fd at our socket, unless someone else's is set."""
+    """In the main thread: the process's wakeup, the wakeup fd pointed at it; ``None`` if
+    someone else's is set (it stays), or no socket can be made."""
     global _installed
     wakeup = _installed
-    if wakeup is not None:
-        if wakeup.pid == os.getpid():
-            return wakeup
+    if wakeup is not None and wakeup.pid != os.getpid():
         after_fork_in_child()  # the parent's: the fork hook did not run
-    try:
-        current = signal.set_wakeup_fd(-1)  # costs no system call: only reads it
-    except ValueError:  # not the main thread
-        return None
-    if current != -1:
+        wakeup = None
+    if wakeup is None:
         try:
-            signal.set_wakeup_fd(current)  # someone else's: it stays
+            wakeup = _Wakeup()
+        except OSError:  # no file descriptor left, say: the waits go without
             return None
-        except (ValueError, OSError):  # closed, or not usable: nobody's any more
-            pass
-    wakeup = _Wakeup()
+        _installed = wakeup
+    return wakeup if _swap(wakeup, wakeup.fd) else None
+
+
+#: ``signal.set_wakeup_fd`` as this module sets it.
+_set_wakeup_fd = functools.partial(signal.set_wakeup_fd, warn_on_full_buffer=False)
+
+
+def _swap(wakeup: _Wakeup, fd: tuple[int, ...]) -> bool:
+    """Set the wakeup fd to ``fd`` (``wakeup``'s, or ``(-1,)``) in one call, unless someone
+    else's is set: then it is put back at once, and this says ``False``.
+
+    The one call both sets it and says what it was: no moment without a wakeup fd, in
+    which a signal's byte would be lost. Made inside a list display, so that what it
+    says is kept even if a signal handler raises as the call returns (between two
+    bytecodes): someone else's is put back then too, before the exception propagates.
+    """
+    old: list[int] = []
     try:
-        signal.set_wakeup_fd(wakeup.writer.fileno(), warn_on_full_buffer=False)
-    except (ValueError, OSError):  # pragma: no cover - the socket is non-blocking, and ours
-        wakeup.close()
-        return None
-    _installed = wakeup
-    return wakeup
+        old = [*map(_set_wakeup_fd, fd)]
+    finally:
+        theirs = old[0] if old and old[0] != -1 and (old[0],) != wakeup.fd else -1
+        if theirs != -1:
+            try:
+                signal.set_wakeup_fd(theirs)
+            except (ValueError, OSError):  # closed, or not usable: nobody's any more
+                theirs = -1
+    return theirs == -1
 
 
-def watch(loop: asyncio.AbstractEventLoop) -> None:
-    """``loop`` is the calling thread's new runner loop: if that is the main thread, a
-    signal wakes it (once set, for the loop's life)."""
-    if not _in_main_thread() or not isinstance(loop, selector_events.BaseSelectorEventLoop):
-        return
-    wakeup = _install()
+def rearm() -> None:
+    """At each call of the main thread's runner loop: point the wakeup fd at the socket
+    again, unless someone else's is set (code may have cleared it since)."""
+    wakeup = _installed
     if wakeup is not None:
-        wakeup.drain()  # what came while nothing read it: not news for this loop
-        loop.add_reader(wakeup.reader.fileno(), wakeup.drain)
-        wakeup.loop = weakref.ref(loop)
+        _swap(wakeup, wakeup.fd)
+
+
+def watch(loop: asyncio.AbstractEventLoop) -> bool:
+    """``loop`` is the calling thread's new runner loop: if that is the main thread, a
+    signal wakes it (the loop reads the socket for its life; :func:`rearm` at each of its
+    calls). Whether it does."""
+    if not _in_main_thread() or not isinstance(loop, selector_events.BaseSelectorEventLoop):
+        return False
+    _install()  # someone else's wakeup fd may be set: a later call sets ours
+    wakeup = _installed
+    if wakeup is None:
+        return False
+    wakeup.drain()  # what came while nothing read it: not news for this loop
+    loop.add_reader(wakeup.reader.fileno(), wakeup.drain)
+    wakeup.loop = weakref.ref(loop)
+    return True
+
+
+#: The main thread waits in :func:`wait` (a signal handler's call made there does not).
+_waiting = False
 
 
 def wait(future: concurrent.futures.Future[Any]) -> None:
     """Until ``future`` is done; in the main thread, a signal wakes the wait too (its
-    handler's exception is raised here). Elsewhere, returns at once: the caller waits."""
-    wakeup = _install() if _in_main_thread() else None
+    handler's exception is raised here). Elsewhere, or in a signal handler's call while
+    the main thread waits here, or if the wakeup cannot be had, returns at once: the
+    caller waits on the future."""
+    global _waiting
+    if _waiting or not _in_main_thread():
+        return  # nested: the outer wait's poll is busy, and its ring is not ours to read
+    wakeup = _install()
     if wakeup is None:
         return
-    future.add_done_callback(wakeup.ring)
-    while not future.done():
-        wakeup.wait()
+    _waiting = True
+    try:
+        future.add_done_callback(wakeup.ring)
+        while not future.done() and wakeup.wait():
+            pass
+    finally:
+        _waiting = False
 
 
 def release(loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -165,18 +225,16 @@ def release(loop: asyncio.AbstractEventLoop | None = None) -> None:
 
 
 def _put_back(wakeup: _Wakeup) -> None:
-    current = signal.set_wakeup_fd(-1)
-    if current not in (-1, wakeup.writer.fileno()):  # someone else's since: it stays
-        with contextlib.suppress(ValueError, OSError):
-            signal.set_wakeup_fd(current)
+    _swap(wakeup, (-1,))  # someone else's since: it stays
 
 
 def after_fork_in_child() -> None:
     """The parent's wakeup is not the child's: the wakeup fd is put back as it was before
     it, and the child's copies of its socket are closed (the parent's loop, kept here and
     never run, still names it; the parent's own copies stay open)."""
-    global _installed
+    global _installed, _waiting
     wakeup, _installed = _installed, None
+    _waiting = False  # the parent's main thread may have been waiting: the child's is not
     if wakeup is None:
         return
     try:

@@ -395,8 +395,8 @@ class _ThreadLoop:
         self.runner: _Runner = Runner(loop_factory=_new_loop)
         self.loop: asyncio.AbstractEventLoop = self.runner.get_loop()
         # In the main thread, a signal wakes the loop as it waits (its handler then
-        # raises there, at once): set up once, for the loop's life.
-        _signal_wakeup.watch(self.loop)
+        # raises there, at once): set up once, for the loop's life; re-armed per call.
+        self.watched = _signal_wakeup.watch(self.loop)
         self.thread_name = thread.name
         self.thread_ident = thread.ident
         self.lock = threading.Lock()
@@ -442,6 +442,8 @@ class _ThreadLoop:
         propagates, as any signal's exception does below.
         """
         loop = self.loop
+        if self.watched:  # the wakeup fd may have been cleared since the last call
+            _signal_wakeup.rearm()
         call = _Call(loop)
         _begin(call)
         try:
