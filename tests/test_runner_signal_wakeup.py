@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 
 import neopool
+from forking import checks_in_a_forked_child
 from neopool import runner
-from tests.support.polling import eventually
+from polling import eventually
+from signals import PROMPTLY, UNWOKEN, Interrupted, signalled_elsewhere
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -32,16 +34,6 @@ pytestmark = [
         not hasattr(signal, "pthread_sigmask"), reason="needs signal.pthread_sigmask (POSIX)"
     ),
 ]
-
-#: How long a wait that the signal did not wake lasts before the test wakes it itself
-#: (as the call's next I/O would): far above the bound the tests check.
-UNWOKEN = 10.0
-#: Within how long of the signal the call must have raised.
-PROMPTLY = 2.0
-
-
-class Interrupted(Exception):
-    """Raised from a signal handler, as Celery raises SoftTimeLimitExceeded."""
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +45,20 @@ def main_thread() -> Iterator[None]:
     yield
     runner.use_process_loop(False)
     runner.close_all_loops(5)
+
+
+@pytest.fixture
+def their_wakeup_fd() -> Iterator[int]:
+    """A wakeup fd someone else (another library, another loop) set: neopool's to leave."""
+    theirs, peer = socket.socketpair()
+    theirs.setblocking(False)
+    signal.set_wakeup_fd(theirs.fileno())
+    try:
+        yield theirs.fileno()
+    finally:
+        signal.set_wakeup_fd(-1)
+        theirs.close()
+        peer.close()
 
 
 def wakeup_fd() -> int:
@@ -72,47 +78,21 @@ def seconds_to_interrupt(
     wake: Callable[[], object], asleep: Callable[[], bool] = lambda: True
 ) -> float:
     """Run a call that waits for ever in the main thread; SIGUSR1 (blocked in the main
-    thread) is sent to the process from another thread once it waits, and raises
-    :class:`Interrupted`: seconds from the signal to the call raising it.
-
-    ``wake()`` wakes the wait ``UNWOKEN`` s after the signal if nothing has raised (the
-    call's next I/O would), so a wait the signal does not wake fails the bound. The
-    signal is sent once ``asleep()`` says the main thread sleeps (before, it would run
-    the handler at its next bytecode, woken or not).
+    thread) is sent to the process from another thread once it waits and ``asleep()``
+    (before, the main thread would run the handler at its next bytecode, woken or
+    not), and raises :class:`Interrupted`: seconds from the signal to the call raising
+    it. ``wake()`` wakes the wait if the signal does not (see ``signalled_elsewhere``).
     """
     waiting = threading.Event()
-    done = threading.Event()
-    sent: list[float] = []
 
     async def call() -> None:
         waiting.set()
         await wait_for_ever()
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    def send_once_waiting() -> None:
-        if waiting.wait(30) and eventually(asleep):
-            sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGUSR1)
-            if not done.wait(UNWOKEN):
-                wake()
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    # Started before the main thread blocks the signal, so it does not.
-    sender = threading.Thread(target=send_once_waiting, name="signal-sender")
-    sender.start()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
+    with signalled_elsewhere(waiting, wake, asleep) as sent:
         with pytest.raises(Interrupted):
             neopool.run(call())
         raised = time.monotonic()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        done.set()
-        waiting.set()
-        sender.join(30)
-        signal.signal(signal.SIGUSR1, previous)
     return raised - sent[0]
 
 
@@ -167,19 +147,11 @@ def test_the_wakeup_fd_is_set_while_the_main_threads_loop_lives_and_put_back_as_
     assert wakeup_fd() != -1
 
 
-def test_a_wakeup_fd_someone_else_set_is_left_in_place() -> None:
-    theirs, peer = socket.socketpair()
-    theirs.setblocking(False)
-    try:
-        signal.set_wakeup_fd(theirs.fileno())
-        neopool.run(asyncio.sleep(0))
-        assert wakeup_fd() == theirs.fileno()
-        runner.close_thread_loop()
-        assert wakeup_fd() == theirs.fileno()
-    finally:
-        signal.set_wakeup_fd(-1)
-        theirs.close()
-        peer.close()
+def test_a_wakeup_fd_someone_else_set_is_left_in_place(their_wakeup_fd: int) -> None:
+    neopool.run(asyncio.sleep(0))
+    assert wakeup_fd() == their_wakeup_fd
+    runner.close_thread_loop()
+    assert wakeup_fd() == their_wakeup_fd
 
 
 def test_asyncio_signal_handlers_on_the_main_threads_loop_still_work() -> None:
@@ -201,22 +173,14 @@ def test_asyncio_signal_handlers_on_the_main_threads_loop_still_work() -> None:
 def test_a_forked_child_is_woken_by_its_own_signals_and_the_parent_still_by_its_own() -> None:
     neopool.run(asyncio.sleep(0))  # the parent's wakeup is set
     parents = wakeup_fd()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            report = [wakeup_fd() == -1]  # the parent's is not the child's
-            report.append(seconds_to_interrupt(wake_thread_loop()) < PROMPTLY)
-            report.append(wakeup_fd() not in (-1, parents))
-            os.write(write, bytes(int(ok) for ok in report))
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read, 16)
-    os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert list(answer) == [1, 1, 1]
+
+    def in_the_child() -> list[bool]:
+        report = [wakeup_fd() == -1]  # the parent's is not the child's
+        report.append(seconds_to_interrupt(wake_thread_loop()) < PROMPTLY)
+        report.append(wakeup_fd() not in (-1, parents))
+        return report
+
+    assert checks_in_a_forked_child(in_the_child) == [True, True, True]
     assert wakeup_fd() == parents
     assert seconds_to_interrupt(wake_thread_loop()) < PROMPTLY
 
@@ -273,43 +237,36 @@ def test_the_wakeup_fd_is_set_again_after_asyncio_code_cleared_it(mode: str) -> 
 def test_a_wakeup_fd_someone_else_set_after_the_loop_was_made_is_left_in_place() -> None:
     neopool.run(asyncio.sleep(0))
     theirs, peer = socket.socketpair()
-    theirs.setblocking(False)
-    try:
+    with theirs, peer:
+        theirs.setblocking(False)
         signal.set_wakeup_fd(theirs.fileno())
-        neopool.run(asyncio.sleep(0))
-        assert wakeup_fd() == theirs.fileno()
-    finally:
-        signal.set_wakeup_fd(-1)
-        theirs.close()
-        peer.close()
+        try:
+            neopool.run(asyncio.sleep(0))
+            assert wakeup_fd() == theirs.fileno()
+        finally:
+            signal.set_wakeup_fd(-1)
 
 
-def test_a_signal_handler_raising_as_the_wakeup_fd_is_looked_at_leaves_someone_elses() -> None:
+def test_a_signal_handler_raising_as_the_wakeup_fd_is_looked_at_leaves_someone_elses(
+    their_wakeup_fd: int,
+) -> None:
     """A signal handler runs between two bytecodes: here, right after the first
     ``set_wakeup_fd`` call returns (as a profile function sees it)."""
-    theirs, peer = socket.socketpair()
-    theirs.setblocking(False)
 
     def raise_after_set_wakeup_fd(frame: Any, event: str, arg: Any) -> None:
         if event == "c_return" and arg is signal.set_wakeup_fd:
             sys.setprofile(None)
             raise KeyboardInterrupt
 
+    call = asyncio.sleep(0)
+    sys.setprofile(raise_after_set_wakeup_fd)
     try:
-        signal.set_wakeup_fd(theirs.fileno())
-        call = asyncio.sleep(0)
-        sys.setprofile(raise_after_set_wakeup_fd)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                neopool.run(call)  # the main thread's loop is made
-        finally:
-            sys.setprofile(None)
-            call.close()
-        assert wakeup_fd() == theirs.fileno()
+        with pytest.raises(KeyboardInterrupt):
+            neopool.run(call)  # the main thread's loop is made
     finally:
-        signal.set_wakeup_fd(-1)
-        theirs.close()
-        peer.close()
+        sys.setprofile(None)
+        call.close()
+    assert wakeup_fd() == their_wakeup_fd
 
 
 def test_a_call_from_a_signal_handler_while_the_main_thread_waits_on_the_process_loop() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import neopool
+from forking import checks_in_a_forked_child
 from neopool import _fork, runner
 from neopool.runner import MOVES, LoopState, Route
 
@@ -109,28 +110,19 @@ def test_the_process_loop_moves_to_closed_whichever_way_it_ends() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_sees_the_parents_loops_inherited_and_starts_empty() -> None:
     parent_loop = runner.thread_loop()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            (state,) = [s for s in [runner._local.holder.state] if s.loop is parent_loop]
-            report = [
-                state._state is LoopState.INHERITED,  # moved by the fork hook's step
-                not runner._rt.threads,
-                runner.calls_in_flight() == 0,
-                neopool.run(asyncio.sleep(0, 1)) == 1,
-                runner.thread_loop() is not parent_loop,
-                not parent_loop.is_closed(),
-            ]
-            os.write(write, bytes(int(ok) for ok in report))
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read, 16)
-    os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert list(answer) == [1] * 6
+
+    def in_the_child() -> list[bool]:
+        (state,) = [s for s in [runner._local.holder.state] if s.loop is parent_loop]
+        return [
+            state._state is LoopState.INHERITED,  # moved by the fork hook's step
+            not runner._rt.threads,
+            runner.calls_in_flight() == 0,
+            neopool.run(asyncio.sleep(0, 1)) == 1,
+            runner.thread_loop() is not parent_loop,
+            not parent_loop.is_closed(),
+        ]
+
+    assert checks_in_a_forked_child(in_the_child) == [True] * 6
     assert runner.thread_loop() is parent_loop  # the parent's is its own still
     runner.close_thread_loop()
 

@@ -23,6 +23,7 @@ from neopool._release import driver_is_closed
 from neopool.runner import LoopAlreadyRunning, close_thread_loop
 from neopool.testing import BoltTarget, TcpProxy
 from polling import eventually, eventually_async
+from signals import PROMPTLY, Interrupted, signalled_elsewhere
 from user_code import WorkerThread
 
 T = TypeVar("T")
@@ -188,10 +189,6 @@ def test_run_inside_a_running_loop_is_a_clear_error() -> None:
         asyncio.run(nested())
 
 
-class Interrupted(Exception):
-    """Raised from a signal handler, as Celery raises SoftTimeLimitExceeded."""
-
-
 def test_an_interrupt_cancels_the_coroutine_and_returns_its_lease(
     registry: GlobalNeo4jConnectionPool,
 ) -> None:
@@ -226,55 +223,6 @@ def test_an_interrupt_cancels_the_coroutine_and_returns_its_lease(
     assert pool.stats()["drivers_created"] == 1
 
 
-#: How long a wait that the signal did not wake lasts before the test wakes it itself
-#: (as the call's next I/O would): far above the bound the tests check.
-UNWOKEN = 10.0
-#: Within how long of the signal the call must have raised.
-PROMPTLY = 2.0
-
-
-@contextlib.contextmanager
-def signalled_elsewhere(
-    holding: threading.Event, wake: Callable[[], object]
-) -> Iterator[list[float]]:
-    """SIGUSR1 (Celery's soft time limit) raises :class:`Interrupted`; it is sent to the
-    process from another thread once ``holding`` is set, while the main thread blocks it.
-
-    The kernel then delivers it to another thread of the process (it may, for any
-    process-directed signal), whose C-level handler only notes it: the Python handler
-    runs in the main thread once something wakes it. Yields ``[when it was sent]``. If
-    the main thread has not raised ``UNWOKEN`` s later, ``wake()`` wakes it, so a wait
-    that the signal does not wake fails the test's bound instead of hanging.
-    """
-    sent: list[float] = []
-    done = threading.Event()
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    def send_once_holding() -> None:
-        if holding.wait(30):
-            sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGUSR1)
-            if not done.wait(UNWOKEN):
-                wake()
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    # Started before the main thread blocks the signal, so it does not: one of the
-    # threads the kernel can pick.
-    sender = threading.Thread(target=send_once_holding, name="signal-sender")
-    sender.start()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        yield sent
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        done.set()
-        holding.set()  # the sender stops waiting, whatever happened
-        sender.join(30)
-        signal.signal(signal.SIGUSR1, previous)
-
-
 async def hold_a_lease_forever(holding: threading.Event, cancelled: list[float]) -> None:
     """Borrow, then wait for an answer that never comes (a query the server never answers)."""
     async with Neo4jConnectionFactory.borrow_connection() as borrowed:
@@ -285,6 +233,22 @@ async def hold_a_lease_forever(holding: threading.Event, cancelled: list[float])
         except asyncio.CancelledError:
             cancelled.append(time.monotonic())
             raise
+
+
+def interrupt_a_lease_holder_from_elsewhere(wake: Callable[[], object]) -> None:
+    """``neopool.run`` in the main thread of a call that holds a lease for ever; a signal
+    sent from another thread (:func:`signalled_elsewhere`) must raise out of the call and
+    reach its coroutine within ``PROMPTLY`` s."""
+    holding = threading.Event()
+    cancelled: list[float] = []
+    with signalled_elsewhere(holding, wake) as sent:
+        with pytest.raises(Interrupted):
+            neopool.run(hold_a_lease_forever(holding, cancelled))
+        raised = time.monotonic()
+    (sent_at,) = sent
+    assert raised - sent_at < PROMPTLY
+    assert cancelled
+    assert cancelled[0] - sent_at < PROMPTLY  # it reached the coroutine
 
 
 needs_sigmask = pytest.mark.skipif(
@@ -298,16 +262,7 @@ def test_a_signal_delivered_to_another_thread_interrupts_the_main_threads_call_a
     registry: GlobalNeo4jConnectionPool,
 ) -> None:
     loop = runner.thread_loop()  # the main thread's
-    holding = threading.Event()
-    cancelled: list[float] = []
-    with signalled_elsewhere(holding, lambda: loop.call_soon_threadsafe(lambda: None)) as sent:
-        with pytest.raises(Interrupted):
-            neopool.run(hold_a_lease_forever(holding, cancelled))
-        raised = time.monotonic()
-    (sent_at,) = sent
-    assert raised - sent_at < PROMPTLY
-    assert cancelled
-    assert cancelled[0] - sent_at < PROMPTLY  # it reached the coroutine
+    interrupt_a_lease_holder_from_elsewhere(lambda: loop.call_soon_threadsafe(lambda: None))
     (pool,) = registry.pools()
     assert pool.stats()["in_use"] == 0
     assert neopool.run(borrow_once())[0] == id(loop)  # the loop still works, and still wakes
@@ -431,16 +386,7 @@ def test_an_interrupted_wait_cancels_only_that_call_and_returns_its_lease(
 def test_a_signal_delivered_to_another_thread_interrupts_the_main_threads_wait_at_once(
     process_loop: TcpProxy, registry: GlobalNeo4jConnectionPool
 ) -> None:
-    holding = threading.Event()
-    cancelled: list[float] = []
-    with signalled_elsewhere(holding, runner.cancel_calls) as sent:
-        with pytest.raises(Interrupted):
-            neopool.run(hold_a_lease_forever(holding, cancelled))  # waits in the main thread
-        raised = time.monotonic()
-    (sent_at,) = sent
-    assert raised - sent_at < PROMPTLY
-    assert cancelled
-    assert cancelled[0] - sent_at < PROMPTLY  # it reached the coroutine
+    interrupt_a_lease_holder_from_elsewhere(runner.cancel_calls)  # waits in the main thread
     (pool,) = registry.pools()
     assert pool.stats()["in_use"] == 0
     assert neopool.run(hold_lease(0)) == runner.PROCESS_LOOP_THREAD  # the next call runs

@@ -3,14 +3,15 @@
 The parent of a Celery prefork worker holds its pools on a loop that is still
 open when it forks, so the child inherits them. :func:`warm_parent_loop` builds
 that parent (on the configuration the test set), :func:`query_value` is the
-query both sides run.
+query both sides run. :func:`checks_in_a_forked_child` runs checks in a child.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 
@@ -37,3 +38,21 @@ def warm_parent_loop(workspace: str) -> Iterator[asyncio.AbstractEventLoop]:
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
+
+
+def checks_in_a_forked_child(checks: Callable[[], list[bool]]) -> list[bool]:
+    """Fork; the child runs ``checks`` and reports each as true or false through a pipe
+    (an exception there reports nothing), then exits at once; the parent returns them."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, bytes(int(ok) for ok in checks()))
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 64)
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return [bool(ok) for ok in answer]
