@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from neo4j import AsyncManagedTransaction
+from neo4j.exceptions import ConstraintError
 
 from neopool import GlobalNeo4jConnectionPool, Neo4jConnectionFactory
 from neopool.database import Schema, quote_identifier
@@ -51,7 +52,12 @@ class GraphStorage:
             )
 
         async with Neo4jConnectionFactory.session(database=self.database) as session:
-            await session.execute_write(write)
+            try:
+                await session.execute_write(write)
+            except ConstraintError:
+                # Neo4j locks a MERGE on a uniquely constrained key; ArcadeDB fails the
+                # transaction that lost the race to create it: run again, it matches now.
+                await session.execute_write(write)
 
     async def get_node(self, node_id: str) -> dict[str, Any] | None:
         records, _, _ = await Neo4jConnectionFactory.execute_query(
