@@ -168,6 +168,7 @@ async def take_lease(
     if shared is not None:
         shared.users += 1
         return shared
+    # A timeout given goes through borrow(), which checks it before lending.
     lease = pool._lend_now(sys._getframe(1)) if timeout is None else None
     if lease is None:
         lease = await pool.borrow(timeout)
@@ -223,6 +224,7 @@ class BorrowedConnection:
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
         pool = self._registry.running_loop_pool("borrow_connection")
+        # A timeout given goes through borrow(), which checks it before lending.
         lease = pool._lend_now(sys._getframe(1)) if self._timeout is None else None
         if lease is None:
             self._entering = True  # until the borrow ends: a second entry must not start one
