@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported here, not first inside a property test: pytest rewrites Hypothesis's modules
+# as it imports them, and on CPython 3.11 parsing one while Hypothesis has changed the
+# recursion limit can fail ("AST constructor recursion depth mismatch").
+import hypothesis.internal.conjecture.optimiser
+import hypothesis.internal.conjecture.shrinker  # noqa: F401
 import pytest
 
 import neopool.testing.plugin

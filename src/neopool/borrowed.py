@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -32,7 +33,7 @@ from neo4j.exceptions import AuthError
 from neopool.database import DEFAULT_SCHEMA, Schema, preparer
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool
+from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool, PoolState
 from neopool.registry import GlobalNeo4jConnectionPool
 
 __all__ = ["BorrowedConnection", "PooledSession"]
@@ -77,7 +78,7 @@ class SharedLease:
         The return carries the first error the pool acts on, whoever met it, else
         the last user's own (a closed coroutine's ``GeneratorExit`` always its own).
         """
-        if self._error is None and isinstance(error, _POOL_ERRORS):
+        if error is not None and self._error is None and isinstance(error, _POOL_ERRORS):
             self._error = error
         self.users -= 1
         if self.users > 0:
@@ -107,17 +108,16 @@ class Lending:
     __slots__ = ("active", "previous", "shared", "task", "to_spawned_tasks")
 
     def __init__(
-        self,
-        shared: SharedLease,
-        task: asyncio.Task[Any] | None,
-        to_spawned_tasks: bool,
-        previous: Lending | None,
+        self, shared: SharedLease, task: asyncio.Task[Any] | None, to_spawned_tasks: bool = False
     ) -> None:
+        """Start lending ``shared`` to the code that runs in ``task`` (the current one) from
+        now on: this entry covers the context's innermost one until :meth:`end`."""
         self.shared = shared
         self.task = None if task is None else weakref.ref(task)
         self.to_spawned_tasks = to_spawned_tasks
-        self.previous = previous
+        self.previous = _lending.get()
         self.active = True
+        _lending.set(self)
 
     def made_in(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether ``task`` made this entry (and so is the one that ends it)."""
@@ -188,9 +188,7 @@ def lend(shared: SharedLease, *, to_spawned_tasks: bool = False) -> Lending | No
         and (current.to_spawned_tasks or not to_spawned_tasks)
     ):
         return None
-    lending = Lending(shared, task, to_spawned_tasks, current)
-    _lending.set(lending)
-    return lending
+    return Lending(shared, task, to_spawned_tasks)
 
 
 # -- the async-with shapes ---------------------------------------------------------------
@@ -212,7 +210,7 @@ class BorrowedConnection:
         self, timeout: float | None = None, *, registry: GlobalNeo4jConnectionPool | None = None
     ) -> None:
         self._timeout = timeout
-        self._registry = registry or GlobalNeo4jConnectionPool()
+        self._registry = registry  # None: the process's (looked up at each entry)
         self._shared: SharedLease | None = None
         self._lending: Lending | None = None
         self._entering = False
@@ -223,7 +221,10 @@ class BorrowedConnection:
                 "this BorrowedConnection already holds (or is taking) a lease; call "
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
-        pool = self._registry.running_loop_pool("borrow_connection")
+        registry = (
+            self._registry or GlobalNeo4jConnectionPool._instance or GlobalNeo4jConnectionPool()
+        )
+        pool = registry.running_loop_pool("borrow_connection")
         # A timeout given goes through borrow(), which checks it before lending.
         lease = pool._lend_now(sys._getframe(1)) if self._timeout is None else None
         if lease is None:
@@ -232,8 +233,9 @@ class BorrowedConnection:
                 lease = await pool.borrow(self._timeout)
             finally:
                 self._entering = False
-        self._shared = SharedLease(lease)
-        self._lending = lend(self._shared)
+        shared = self._shared = SharedLease(lease)
+        # A lease of its own, so no lending of the task's covers it (what lend() checks).
+        self._lending = Lending(shared, asyncio.current_task())
         return self
 
     async def __aexit__(
@@ -267,6 +269,16 @@ class BorrowedConnection:
 
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
+        shared = self._shared
+        if shared is not None:  # the usual case, without the calls of lease._driver_now()
+            pool, driver = shared.pool, shared.pool._driver
+            if (
+                shared.lease._in_use
+                and pool._state is PoolState.OPEN
+                and driver is not None
+                and _get_running_loop() is pool._loop
+            ):
+                return driver
         return self._held()._driver_now()
 
     async def prepare_database(

@@ -27,16 +27,41 @@ if TYPE_CHECKING:
 
 #: Frames from these folders are skipped when recording where a lease was borrowed.
 _SKIPPED_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
-#: Whether a code object's frames are skipped, decided once per code object.
-_skipped_code: dict[CodeType, bool] = {}
+#: Whether a code object's frames are skipped, decided once per code object (the pool
+#: reads it too, to record a borrow made outside neopool without a call).
+skipped_code: dict[CodeType, bool] = {}
 _MAX_CLASSIFIED = 10_000
 
 #: Where a lease was borrowed: the code and line, formatted only when read.
 BorrowSite = tuple[CodeType, int]
 
+
+if TYPE_CHECKING:
+    _WeakLease = weakref.ref["PooledConnectionManager"]
+else:
+    _WeakLease = weakref.ref
+
+
+class LeaseRef(_WeakLease):
+    """A pool's weak reference to one of its leases, and where its borrow was made
+    (kept here: the lease itself may be collected before it is reported lost)."""
+
+    __slots__ = ("site",)
+
+    #: Where the current borrow was made, once the borrow has recorded it.
+    site: BorrowSite | None
+
+    def __new__(
+        cls, lease: PooledConnectionManager, callback: Callable[[LeaseRef], None] | None = None
+    ) -> LeaseRef:
+        ref = super().__new__(cls, lease, callback)
+        ref.site = None
+        return ref
+
+
 #: The weak references of leases out now. Held here, outside any pool, so a
 #: lease collected together with its pool and loop is still reported.
-outstanding: set[weakref.ref[PooledConnectionManager]] = set()
+outstanding: set[LeaseRef] = set()
 
 
 class PooledConnectionManager:
@@ -63,13 +88,13 @@ class PooledConnectionManager:
         self._in_use = False
         self.lease_id = lease_id
 
-        def lost(ref: weakref.ref[PooledConnectionManager]) -> None:
+        def lost(ref: LeaseRef) -> None:
             if ref in outstanding:
                 outstanding.discard(ref)
                 if on_lost is not None:
                     on_lost(lease_id)
 
-        self._ref = weakref.ref(self, lost)
+        self._ref = LeaseRef(self, lost)
 
     # -- state (changed by the pool only: when it lends the lease, when it is back) --
     def mark_in_use(self) -> None:
@@ -154,11 +179,11 @@ def caller_outside_package(frame: FrameType | None = None) -> BorrowSite | None:
         frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        skipped = _skipped_code.get(code)
+        skipped = skipped_code.get(code)
         if skipped is None:
-            if len(_skipped_code) >= _MAX_CLASSIFIED:  # code made at run time, without end
-                _skipped_code.clear()
-            skipped = _skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
+            if len(skipped_code) >= _MAX_CLASSIFIED:  # code made at run time, without end
+                skipped_code.clear()
+            skipped = skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
         if not skipped:
             return code, frame.f_lineno
         frame = frame.f_back

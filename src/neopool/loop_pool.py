@@ -28,7 +28,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine
@@ -47,7 +46,14 @@ from neopool._release import (
 )
 from neopool.credentials import credential_rejected, track
 from neopool.errors import LeaseError, NoRunningLoop, PoolClosed, PoolTimeout
-from neopool.lease import BorrowSite, PooledConnectionManager, caller_outside_package, outstanding
+from neopool.lease import (
+    BorrowSite,
+    LeaseRef,
+    PooledConnectionManager,
+    caller_outside_package,
+    outstanding,
+    skipped_code,
+)
 from neopool.stats import PROCESS, PoolStats, UtilisationMonitor, report_leaks
 
 if TYPE_CHECKING:
@@ -137,9 +143,8 @@ class EventLoopConnectionPool:
 
         self._available: list[PooledConnectionManager] = []
         #: Leases held by borrowers, weakly: one whose holder is collected comes back.
-        self._in_use: dict[int, weakref.ref[PooledConnectionManager]] = {}
-        #: Where each lease out was borrowed: kept here, as its lease may be lost.
-        self._borrow_sites: dict[int, BorrowSite | None] = {}
+        #: Each reference keeps where its borrow was made (its lease may be lost).
+        self._in_use: dict[int, LeaseRef] = {}
         self._lost: list[int] = []
         self._waiters: deque[asyncio.Future[PooledConnectionManager]] = deque()
         self._lease_count = 0
@@ -263,7 +268,7 @@ class EventLoopConnectionPool:
         lease = self._acquire_nowait()
         if lease is None:
             lease = await self._wait(deadline)
-        self._borrow_sites[lease.lease_id] = caller_outside_package(sys._getframe(1))
+        lease._ref.site = caller_outside_package(sys._getframe(1))
         return lease
 
     def _lend_now(self, caller: FrameType) -> PooledConnectionManager | None:
@@ -282,12 +287,14 @@ class EventLoopConnectionPool:
             or self._lost
             or self._driver_suspect
             or self._state is not PoolState.OPEN
-            or driver_is_closed(driver)
+            or getattr(driver, "_closed", False)  # driver_is_closed(), inline on this path
         ):
             return None
         lease = self._available.pop()
         self._hand_out(lease)
-        self._borrow_sites[lease.lease_id] = caller_outside_package(caller)
+        code = caller.f_code  # the borrow site; made outside neopool, found without a call
+        site = (code, caller.f_lineno) if skipped_code.get(code) is False else None
+        lease._ref.site = site or caller_outside_package(caller)
         return lease
 
     async def return_connection(
@@ -409,13 +416,17 @@ class EventLoopConnectionPool:
             raise LeaseError(f"{lease!r} was already returned; return each lease exactly once")
         outstanding.discard(ref)
         lease._in_use = False
-        self._lease_came_back(lease.lease_id)
-        if self._state is PoolState.OPEN:
+        if self._retired or self._drained is not None:  # something waits for leases back
+            self._lease_came_back(lease.lease_id)
+        if self._state is not PoolState.OPEN:
+            return
+        if self._waiters or self._monitor.alerted:
             self._pass_on(lease)
+        else:  # the usual case: nobody to hand it to or to tell, so it is shelved
+            self._available.append(lease)
 
     def _lease_came_back(self, lease_id: int) -> None:
-        """Bookkeeping common to a returned and a lost lease."""
-        self._borrow_sites.pop(lease_id, None)
+        """What waits for leases back (a retired driver, a close) hears of one returned or lost."""
         if not (self._retired or self._drained is not None) or not self.on_own_loop():
             return  # nothing waits, or a lost lease of a dead loop: nothing can
         for retired in self._retired:
@@ -464,9 +475,10 @@ class EventLoopConnectionPool:
         lost, self._lost = self._lost, []
         sites = []
         for lease_id in lost:
-            if self._in_use.pop(lease_id, None) is None:
+            ref = self._in_use.pop(lease_id, None)
+            if ref is None:
                 continue
-            sites.append(self._borrow_sites.get(lease_id))
+            sites.append(ref.site)
             self._lease_came_back(lease_id)
             if self._state is PoolState.OPEN and self.on_own_loop():
                 self._pass_on(self._new_lease())
@@ -475,8 +487,8 @@ class EventLoopConnectionPool:
 
     def borrow_site(self, lease_id: int) -> str:
         """``file:line in function`` where lease ``lease_id`` was borrowed ("" if it is back)."""
-        site = self._borrow_sites.get(lease_id, _RETURNED)
-        return "" if site is _RETURNED else _site_text(site)
+        ref = self._in_use.get(lease_id)
+        return "" if ref is None else _site_text(ref.site)
 
     # -- the driver --------------------------------------------------------------
     def _current_driver(self) -> AsyncDriver:
@@ -837,7 +849,7 @@ class EventLoopConnectionPool:
 
     def _report_leaks(self) -> None:
         if self._in_use:
-            sites = [_site_text(self._borrow_sites.get(i)) for i in self._in_use]
+            sites = [_site_text(ref.site) for ref in self._in_use.values()]
             report_leaks(self._loop_id, sites, closed_by=self._closed_by)
 
     def _finish_teardown(self) -> None:
@@ -873,10 +885,6 @@ def _caller_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
-
-
-#: What :meth:`EventLoopConnectionPool.borrow_site` finds for a lease that is back.
-_RETURNED: Any = object()
 
 
 def _site_text(site: BorrowSite | None) -> str:

@@ -62,6 +62,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
+from types import CoroutineType
 from typing import Any, Protocol, TypeVar
 
 from neopool import _fork, _signal_wakeup, blocked_loop, registry
@@ -282,7 +283,6 @@ class _Runtime:
 
     __slots__ = (
         "calls",
-        "calls_lock",
         "process",
         "process_lock",
         "process_mode",
@@ -303,11 +303,10 @@ class _Runtime:
         #: The process loop of this process, once started.
         self.process: _ProcessLoop | None = None
         self.process_lock = threading.Lock()
-        #: Calls in flight on every runner loop of this process (a lock, not a
-        #: condition: every call passes here, and only a shutdown waits for none, by
-        #: looking again).
+        #: Calls in flight on every runner loop of this process. No lock: adding and
+        #: discarding are each one step under the GIL, and readers copy it in one step
+        #: (``list``); only a shutdown waits for none, by looking again.
         self.calls: set[_Call] = set()
-        self.calls_lock = threading.Lock()
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's loops without closing them (see the module's docstring).
@@ -345,16 +344,6 @@ class _Runtime:
 _rt = _Runtime()
 #: Seconds between looks of :func:`wait_for_calls`.
 _WAIT_INTERVAL = 0.02
-
-
-def _begin(call: _Call) -> None:
-    with _rt.calls_lock:
-        _rt.calls.add(call)
-
-
-def _end(call: _Call) -> None:
-    with _rt.calls_lock:
-        _rt.calls.discard(call)
 
 
 #: A call's list of spawned tasks is first pruned at this length.
@@ -433,9 +422,13 @@ class _ThreadLoop:
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run one call (the caller holds :attr:`lock`).
 
-        The call's task is made here, in the caller's thread, so it runs in a copy of
-        the caller's context (each call a context of its own), and the loop runs it
-        with ``run_until_complete``. Not ``Runner.run``: in the main thread it swaps the
+        The call's task is the coroutine's own, made here in the caller's thread with
+        the call marked in the caller's context for that moment: the task runs in a
+        copy of it (each call a context of its own, which the tasks it spawns copy),
+        and the caller's context is left as it was. No wrapping coroutine: each of
+        the coroutine's steps would pass through it. The loop runs the task with
+        ``run_until_complete``; then what it spawned and left running is cancelled
+        (:func:`_end_leftovers`). Not ``Runner.run``: in the main thread it swaps the
         SIGINT handler in and out on every call, more than half of a call's own cost.
         Ctrl-C needs no handler of its own here: a ``KeyboardInterrupt`` raised out of
         the loop cancels the call's coroutine and runs it to its end before it
@@ -445,10 +438,15 @@ class _ThreadLoop:
         if self.watched:  # the wakeup fd may have been cleared since the last call
             _signal_wakeup.rearm()
         call = _Call(loop)
-        _begin(call)
+        marked = _current_call.set(call)
         try:
             # Not through the loop's task factory: nothing spawns this task in a call.
-            task: asyncio.Task[_T] = asyncio.Task(_as_call(coro, call), loop=loop)
+            task: asyncio.Task[_T] = asyncio.Task(coro, loop=loop)
+        finally:
+            _current_call.reset(marked)
+        call.main = task
+        _rt.calls.add(call)
+        try:
             try:
                 return loop.run_until_complete(task)
             except asyncio.CancelledError as exc:
@@ -467,8 +465,11 @@ class _ThreadLoop:
                 if taken and task.done() and not task.cancelled():
                     return task.result()
                 raise
+            finally:
+                if call.tasks:  # most calls spawn none
+                    _end_leftovers(call)
         finally:
-            _end(call)
+            _rt.calls.discard(call)
 
     def close(self, timeout: float, route: Route) -> bool:
         """Close the loop within ``timeout``; ``False`` if it stayed busy that long."""
@@ -549,8 +550,31 @@ def _close_runner(
         _sweep_pools()
 
 
+def _end_leftovers(call: _Call) -> None:
+    """After a call on a thread's loop: cancel and await what its coroutine spawned and
+    left running, on the idle loop, before the call's outcome is given.
+
+    A signal handler raising meanwhile (the coroutine has ended, its outcome stands):
+    the cancelling is finished within ``2 x LEFTOVER_TIMEOUT``; an exception the call's
+    interrupt handler would take is dropped, anything else propagates.
+    """
+    loop = call.loop
+    if loop.is_closed() or not any(not task.done() for task in call.tasks):
+        return
+    ending = asyncio.Task(_cancel_leftovers(call), loop=loop)
+    try:
+        loop.run_until_complete(ending)
+    except BaseException as exc:
+        if ending.done() or loop.is_closed():
+            raise
+        _finish_within(loop, ending, 2 * LEFTOVER_TIMEOUT)
+        if call.interrupt_handler is None or not isinstance(exc, Exception):
+            raise
+
+
 async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
-    """Run ``coro``; then cancel and await what it spawned and left running."""
+    """On the process loop: run ``coro``; then cancel and await what it spawned and left
+    running (a call there is one task, as the loop is shared and never idle)."""
     me = asyncio.current_task()
     assert me is not None
     call.main = me
@@ -576,13 +600,13 @@ async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
             call.returned = True
     finally:
         if call.tasks:  # most calls spawn none, or only tasks that have ended
-            await _cancel_leftovers(call, me)
+            await _cancel_leftovers(call)
 
 
-async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
+async def _cancel_leftovers(call: _Call) -> None:
     """Cancel and await the tasks the call spawned, and those they spawn while being
     cancelled, until none are left or ``LEFTOVER_TIMEOUT`` s have passed in all."""
-    leftovers = [task for task in call.tasks if task is not me and not task.done()]
+    leftovers = [task for task in call.tasks if not task.done()]
     if not leftovers:
         return
     loop = call.loop
@@ -598,7 +622,8 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
         # from it; only a closing loop, which cancels every task (this wait too, and
         # then awaits them all itself), ends it early.
         left = max(0.0, deadline - loop.time())
-        waiting = asyncio.ensure_future(asyncio.wait(leftovers, timeout=left))
+        # Not through the loop's task factory: the wait is none of the call's tasks.
+        waiting = asyncio.Task(asyncio.wait(leftovers, timeout=left), loop=loop)
         while True:
             try:
                 await asyncio.shield(waiting)
@@ -607,7 +632,7 @@ async def _cancel_leftovers(call: _Call, me: asyncio.Task[Any]) -> None:
                 if waiting.cancelled():
                     return
         # A leftover may have spawned more as it was cancelled (in its finally).
-        leftovers = [task for task in call.tasks if task is not me and not task.done()]
+        leftovers = [task for task in call.tasks if not task.done()]
         if not leftovers:
             return
         if loop.time() >= deadline:
@@ -693,7 +718,7 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
     the coroutine there instead; :class:`CallCancelled` when the call was
     cancelled from outside (:func:`cancel_calls`, its loop closed).
     """
-    if not asyncio.iscoroutine(coro):
+    if type(coro) is not CoroutineType and not asyncio.iscoroutine(coro):
         raise TypeError(f"neopool.run() takes a coroutine, not {type(coro).__name__}")
     if asyncio._get_running_loop() is not None:  # no exception raised and caught per call
         coro.close()
@@ -707,13 +732,15 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
     while True:
         state = _thread_loop()
         with state.lock:
-            state.close_if_requested()  # asked while it ran something other than run()
-            if state.closed:  # closed by close_all_loops() since: start a new one
-                continue
+            if state._state is not LoopState.OPEN:  # moved since _thread_loop() looked
+                state.close_if_requested()  # asked while it ran something other than run()
+                if state.closed:  # closed by close_all_loops() since: start a new one
+                    continue
             try:
                 return state.run(coro)
             finally:
-                state.close_if_requested()
+                if state._state is LoopState.CLOSE_REQUESTED:  # asked during the call
+                    state.close_if_requested()
 
 
 # -- the process loop -------------------------------------------------------------------
@@ -822,8 +849,7 @@ _CUT_SHORT_SHARE = 0.1
 
 
 def _calls_on(loop: asyncio.AbstractEventLoop) -> list[_Call]:
-    with _rt.calls_lock:
-        return [call for call in _rt.calls if call.loop is loop]
+    return [call for call in list(_rt.calls) if call.loop is loop]
 
 
 def _settle_stranded(loop: asyncio.AbstractEventLoop) -> None:
@@ -833,7 +859,7 @@ def _settle_stranded(loop: asyncio.AbstractEventLoop) -> None:
             call.cancel_reason = call.cancel_reason or "the process loop was closed"
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 call.future.set_exception(call.cancelled_error())
-        _end(call)
+        _rt.calls.discard(call)
 
 
 def use_process_loop(enabled: bool = True) -> None:
@@ -878,11 +904,11 @@ def _run_on_process_loop(coro: Coroutine[Any, Any, _T]) -> _T:
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
         call = _Call(state.loop, future)
         context = contextvars.copy_context()  # each call a context of its own
-        _begin(call)  # before it is submitted: a close that misses it here settles it
+        _rt.calls.add(call)  # before it is submitted: a close that misses it here settles it
         try:
             state.loop.call_soon_threadsafe(_start_call, state, call, coro, context=context)
         except RuntimeError:  # closed since: start a new one
-            _end(call)
+            _rt.calls.discard(call)
             continue
         break
     try:
@@ -909,7 +935,7 @@ def _start_call(state: _ProcessLoop, call: _Call, coro: Coroutine[Any, Any, Any]
     """
     if state.state is not LoopState.OPEN:
         coro.close()
-        _end(call)
+        _rt.calls.discard(call)
         assert call.future is not None
         call.future.set_exception(CallCancelled("neopool.run() call: the process loop closed"))
         return
@@ -922,7 +948,7 @@ def _settle(call: _Call, task: asyncio.Task[Any]) -> None:
     """On the process loop: hand the call's outcome to the thread waiting for it."""
     future = call.future
     assert future is not None
-    _end(call)  # first: no longer in flight once its caller can have the outcome
+    _rt.calls.discard(call)  # first: no longer in flight once its caller can have the outcome
     try:
         if call.exit is not None:
             future.set_exception(call.exit)
@@ -964,8 +990,7 @@ def _close_process_until(deadline: float, route: Route, *, wait: bool = True) ->
 
 def calls_in_flight() -> int:
     """How many :func:`run` calls are running now, on every runner loop of this process."""
-    with _rt.calls_lock:
-        return len(_rt.calls)
+    return len(_rt.calls)
 
 
 def wait_for_calls(timeout: float) -> bool:
@@ -987,8 +1012,7 @@ def cancel_calls(reason: str = "cancelled by neopool.runner.cancel_calls()") -> 
     caller gets :class:`CallCancelled` saying ``reason``. Celery's warm shutdown
     uses it once its deadline has passed.
     """
-    with _rt.calls_lock:
-        calls = list(_rt.calls)
+    calls = list(_rt.calls)
     for call in calls:
         call.cancel(reason)
     return len(calls)
@@ -1008,8 +1032,12 @@ def thread_loop() -> asyncio.AbstractEventLoop:
 
 def _thread_loop() -> _ThreadLoop:
     holder: _Holder | None = getattr(_local, "holder", None)
-    if holder is not None and holder.state.state in _USABLE and not holder.state.loop.is_closed():
-        return holder.state
+    if holder is not None:
+        # Its own state, not the property's process check: a call comes after the fork
+        # hook, which has moved an inherited loop to INHERITED (and it costs a syscall).
+        state = holder.state
+        if state._state in _USABLE and not state.loop.is_closed():
+            return state
     thread = threading.current_thread()
     state = _ThreadLoop(thread)
     _local.holder = _Holder(state)
