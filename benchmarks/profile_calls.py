@@ -86,6 +86,11 @@ def main() -> None:
     cli.add_argument("--sort", default="tottime")
     cli.add_argument("--top", type=int, default=25)
     cli.add_argument("--plain", action="store_true", help="no cProfile (for py-spy)")
+    cli.add_argument(
+        "--ours",
+        action="store_true",
+        help="neopool's own functions only, with how many of its calls a task makes",
+    )
     args = cli.parse_args()
     tasks = args.tasks if args.variant != "borrow" else max(1, args.tasks // 1000)
     with bolt_target() as target:
@@ -110,6 +115,17 @@ def main() -> None:
     print(f"{args.variant}: {elapsed / tasks / per * 1e6:.1f} µs per task", file=sys.stderr)
     if not args.plain:
         stats = pstats.Stats(profile, stream=sys.stdout)
+        if args.ours:
+            ours = [
+                (calls, name)
+                for (path, _, name), (calls, *_) in stats.stats.items()  # type: ignore[attr-defined]
+                if "/neopool/" in path
+            ]
+            print(f"neopool's function calls per task: {sum(c for c, _ in ours) / tasks:.1f}")
+            print(
+                "  " + ", ".join(f"{name} {c / tasks:g}" for c, name in sorted(ours, reverse=True))
+            )
+            return
         stats.sort_stats(args.sort).print_stats(args.top)
 
 

@@ -559,7 +559,12 @@ def _end_leftovers(call: _Call) -> None:
     interrupt handler would take is dropped, anything else propagates.
     """
     loop = call.loop
-    if loop.is_closed() or not any(not task.done() for task in call.tasks):
+    for task in call.tasks:  # the driver's own tasks (one per query) have ended by now
+        if not task.done():
+            break
+    else:
+        return
+    if loop.is_closed():
         return
     ending = asyncio.Task(_cancel_leftovers(call), loop=loop)
     try:
