@@ -513,6 +513,24 @@ async def test_a_newcomer_does_not_barge_past_a_waiter(pool: EventLoopConnection
     await give_back(pool, [lease, held[1]])
 
 
+async def test_a_lease_handed_to_a_waiter_names_the_waiters_borrow_not_the_last_one(
+    pool: EventLoopConnectionPool,
+) -> None:
+    held = await fill(pool)
+    first_site = held[0].borrowed_at
+
+    async def waiting_borrower() -> PooledConnectionManager:
+        return await pool.borrow()
+
+    waiter = asyncio.ensure_future(waiting_borrower())
+    await until(lambda: pool.waiting == 1)
+    await pool.return_connection(held[0])  # handed to the waiter, which has not woken yet
+    assert held[0].borrowed_at != first_site  # whoever returned it is not its borrower now
+    lease = await within(waiter)
+    assert lease.borrowed_at.endswith("in waiting_borrower")
+    await give_back(pool, [lease, held[1]])
+
+
 async def test_a_waiter_times_out_with_pool_timeout_and_leaves_the_queue(
     pool: EventLoopConnectionPool,
 ) -> None:

@@ -71,6 +71,62 @@ def test_after_a_signal_the_wait_for_a_coroutine_that_swallows_cancellation_is_b
         released.set()  # the coroutine, still swallowing, may now end
 
 
+@pytest.mark.timing
+def test_after_a_signal_the_coroutine_and_what_it_spawned_end_within_one_bound_together(
+    mode: str, interrupt_in: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 x LEFTOVER_TIMEOUT from the signal covers the coroutine's own cleanup and the
+    tasks it left running, not each of them in turn."""
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.5)
+    released = threading.Event()
+    left: list[asyncio.Task[None]] = []
+
+    async def slow_to_end_and_leaves_a_stubborn_task() -> None:
+        left.append(asyncio.ensure_future(swallow_cancellation(released, 8)))
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.9))  # its own cleanup: most of the bound
+
+    began = time.monotonic()
+    interrupt_in(0.2)
+    try:
+        with pytest.raises(Interrupted):
+            neopool.run(slow_to_end_and_leaves_a_stubborn_task())
+        after_the_signal = time.monotonic() - began - 0.2
+    finally:
+        released.set()
+    assert after_the_signal < 2 * 0.5 + 0.2  # one bound (each in turn: 1.4 s)
+
+
+def test_a_signal_as_the_coroutine_returns_is_raised_as_itself_and_the_next_call_runs() -> None:
+    """The signal's exception leaves the loop just as the call's task ends (before asyncio
+    has stopped the loop for it): it is not turned into a RuntimeError, what the call left
+    running is cancelled, and the loop's next call is not stopped at once."""
+    cleaned: list[bool] = []
+    left: list[asyncio.Task[None]] = []
+
+    async def leftover() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    def signal_handler_raising() -> None:
+        raise KeyboardInterrupt("a signal")
+
+    async def returns_as_the_signal_lands() -> int:
+        left.append(asyncio.ensure_future(leftover()))
+        await asyncio.sleep(0)
+        asyncio.get_running_loop().call_soon(signal_handler_raising)  # after this last step
+        return 1
+
+    with pytest.raises(KeyboardInterrupt, match="a signal"):
+        neopool.run(returns_as_the_signal_lands())
+    assert cleaned == [True]
+    assert neopool.run(asyncio.sleep(0, "next")) == "next"
+
+
 def test_user_code_stopping_the_process_loop_gives_each_call_callcancelled_with_a_reason() -> None:
     runner.use_process_loop()
     try:

@@ -355,6 +355,7 @@ class EventLoopConnectionPool:
 
     def _hand_out(self, lease: PooledConnectionManager) -> None:
         lease._in_use = True
+        lease._ref.site = None  # its borrower records its own (not the last borrower's)
         in_use = self._in_use
         in_use[lease.lease_id] = lease._ref
         outstanding.add(lease._ref)

@@ -201,6 +201,7 @@ class _Call:
     __slots__ = (
         "cancel_reason",
         "cancel_requested",
+        "deadline",
         "exit",
         "future",
         "interrupt_handler",
@@ -236,6 +237,9 @@ class _Call:
         self.exit: BaseException | None = None
         #: Set by :func:`deliver_interrupts`: takes a signal's exception on the loop.
         self.interrupt_handler: Callable[[Exception], None] | None = None
+        #: Once a signal interrupted the call: the loop time by which it has ended, what
+        #: it spawned included (``2 x LEFTOVER_TIMEOUT`` from the first signal).
+        self.deadline: float | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the call's coroutine, from any thread (before it starts, too)."""
@@ -319,12 +323,13 @@ class _Runtime:
         if self.process is not None:
             inherited.append(self.process)
         self._start_empty()
-        _signal_wakeup.after_fork_in_child()
+        # The loops first: a call here trusts their state (see _thread_loop()).
         for state in inherited:
             _move(state, LoopState.INHERITED, Route.FORK)
             keep_inherited_loop(state.loop)
             if isinstance(state, _ThreadLoop):
                 state.lock = threading.Lock()
+        _signal_wakeup.after_fork_in_child()
 
     # -- as the registry's LoopHost
     def owns(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -458,15 +463,20 @@ class _ThreadLoop:
                 # while the call was suspended (or before its coroutine started): the
                 # coroutine takes it or is cancelled, and is run here until it has
                 # finished, within 2 x LEFTOVER_TIMEOUT.
-                if task.done() or loop.is_closed():
+                if loop.is_closed():
+                    raise
+                if task.done():  # raised as the task ended: its stop is still queued
+                    _run_queued_stop(loop)
                     raise
                 taken = call.interrupt(exc)
-                _finish_within(loop, task, 2 * LEFTOVER_TIMEOUT)
+                _finish_within(loop, task, _time_left(call))
                 if taken and task.done() and not task.cancelled():
                     return task.result()
                 raise
             finally:
-                if call.tasks:  # most calls spawn none
+                # Most calls spawn none; a call that ignored its cancellation is left
+                # running, and what it spawned with it.
+                if call.tasks and task.done():
                     _end_leftovers(call)
         finally:
             _rt.calls.discard(call)
@@ -566,15 +576,36 @@ def _end_leftovers(call: _Call) -> None:
         return
     if loop.is_closed():
         return
-    ending = asyncio.Task(_cancel_leftovers(call), loop=loop)
+    ending = asyncio.Task(_cancel_leftovers(call, call.deadline), loop=loop)
     try:
         loop.run_until_complete(ending)
     except BaseException as exc:
-        if ending.done() or loop.is_closed():
+        if loop.is_closed():
             raise
-        _finish_within(loop, ending, 2 * LEFTOVER_TIMEOUT)
+        if ending.done():  # raised as the cleanup ended: its stop is still queued
+            _run_queued_stop(loop)
+        else:
+            _finish_within(loop, ending, _time_left(call))
         if call.interrupt_handler is None or not isinstance(exc, Exception):
             raise
+
+
+def _time_left(call: _Call) -> float:
+    """Seconds an interrupted call has left to end: ``2 x LEFTOVER_TIMEOUT`` from the first
+    signal, for the coroutine and what it spawned together, however many signals come."""
+    now = call.loop.time()
+    if call.deadline is None:
+        call.deadline = now + 2 * LEFTOVER_TIMEOUT
+    return max(0.0, call.deadline - now)
+
+
+def _run_queued_stop(loop: asyncio.AbstractEventLoop) -> None:
+    """A signal's exception came out of ``run_until_complete`` as its future ended: the
+    stop the future's callback queued is run now (one loop iteration), or it would end
+    the loop's next run at once ("Event loop stopped before Future completed")."""
+    loop.call_soon(loop.stop)
+    with contextlib.suppress(BaseException):  # a second signal: the caller raises the first
+        loop.run_forever()
 
 
 async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
@@ -608,14 +639,16 @@ async def _as_call(coro: Coroutine[Any, Any, _T], call: _Call) -> _T:
             await _cancel_leftovers(call)
 
 
-async def _cancel_leftovers(call: _Call) -> None:
+async def _cancel_leftovers(call: _Call, deadline: float | None = None) -> None:
     """Cancel and await the tasks the call spawned, and those they spawn while being
-    cancelled, until none are left or ``LEFTOVER_TIMEOUT`` s have passed in all."""
+    cancelled, until none are left or ``LEFTOVER_TIMEOUT`` s have passed in all (or the
+    loop time ``deadline``, if sooner)."""
     leftovers = [task for task in call.tasks if not task.done()]
     if not leftovers:
         return
     loop = call.loop
-    deadline = loop.time() + LEFTOVER_TIMEOUT
+    started = loop.time()
+    deadline = min(started + LEFTOVER_TIMEOUT, deadline or float("inf"))
     cancelled: set[asyncio.Task[Any]] = set()
     while True:
         for task in leftovers:
@@ -645,9 +678,9 @@ async def _cancel_leftovers(call: _Call) -> None:
     for task in leftovers:
         logger.warning(
             "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
-            "cancellation for %.0f s; left running",
+            "cancellation for %.1f s; left running",
             task,
-            LEFTOVER_TIMEOUT,
+            loop.time() - started,
         )
 
 
