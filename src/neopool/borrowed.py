@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
-from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
@@ -33,7 +32,7 @@ from neo4j.exceptions import AuthError
 from neopool.database import DEFAULT_SCHEMA, Schema, preparer
 from neopool.errors import LeaseError
 from neopool.lease import PooledConnectionManager
-from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool, PoolState
+from neopool.loop_pool import CONNECTIVITY_ERRORS, EventLoopConnectionPool
 from neopool.registry import GlobalNeo4jConnectionPool
 
 __all__ = ["BorrowedConnection", "PooledSession"]
@@ -210,7 +209,7 @@ class BorrowedConnection:
         self, timeout: float | None = None, *, registry: GlobalNeo4jConnectionPool | None = None
     ) -> None:
         self._timeout = timeout
-        self._registry = registry  # None: the process's (looked up at each entry)
+        self._registry = registry or GlobalNeo4jConnectionPool()
         self._shared: SharedLease | None = None
         self._lending: Lending | None = None
         self._entering = False
@@ -221,10 +220,7 @@ class BorrowedConnection:
                 "this BorrowedConnection already holds (or is taking) a lease; call "
                 "Neo4jConnectionFactory.borrow_connection() again for a second one"
             )
-        registry = (
-            self._registry or GlobalNeo4jConnectionPool._instance or GlobalNeo4jConnectionPool()
-        )
-        pool = registry.running_loop_pool("borrow_connection")
+        pool = self._registry.running_loop_pool("borrow_connection")
         # A timeout given goes through borrow(), which checks it before lending.
         lease = pool._lend_now(sys._getframe(1)) if self._timeout is None else None
         if lease is None:
@@ -270,16 +266,7 @@ class BorrowedConnection:
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
         shared = self._shared
-        if shared is not None:  # the usual case, without the calls of lease._driver_now()
-            pool, driver = shared.pool, shared.pool._driver
-            if (
-                shared.lease._in_use
-                and pool._state is PoolState.OPEN
-                and driver is not None
-                and _get_running_loop() is pool._loop
-            ):
-                return driver
-        return self._held()._driver_now()
+        return (shared.lease if shared is not None else self._held())._driver_now()
 
     async def prepare_database(
         self,

@@ -27,9 +27,8 @@ if TYPE_CHECKING:
 
 #: Frames from these folders are skipped when recording where a lease was borrowed.
 _SKIPPED_DIRS = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
-#: Whether a code object's frames are skipped, decided once per code object (the pool
-#: reads it too, to record a borrow made outside neopool without a call).
-skipped_code: dict[CodeType, bool] = {}
+#: Whether a code object's frames are skipped, decided once per code object.
+_skipped_code: dict[CodeType, bool] = {}
 _MAX_CLASSIFIED = 10_000
 
 #: Where a lease was borrowed: the code and line, formatted only when read.
@@ -179,11 +178,11 @@ def caller_outside_package(frame: FrameType | None = None) -> BorrowSite | None:
         frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        skipped = skipped_code.get(code)
+        skipped = _skipped_code.get(code)
         if skipped is None:
-            if len(skipped_code) >= _MAX_CLASSIFIED:  # code made at run time, without end
-                skipped_code.clear()
-            skipped = skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
+            if len(_skipped_code) >= _MAX_CLASSIFIED:  # code made at run time, without end
+                _skipped_code.clear()
+            skipped = _skipped_code[code] = code.co_filename.startswith(_SKIPPED_DIRS)
         if not skipped:
             return code, frame.f_lineno
         frame = frame.f_back

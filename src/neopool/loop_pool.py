@@ -52,7 +52,6 @@ from neopool.lease import (
     PooledConnectionManager,
     caller_outside_package,
     outstanding,
-    skipped_code,
 )
 from neopool.stats import PROCESS, PoolStats, UtilisationMonitor, report_leaks
 
@@ -287,14 +286,12 @@ class EventLoopConnectionPool:
             or self._lost
             or self._driver_suspect
             or self._state is not PoolState.OPEN
-            or getattr(driver, "_closed", False)  # driver_is_closed(), inline on this path
+            or driver_is_closed(driver)
         ):
             return None
         lease = self._available.pop()
         self._hand_out(lease)
-        code = caller.f_code  # the borrow site; made outside neopool, found without a call
-        site = (code, caller.f_lineno) if skipped_code.get(code) is False else None
-        lease._ref.site = site or caller_outside_package(caller)
+        lease._ref.site = caller_outside_package(caller)
         return lease
 
     async def return_connection(
@@ -417,14 +414,9 @@ class EventLoopConnectionPool:
             raise LeaseError(f"{lease!r} was already returned; return each lease exactly once")
         outstanding.discard(ref)
         lease._in_use = False
-        if self._retired or self._drained is not None:  # something waits for leases back
-            self._lease_came_back(lease.lease_id)
-        if self._state is not PoolState.OPEN:
-            return
-        if self._waiters or self._monitor.alerted:
+        self._lease_came_back(lease.lease_id)
+        if self._state is PoolState.OPEN:
             self._pass_on(lease)
-        else:  # the usual case: nobody to hand it to or to tell, so it is shelved
-            self._available.append(lease)
 
     def _lease_came_back(self, lease_id: int) -> None:
         """What waits for leases back (a retired driver, a close) hears of one returned or lost."""

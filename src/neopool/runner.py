@@ -62,7 +62,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
-from types import CoroutineType
 from typing import Any, Protocol, TypeVar
 
 from neopool import _fork, _signal_wakeup, blocked_loop, registry
@@ -756,7 +755,7 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
     the coroutine there instead; :class:`CallCancelled` when the call was
     cancelled from outside (:func:`cancel_calls`, its loop closed).
     """
-    if type(coro) is not CoroutineType and not asyncio.iscoroutine(coro):
+    if not asyncio.iscoroutine(coro):
         raise TypeError(f"neopool.run() takes a coroutine, not {type(coro).__name__}")
     if asyncio._get_running_loop() is not None:  # no exception raised and caught per call
         coro.close()
@@ -777,8 +776,7 @@ def run(coro: Coroutine[Any, Any, _T]) -> _T:
             try:
                 return state.run(coro)
             finally:
-                if state._state is LoopState.CLOSE_REQUESTED:  # asked during the call
-                    state.close_if_requested()
+                state.close_if_requested()  # asked during the call
 
 
 # -- the process loop -------------------------------------------------------------------
