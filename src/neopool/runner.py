@@ -203,6 +203,7 @@ class _Call:
         "deadline",
         "exit",
         "future",
+        "given_up",
         "interrupt_handler",
         "loop",
         "main",
@@ -239,6 +240,8 @@ class _Call:
         #: Once a signal interrupted the call: the loop time by which it has ended, what
         #: it spawned included (``2 x LEFTOVER_TIMEOUT`` from the first signal).
         self.deadline: float | None = None
+        #: Set by :meth:`give_up`: what the caller got while the coroutine still ran.
+        self.given_up: BaseException | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the call's coroutine, from any thread (before it starts, too)."""
@@ -271,6 +274,33 @@ class _Call:
     def _hand_over(self, handler: Callable[[Exception], None], exc: Exception) -> None:
         if self.main is not None and not self.main.done() and not self.returned:
             handler(exc)
+
+    def give_up(self, outcome: BaseException) -> None:
+        """On the call's loop: end the call with ``outcome`` now, its coroutine still running.
+
+        For code that told the coroutine to end (cancelled it) and saw it ignore that:
+        the caller is not held any longer. On a thread's loop the loop stops, and the
+        call's end treats the coroutine's task as one it left running (cancelled and
+        awaited within ``LEFTOVER_TIMEOUT``, then left with a warning); on the process
+        loop the waiting thread gets ``outcome`` at once, and the call is no longer in
+        flight. Once per call.
+        """
+        main = self.main
+        if self.given_up is not None or main is None or main.done():
+            return
+        self.given_up = outcome
+        if self.future is None:
+            self.loop.stop()  # run_until_complete() raises in _ThreadLoop.run
+            return
+        _rt.calls.discard(self)  # no caller waits for it: not in flight any more
+        logger.warning(
+            "neopool: task %r of a neopool.run() call ignored cancellation; its caller gets "
+            "%s, and it is left running on the process loop",
+            main,
+            type(outcome).__name__,
+        )
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.future.set_exception(outcome)
 
     def cancelled_error(self) -> BaseException:
         """What the caller gets when the call's coroutine was cancelled."""
@@ -464,6 +494,9 @@ class _ThreadLoop:
                 # finished, within 2 x LEFTOVER_TIMEOUT.
                 if loop.is_closed():
                     raise
+                if call.given_up is not None and not task.done():  # the loop was stopped
+                    call.tasks.append(task)  # ended below as what it spawned would be
+                    raise call.given_up from None
                 if task.done():  # raised as the task ended: its stop is still queued
                     _run_queued_stop(loop)
                     raise
@@ -474,8 +507,8 @@ class _ThreadLoop:
                 raise
             finally:
                 # Most calls spawn none; a call that ignored its cancellation is left
-                # running, and what it spawned with it.
-                if call.tasks and task.done():
+                # running, and what it spawned with it (unless it was given up on).
+                if call.tasks and (task.done() or call.given_up is not None):
                     _end_leftovers(call)
         finally:
             _rt.calls.discard(call)
@@ -698,6 +731,17 @@ def deliver_interrupts(handler: Callable[[Exception], None]) -> None:
     if call is None:
         raise RuntimeError("deliver_interrupts() is for code that a neopool.run() call runs")
     call.interrupt_handler = handler
+
+
+def giving_up() -> Callable[[BaseException], None]:
+    """In a :func:`run` call: what ends the call with an exception at once, its coroutine
+    left running (:meth:`_Call.give_up`). Call it later, on the call's loop: for code
+    that told the coroutine to end and saw it ignore that (AsyncTask, ``LEFTOVER_TIMEOUT``
+    after a revoke or a soft limit)."""
+    call = _current_call.get()
+    if call is None:
+        raise RuntimeError("giving_up() is for code that a neopool.run() call runs")
+    return call.give_up
 
 
 @contextlib.contextmanager

@@ -37,6 +37,9 @@ return their leases before the task ends:
   is noticed within ``revocation_poll`` seconds and its coroutine cancelled;
   the task then fails with ``TaskRevokedError``. (Under solo the worker hears
   no remote control while its one thread runs a task, so a revoke lands after it.)
+* a coroutine that ignores the cancel of a revoke or a soft limit for
+  ``LEFTOVER_TIMEOUT`` seconds more is left running on its loop, with a
+  warning: the task ends without it, and the worker's thread is free.
 * a warm shutdown whose deadline passed (``setup(..., drain_timeout=...)``)
   cancels the coroutines still running; with ``acks_late`` and
   ``task_reject_on_worker_lost`` the message goes back to the queue, as it
@@ -47,11 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import math
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Container, Generator
 from typing import Any, TypeVar
 
@@ -185,13 +190,17 @@ async def _supervised(
     spawns. The call runs in a context of its own (:func:`neopool.run` copies
     one), so nothing needs resetting after.
 
-    The soft limit comes from AsyncTask's own timer (threads, solo), or, under
-    prefork, from Celery's signal: raised while the loop waits, the runner hands it
-    here (:func:`neopool.runner.deliver_interrupts`); raised in a loop callback, the
+    The coroutine runs in the call's own task, under this frame. What may end it
+    early is a :class:`_Watch`, checked by its loop's one timer (:class:`_Watches`).
+    The soft limit comes from that timer (threads, solo), or, under prefork, from
+    Celery's signal: raised while the loop waits, the runner hands it here
+    (:func:`neopool.runner.deliver_interrupts`); raised in a loop callback, the
     loop's exception handler takes it (:func:`_catch_a_lost_soft_limit`). Either way
     it is thrown into the coroutine at its await point (:class:`_Deliverable`); the
     coroutine then has ``LEFTOVER_TIMEOUT`` seconds to clean up and return (its
-    outcome is the task's) before it is cancelled.
+    outcome is the task's) before it is cancelled. A coroutine that ignores that
+    cancel (or a revoke's) for ``LEFTOVER_TIMEOUT`` more is left running: the task
+    ends without it (:func:`neopool.runner.giving_up`).
     """
     call = asyncio.current_task()
     assert call is not None
@@ -206,85 +215,213 @@ async def _supervised(
         if not signalled:
             return await awaitable
         return await _as_prefork_child(awaitable, call, loop)
-    revoked = _revoked_ids() if watch_revocation else None
-    timer = soft_limit is not None and not _soft_limits_signalled
-    deadline = loop.time() + soft_limit if timer and soft_limit is not None else math.inf
     deliverable = _Deliverable(awaitable) if soft_limit is not None else None
-    # One future to wait on, completed when the work is done or a check says it must
-    # end; one timer at a time, for the next check (a revocation poll, the soft limit,
-    # the end of the time to clean up after it).
-    wake: asyncio.Future[None] = loop.create_future()
-    work: asyncio.Future[T] = loop.create_task(
-        _run_then_wake(deliverable if deliverable is not None else awaitable, wake)
+    own_timer = soft_limit is not None and not _soft_limits_signalled
+    watch = _Watch(
+        call,
+        runner.giving_up(),
+        deliverable,
+        _revoked_ids() if watch_revocation else None,
+        task_id,
+        poll,
+        loop.time() + soft_limit if own_timer and soft_limit is not None else math.inf,
+        soft_limit,
     )
-    ending: list[BaseException] = []  # why the task ends while its work still runs
-    next_check: asyncio.TimerHandle | None = None
-
-    def wake_up(_: object = None) -> None:
-        if not wake.done():
-            wake.set_result(None)
-
-    def arm() -> None:
-        nonlocal next_check, deadline
-        if next_check is not None:
-            next_check.cancel()
-            next_check = None
-        if deliverable is not None and deliverable.delivered is not None:
-            # Thrown in (by the timer or the signal): the time to clean up starts.
-            deadline = deliverable.delivered + runner.LEFTOVER_TIMEOUT
-        wait = min(poll if revoked is not None else math.inf, deadline - loop.time())
-        if wait < math.inf:
-            next_check = loop.call_later(max(0.0, wait), check)
-
-    def check() -> None:
-        nonlocal next_check
-        next_check = None
-        if work.done() or wake.done():
-            return
-        if revoked is not None and task_id in revoked:
-            ending.append(TaskRevokedError(f"task {task_id} was revoked while running"))
-            wake_up()
-            return
-        if loop.time() >= deadline:
-            assert deliverable is not None  # a deadline comes with a soft limit
-            if deliverable.thrown is None:
-                assert soft_limit is not None
-                deliverable.throw(  # arms the next check itself
-                    SoftTimeLimitExceeded(f"soft time limit ({soft_limit:g} s) exceeded")
-                )
-                return
-            # Delivered, and not done cleaning up within LEFTOVER_TIMEOUT.
-            ending.append(deliverable.thrown)
-            wake_up()
-            return
-        arm()
-
-    work.add_done_callback(wake_up)  # also when it is cancelled before its first step
+    watches = _watches_of(loop)
     if deliverable is not None:
-        deliverable.task = work
-        deliverable.thrown_hook = arm
+        deliverable.task = call
+        deliverable.thrown_hook = functools.partial(watches.clean_up_time, watch)
         runner.deliver_interrupts(deliverable.throw)
-    lost: list[BaseException] = []
-    restore = _catch_a_lost_soft_limit(loop, work, lost, deliverable) if signalled else None
-    arm()
+    # Signalled (prefork), there is a soft limit: one landing in a callback is thrown in.
+    restore = _catch_a_lost_soft_limit(loop, call, [], deliverable) if signalled else None
+    watches.add(watch)
     try:
-        await wake
-        if lost:  # Celery's signal landed in a loop callback: it ends the task here
-            await _cancel(work)
-            raise lost[0]
-        if ending:  # revoked, or its soft limit passed and it did not clean up in time
-            await _cancel(work)
-            raise ending[0]
-        if work.cancelled() and deliverable is not None and deliverable.thrown:
-            raise deliverable.thrown  # cancelled before it started: it never ran
-        return work.result()
+        result = await (deliverable if deliverable is not None else awaitable)
+    except asyncio.CancelledError:
+        if watch.ending is None:
+            raise  # cancelled from outside (a shutdown): the runner says so
+        if sys.version_info >= (3, 11):
+            call.uncancel()  # taken back: the task fails with its ending instead
+        raise watch.ending from None
     finally:
-        if next_check is not None:
-            next_check.cancel()
+        watches.discard(watch)
         if restore is not None:
             restore()
-        if not work.done():  # we were cancelled (a signal, a shutdown): pass it on
-            await _cancel(work)
+    if watch.ending is not None:  # it caught the cancel and returned: the task still fails
+        raise watch.ending
+    return result
+
+
+class _Watch:
+    """What may end one AsyncTask call early: a revocation (polled every ``poll`` s), its
+    soft limit (at loop time ``deadline``, when AsyncTask keeps the time), and then the
+    time the coroutine has to end. :meth:`check` acts on what is due."""
+
+    __slots__ = (
+        "deadline",
+        "deliverable",
+        "due",
+        "ending",
+        "give_up",
+        "give_up_at",
+        "main",
+        "poll",
+        "revoked",
+        "soft_limit",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        main: asyncio.Task[Any],
+        give_up: Callable[[BaseException], None],
+        deliverable: _Deliverable | None,
+        revoked: Container[str] | None,
+        task_id: str | None,
+        poll: float,
+        deadline: float,
+        soft_limit: float | None,
+    ) -> None:
+        self.main = main
+        self.give_up = give_up
+        self.deliverable = deliverable
+        self.revoked = revoked
+        self.task_id = task_id
+        self.poll = poll
+        self.deadline = deadline
+        self.soft_limit = soft_limit
+        #: Why the task ends, once it must: its coroutine was cancelled then.
+        self.ending: BaseException | None = None
+        self.give_up_at = math.inf
+        #: The loop time of the next check (``inf``: none).
+        self.due = min(deadline, main.get_loop().time() + poll if revoked is not None else math.inf)
+
+    def check(self, now: float) -> None:
+        """At loop time ``now``: act on what is due, and set :attr:`due` to the next check."""
+        self.due = math.inf
+        if self.main.done():
+            return
+        if self.ending is not None:  # cancelled, and not ended since
+            if now >= self.give_up_at:
+                self.give_up(self.ending)
+            else:
+                self.due = self.give_up_at
+            return
+        if self.revoked is not None and self.task_id in self.revoked:
+            self._end(TaskRevokedError(f"task {self.task_id} was revoked while running"), now)
+            return
+        deliverable = self.deliverable
+        if deliverable is not None and deliverable.delivered is not None:
+            # Thrown in (by the timer or the signal): the time to clean up runs.
+            assert self.soft_limit is not None  # what was thrown in
+            clean_up_by = deliverable.delivered + runner.LEFTOVER_TIMEOUT
+            if now >= clean_up_by:
+                # A new exception: the one thrown in holds the coroutine's frames, which
+                # Celery clears as the task fails with it (closing a coroutine left running).
+                self._end(
+                    SoftTimeLimitExceeded(
+                        f"soft time limit ({self.soft_limit:g} s) exceeded, and the task "
+                        f"did not end within {runner.LEFTOVER_TIMEOUT:g} s"
+                    ),
+                    now,
+                )
+                return
+            self.due = clean_up_by
+        elif now >= self.deadline:
+            assert deliverable is not None  # a deadline comes with a soft limit
+            assert self.soft_limit is not None
+            deliverable.throw(  # sets delivered: the time to clean up starts now
+                SoftTimeLimitExceeded(f"soft time limit ({self.soft_limit:g} s) exceeded")
+            )
+            self.due = now + runner.LEFTOVER_TIMEOUT
+        else:
+            self.due = self.deadline
+        if self.revoked is not None:
+            self.due = min(self.due, now + self.poll)
+
+    def _end(self, outcome: BaseException, now: float) -> None:
+        """The task ends with ``outcome``: its coroutine is cancelled, and given
+        ``LEFTOVER_TIMEOUT`` s to end before the task ends without it."""
+        self.ending = outcome
+        self.give_up_at = self.due = now + runner.LEFTOVER_TIMEOUT
+        self.main.cancel(f"neopool: {outcome}")
+
+
+class _Watches:
+    """The watched AsyncTask calls of one loop, and the one timer that checks them: a
+    timer per call would cost every call a heap push and a cancel. The timer is armed for
+    the earliest check due, and stops once nothing is watched."""
+
+    __slots__ = ("__weakref__", "_loop", "_timer", "_when", "watches")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # the loop holds its timer, which holds this
+        self.watches: dict[_Watch, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._when = math.inf
+
+    def add(self, watch: _Watch) -> None:
+        """Check ``watch`` from its :attr:`_Watch.due` on (nothing if that is ``inf``)."""
+        if watch.due == math.inf:
+            return
+        self.watches[watch] = None
+        if watch.due < self._when:
+            self._arm(watch.due)
+
+    def discard(self, watch: _Watch) -> None:
+        self.watches.pop(watch, None)  # the timer stays: it stops when it finds none
+
+    def clean_up_time(self, watch: _Watch) -> None:
+        """The soft limit was thrown into ``watch``'s coroutine (by the timer or the
+        signal): check it again when its time to clean up is over."""
+        deliverable = watch.deliverable
+        assert deliverable is not None
+        assert deliverable.delivered is not None
+        watch.due = min(watch.due, deliverable.delivered + runner.LEFTOVER_TIMEOUT)
+        self.add(watch)
+
+    def _arm(self, when: float) -> None:
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._when = when
+        self._timer = loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._when = None, math.inf
+        loop = self._loop()
+        assert loop is not None  # it runs this
+        now = loop.time()
+        for watch in list(self.watches):
+            if watch.due <= now:
+                watch.check(now)
+            if watch.due == math.inf:
+                self.watches.pop(watch, None)
+        if self.watches:
+            self._arm(min(watch.due for watch in self.watches))
+
+
+#: Each loop's :class:`_Watches`, made on its first watched call.
+_watches_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watches] = (
+    weakref.WeakKeyDictionary()
+)
+#: The last loop's watches, per thread: most calls come on the loop the last came on.
+_recent = threading.local()
+
+
+def _watches_of(loop: asyncio.AbstractEventLoop) -> _Watches:
+    recent: tuple[weakref.ref[asyncio.AbstractEventLoop], _Watches] | None = getattr(
+        _recent, "watches", None
+    )
+    if recent is not None and recent[0]() is loop:
+        return recent[1]
+    watches = _watches_by_loop.get(loop)
+    if watches is None:
+        watches = _watches_by_loop[loop] = _Watches(loop)
+    _recent.watches = (weakref.ref(loop), watches)
+    return watches
 
 
 async def _as_prefork_child(
@@ -335,7 +472,7 @@ class _Deliverable:
     ``asyncio`` has no public way to throw into a task (calling ``throw`` on a task's
     coroutine from outside breaks the task's stepping), and a cancel arrives as
     ``CancelledError``, which ``except SoftTimeLimitExceeded`` does not catch. So the
-    task runs this object, which relays every step of the coroutine (``send`` and
+    task awaits this object, which relays every step of the coroutine (``send`` and
     ``throw``, as ``await`` does) and sits between the task and the coroutine:
     :meth:`throw` cancels the task with a marker, and when that cancellation reaches
     this frame it throws the exception into the coroutine in its place (and takes
@@ -350,7 +487,7 @@ class _Deliverable:
 
     def __init__(self, coro: Awaitable[Any]) -> None:
         self.coro = coro.__await__()
-        #: The task running this object (set once it is created).
+        #: The task awaiting this object.
         self.task: asyncio.Future[Any] | None = None
         #: What :meth:`throw` was given; when (loop time); and whether it is still on its way.
         self.thrown: BaseException | None = None
@@ -431,30 +568,3 @@ def _catch_a_lost_soft_limit(
 
     loop.set_exception_handler(handler)
     return lambda: loop.set_exception_handler(previous)
-
-
-async def _cancel(work: asyncio.Future[Any]) -> None:
-    """Cancel ``work`` and wait until it has finished (returned its leases), within a bound.
-
-    A coroutine that swallows the cancellation is left running after
-    ``LEFTOVER_TIMEOUT`` seconds, with a warning: the task itself still ends.
-    """
-    work.cancel()
-    _, stuck = await asyncio.wait({work}, timeout=runner.LEFTOVER_TIMEOUT)
-    if stuck:
-        logger.warning(
-            "neopool: a task's coroutine ignored cancellation for %.0f s; left running",
-            runner.LEFTOVER_TIMEOUT,
-        )
-    elif not work.cancelled():
-        work.exception()  # retrieved: its outcome is the cancellation's, reported by Celery
-
-
-async def _run_then_wake(awaitable: Awaitable[T], wake: asyncio.Future[None]) -> T:
-    """Await ``awaitable``, and wake the supervisor as it ends: in the same step, one loop
-    iteration sooner than a done callback would."""
-    try:
-        return await awaitable
-    finally:
-        if not wake.done():
-            wake.set_result(None)

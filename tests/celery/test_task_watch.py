@@ -1,0 +1,173 @@
+"""Under the threads and solo pools, AsyncTask watches a running task itself: a revoke
+cancels its coroutine, its soft limit is thrown into it, and a coroutine that ignores
+being ended does not hold the worker's thread for longer than ``2 x LEFTOVER_TIMEOUT``.
+
+The task is called as the worker calls it (``apply``: a request with an id), in each of
+the runner's modes; a revoke is what the worker records when told of one
+(``celery.worker.state.revoked``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded, TaskRevokedError
+from celery.worker import state as worker_state
+
+from celery import Celery
+from neopool import runner
+from neopool.celery.task import AsyncTask
+from runner_modes import MODES, runner_in_mode
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Seconds between revocation checks: short, so the tests take little time.
+POLL = 0.05
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    with runner_in_mode(request.param) as mode:
+        yield mode
+
+
+@pytest.fixture
+def app() -> Celery:
+    return Celery("task-watch", set_as_current=False)
+
+
+@pytest.fixture
+def short_leftover_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(runner, "LEFTOVER_TIMEOUT", 0.25)
+    return 0.25
+
+
+def revoke(task_id: str) -> None:
+    """What the worker does when told to revoke ``task_id``."""
+    worker_state.revoked.add(task_id)
+
+
+@pytest.fixture(autouse=True)
+def forget_revokes() -> Iterator[None]:
+    yield
+    worker_state.revoked.clear()
+
+
+def test_a_revoked_running_task_has_its_coroutine_cancelled_and_fails_as_revoked(
+    app: Celery, mode: str
+) -> None:
+    seen: list[str] = []
+
+    @app.task(base=AsyncTask, bind=True, shared=False, revocation_poll=POLL)  # type: ignore[untyped-decorator]
+    async def held(self: Any) -> str:
+        revoke(self.request.id)
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return "ran to the end"
+
+    began = time.monotonic()
+    result = held.apply()
+    assert isinstance(result.result, TaskRevokedError), result.traceback
+    assert seen == ["cancelled"]
+    assert time.monotonic() - began < 10  # not the 20 s it would have run
+
+
+def test_a_revoked_task_whose_coroutine_returns_anyway_still_fails_as_revoked(
+    app: Celery, mode: str
+) -> None:
+    @app.task(base=AsyncTask, bind=True, shared=False, revocation_poll=POLL)  # type: ignore[untyped-decorator]
+    async def partial(self: Any) -> str:
+        revoke(self.request.id)
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            return "partial"
+        return "ran to the end"
+
+    result = partial.apply()
+    assert isinstance(result.result, TaskRevokedError), result.traceback
+
+
+def test_a_task_not_revoked_runs_past_many_checks_to_its_end(app: Celery, mode: str) -> None:
+    @app.task(base=AsyncTask, shared=False, soft_time_limit=30, revocation_poll=POLL)  # type: ignore[untyped-decorator]
+    async def steady() -> str:
+        await asyncio.sleep(10 * POLL)
+        return "done"
+
+    assert [steady.apply().get() for _ in range(3)] == ["done"] * 3
+
+
+class Stubborn:
+    """A coroutine that ignores every cancel until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.ignored = 0
+        self.finished = threading.Event()
+        self.released = threading.Event()
+
+    async def run(self) -> None:
+        try:
+            while not self.released.is_set():
+                try:
+                    await asyncio.sleep(0.02)
+                except asyncio.CancelledError:
+                    self.ignored += 1
+        finally:
+            self.finished.set()
+
+
+@pytest.mark.timing
+def test_a_coroutine_that_ignores_its_revoke_is_left_running_and_the_task_still_ends(
+    app: Celery, mode: str, short_leftover_timeout: float
+) -> None:
+    stubborn = Stubborn()
+
+    @app.task(base=AsyncTask, bind=True, shared=False, revocation_poll=POLL)  # type: ignore[untyped-decorator]
+    async def ignores_it(self: Any) -> None:
+        revoke(self.request.id)
+        await stubborn.run()
+
+    began = time.monotonic()
+    try:
+        result = ignores_it.apply()
+        took = time.monotonic() - began
+        assert isinstance(result.result, TaskRevokedError), result.traceback
+        assert stubborn.ignored >= 1
+        assert not stubborn.finished.is_set()  # left running: the task ended without it
+        assert runner.calls_in_flight() == 0  # a shutdown's drain does not wait for it
+        # The revoke's cancel and the leftovers' each get LEFTOVER_TIMEOUT, after a poll.
+        assert took < 2 * short_leftover_timeout + POLL + 2
+    finally:
+        stubborn.released.set()
+
+
+@pytest.mark.timing
+def test_a_coroutine_that_does_not_end_after_its_soft_limit_is_left_and_the_task_fails(
+    app: Celery, mode: str, short_leftover_timeout: float
+) -> None:
+    stubborn = Stubborn()
+
+    @app.task(base=AsyncTask, shared=False, soft_time_limit=0.1)  # type: ignore[untyped-decorator]
+    async def overruns() -> None:
+        try:
+            await asyncio.sleep(20)
+        except SoftTimeLimitExceeded:
+            await stubborn.run()  # a clean-up that never ends
+
+    began = time.monotonic()
+    try:
+        result = overruns.apply()
+        took = time.monotonic() - began
+        assert isinstance(result.result, SoftTimeLimitExceeded), result.traceback
+        assert stubborn.ignored >= 1  # cancelled once its time to clean up was over
+        assert not stubborn.finished.is_set()
+        assert took < 0.1 + 3 * short_leftover_timeout + 2
+    finally:
+        stubborn.released.set()
