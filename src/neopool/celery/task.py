@@ -72,9 +72,19 @@ logger = logging.getLogger("neopool")
 
 T = TypeVar("T")
 
-#: ``(task, request, call)`` of the AsyncTask whose coroutine is running (see
-#: ``AsyncTask.request``); ``call`` is the asyncio task running it.
-_current_request: contextvars.ContextVar[tuple[AsyncTask, Context, asyncio.Task[Any]] | None] = (
+
+class _Running:
+    """Whether an AsyncTask's call still runs (tasks its coroutine spawned may outlive it)."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
+
+
+#: ``(task, request, running)`` of the AsyncTask whose coroutine is running (see
+#: ``AsyncTask.request``).
+_current_request: contextvars.ContextVar[tuple[AsyncTask, Context, _Running] | None] = (
     contextvars.ContextVar("neopool_celery_request", default=None)
 )
 
@@ -124,13 +134,26 @@ class AsyncTask(Task):  # type: ignore[misc]
         # Taken here, on Celery's thread: the coroutine may run on another one.
         request = self.request
         soft_limit = self._soft_time_limit(request)
-        watched = _supervised(result, self, request, self.revocation_poll, soft_limit)
+        task_id = getattr(request, "id", None)
+        if (task_id is not None and _revocations_heard) or soft_limit is not None:
+            coro = _supervised(result, task_id, self.revocation_poll, soft_limit)
+        elif _soft_limits_signalled and _on_main_threads_loop():
+            coro = _as_prefork_child(result)
+        else:  # nothing to watch: the coroutine runs as the call's own task
+            coro = result if inspect.iscoroutine(result) else _awaited(result)
+        # The call's task starts with a copy of this context: its code (and the tasks
+        # it spawns) sees the request, and the call's end.
+        running = _Running()
+        token = _current_request.set((self, request, running))
         try:
-            return run(watched)
+            return run(coro)
         except CallCancelled as exc:
             if self._requeue_when_cut_off():
                 raise Reject(str(exc), requeue=True) from exc
             raise
+        finally:
+            running.over = True
+            _current_request.reset(token)
 
     @property
     def request(self) -> Context:
@@ -145,7 +168,7 @@ class AsyncTask(Task):  # type: ignore[misc]
         if current is not None and current[0] is self:
             # Once the call is over, none: Celery's own would be whatever the
             # thread runs now, another call's request.
-            return current[1] if not current[2].done() else Context()
+            return current[1] if not current[2].over else Context()
         return self._get_request()
 
     def _soft_time_limit(self, request: Context) -> float | None:
@@ -177,18 +200,11 @@ class AsyncTask(Task):  # type: ignore[misc]
 
 
 async def _supervised(
-    awaitable: Awaitable[T],
-    task: AsyncTask,
-    request: Context,
-    poll: float,
-    soft_limit: float | None,
+    awaitable: Awaitable[T], task_id: str | None, poll: float, soft_limit: float | None
 ) -> T:
-    """Await ``awaitable`` as ``task`` handling ``request``; cancel it when the task is
-    revoked, deliver ``SoftTimeLimitExceeded`` into it when its soft time limit passes.
-
-    First, ``request`` is made the task's request for the coroutine and what it
-    spawns. The call runs in a context of its own (:func:`neopool.run` copies
-    one), so nothing needs resetting after.
+    """Await ``awaitable``; cancel it when task ``task_id`` is revoked (where this worker
+    hears of revocations: not in a prefork child), deliver ``SoftTimeLimitExceeded``
+    into it when the task's soft time limit passes.
 
     The coroutine runs in the call's own task, under this frame. What may end it
     early is a :class:`_Watch`, checked by its loop's one timer (:class:`_Watches`).
@@ -204,17 +220,10 @@ async def _supervised(
     """
     call = asyncio.current_task()
     assert call is not None
-    _current_request.set((task, request, call))
-    task_id = getattr(request, "id", None)
     # Signal handlers run in the main thread: only a loop there can be hit by one.
     signalled = _soft_limits_signalled and threading.current_thread() is threading.main_thread()
     watch_revocation = task_id is not None and _revocations_heard
     loop = asyncio.get_running_loop()
-    if not watch_revocation and soft_limit is None:
-        # Nothing to watch on a timer: the coroutine runs as the call's own task.
-        if not signalled:
-            return await awaitable
-        return await _as_prefork_child(awaitable, call, loop)
     deliverable = _Deliverable(awaitable) if soft_limit is not None else None
     own_timer = soft_limit is not None and not _soft_limits_signalled
     watch = _Watch(
@@ -424,14 +433,14 @@ def _watches_of(loop: asyncio.AbstractEventLoop) -> _Watches:
     return watches
 
 
-async def _as_prefork_child(
-    awaitable: Awaitable[T], call: asyncio.Task[Any], loop: asyncio.AbstractEventLoop
-) -> T:
+async def _as_prefork_child(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable`` in a prefork child, for a task without a soft limit: only a
     revoke's signal can end it early (``revoke(..., terminate=True, signal="SIGUSR1")``),
-    and one landing in a loop callback cancels ``call`` (the task running it) here."""
+    and one landing in a loop callback cancels the call's task here."""
+    call = asyncio.current_task()
+    assert call is not None
     lost: list[BaseException] = []
-    restore = _catch_a_lost_soft_limit(loop, call, lost, None)
+    restore = _catch_a_lost_soft_limit(asyncio.get_running_loop(), call, lost, None)
     try:
         result = await awaitable
     except asyncio.CancelledError:
@@ -443,6 +452,17 @@ async def _as_prefork_child(
     if lost:  # it caught the cancel and returned: the revoke still ends the task
         raise lost[0]
     return result
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    """An awaitable that is no coroutine (a task's ``run`` may return one), as one."""
+    return await awaitable
+
+
+def _on_main_threads_loop() -> bool:
+    """Whether a call made here runs in the main thread (on its loop), where a signal
+    handler raises: the process loop runs in a thread of its own."""
+    return runner.loop_mode() == "thread" and threading.current_thread() is threading.main_thread()
 
 
 #: ``celery.worker.state.revoked``, once imported (see :func:`_revoked_ids`).
