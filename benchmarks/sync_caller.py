@@ -12,7 +12,9 @@ one-query coroutine again and again. Rows, per task:
   id: what a hand-written task pays Celery itself;
 - ``AsyncTask`` (a Celery task whose body is that coroutine, called the same
   way): under the threads pool, where it watches for a revocation, and under
-  prefork, where it has nothing to watch; compared with the plain Celery task;
+  prefork, where it has nothing to watch; then both again with a soft time limit
+  (as an app-wide ``task_soft_time_limit`` gives every task), which AsyncTask
+  keeps itself under threads; compared with the plain Celery task;
 - the ideal again, on a loop and a driver of its own: the control. Two drivers
   hold two server connections, and a connection's speed differs from another's
   by a few percent for reasons of the server's (its threads, its JIT): this
@@ -63,6 +65,8 @@ from neopool.celery.task import worker_pool
 from neopool.loop_pool import create_driver
 
 QUERY = "RETURN 1 AS x"
+#: The soft time limit of the rows that have one (seconds; never reached here).
+SOFT_TIME_LIMIT = 600.0
 #: Steps per round (each step runs one task of every row).
 BLOCK = 150
 
@@ -72,6 +76,8 @@ USER = "neopool.run + borrow_connection + get_driver + session"
 CELERY_IDEAL = "the ideal as a plain Celery task (worker request)"
 TASK = "AsyncTask, threads pool (revocation watched) + borrow + session"
 PREFORK_TASK = "AsyncTask, prefork child + borrow + session"
+TASK_SOFT = "AsyncTask, threads pool, soft time limit + borrow + session"
+PREFORK_TASK_SOFT = "AsyncTask, prefork child, soft time limit + borrow + session"
 CONTROL = "control: the ideal on a loop and driver of its own"
 RUC_EMPTY = "loop.run_until_complete(returns at once)"
 RUN_EMPTY = "neopool.run(returns at once)"
@@ -85,6 +91,8 @@ BASELINE = {
     CELERY_IDEAL: IDEAL,
     TASK: CELERY_IDEAL,
     PREFORK_TASK: CELERY_IDEAL,
+    TASK_SOFT: CELERY_IDEAL,
+    PREFORK_TASK_SOFT: CELERY_IDEAL,
     CONTROL: IDEAL,
     PROCESS_USER: IDEAL,
     RUC_EMPTY: RUC_EMPTY,
@@ -115,12 +123,13 @@ async def open_driver(target: Target) -> AsyncDriver:
     return driver
 
 
-def celery_task(database: str) -> Callable[[], Any]:
+def celery_task(database: str, soft_time_limit: float | None = None) -> Callable[[], Any]:
     """An AsyncTask called the way a worker calls it: its request carries an id."""
     app = Celery("sync_caller", set_as_current=False)
     _install_stack_protection()  # what the worker does: the request stack is the tracer's
+    name = "sync_caller.query" if soft_time_limit is None else "sync_caller.query_soft"
 
-    @app.task(base=AsyncTask, name="sync_caller.query")  # type: ignore[untyped-decorator]
+    @app.task(base=AsyncTask, name=name, soft_time_limit=soft_time_limit)  # type: ignore[untyped-decorator]
     async def query() -> None:
         await pooled_query(database)
 
@@ -165,6 +174,7 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
     own_loop = asyncio.new_event_loop()
     own_driver = own_loop.run_until_complete(open_driver(target))
     task = celery_task(db)
+    task_soft = celery_task(db, soft_time_limit=SOFT_TIME_LIMIT)
 
     def by_hand(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
         """``loop.run_until_complete`` on the runner's loop, as on a loop made by hand."""
@@ -177,6 +187,8 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
         CELERY_IDEAL: celery_task_by_hand(by_hand(lambda: run_query(shared, db))),
         TASK: task,
         PREFORK_TASK: task,
+        TASK_SOFT: task_soft,
+        PREFORK_TASK_SOFT: task_soft,
         CONTROL: lambda: own_loop.run_until_complete(run_query(own_driver, db)),
         RUC_EMPTY: by_hand(returns_at_once),
         RUN_EMPTY: lambda: neopool.run(returns_at_once()),
@@ -194,7 +206,7 @@ def measure(target: Target, rounds: int) -> dict[str, Any]:
         factory = loop.get_task_factory()
         if name in plain:
             loop.set_task_factory(None)
-        worker_pool("prefork" if name == PREFORK_TASK else "threads")
+        worker_pool("prefork" if name in (PREFORK_TASK, PREFORK_TASK_SOFT) else "threads")
         try:
             cpu, started = time.process_time(), time.perf_counter()
             call()

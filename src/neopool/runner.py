@@ -275,6 +275,13 @@ class _Call:
         if self.main is not None and not self.main.done() and not self.returned:
             handler(exc)
 
+    @property
+    def caller_gone(self) -> bool:
+        """Whether the caller has its outcome while the coroutine may still run: given up
+        on, or ended by a signal while the coroutine ignored its cancel (and so nobody
+        reads what the coroutine ends with)."""
+        return self.given_up is not None or self not in _rt.calls
+
     def give_up(self, outcome: BaseException) -> None:
         """On the call's loop: end the call with ``outcome`` now, its coroutine still running.
 
@@ -286,8 +293,8 @@ class _Call:
         flight. Once per call.
         """
         main = self.main
-        if self.given_up is not None or main is None or main.done():
-            return
+        if self.caller_gone or main is None or main.done():
+            return  # its caller has its outcome already
         self.given_up = outcome
         if self.future is None:
             self.loop.stop()  # run_until_complete() raises in _ThreadLoop.run
@@ -301,6 +308,9 @@ class _Call:
         )
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             self.future.set_exception(outcome)
+        # As on a thread's loop: cancelled once more, and what it spawned with it.
+        main.cancel()
+        asyncio.Task(_cancel_leftovers(self), loop=self.loop)
 
     def cancelled_error(self) -> BaseException:
         """What the caller gets when the call's coroutine was cancelled."""
@@ -482,7 +492,10 @@ class _ThreadLoop:
         _rt.calls.add(call)
         try:
             try:
-                return loop.run_until_complete(task)
+                result = loop.run_until_complete(task)
+                if call.given_up is not None:  # given up on as it returned: its stop is queued
+                    _run_queued_stop(loop)
+                return result
             except asyncio.CancelledError as exc:
                 if call.cancel_reason is not None:
                     raise call.cancelled_error() from exc
@@ -504,6 +517,10 @@ class _ThreadLoop:
                 _finish_within(loop, task, _time_left(call))
                 if taken and task.done() and not task.cancelled():
                     return task.result()
+                if not task.done():
+                    # Thrown into the coroutine, its traceback holds the coroutine's frames:
+                    # a caller clearing them (Celery does) would close the coroutine left running.
+                    raise exc.with_traceback(None)  # noqa: B904 (the same exception)
                 raise
             finally:
                 # Most calls spawn none; a call that ignored its cancellation is left
@@ -709,8 +726,8 @@ async def _cancel_leftovers(call: _Call, deadline: float | None = None) -> None:
             break
     for task in leftovers:
         logger.warning(
-            "neopool: task %r, spawned by a neopool.run() call and left running, ignored "
-            "cancellation for %.1f s; left running",
+            "neopool: task %r, left running by a neopool.run() call, ignored cancellation "
+            "for %.1f s; left running",
             task,
             loop.time() - started,
         )
@@ -733,15 +750,13 @@ def deliver_interrupts(handler: Callable[[Exception], None]) -> None:
     call.interrupt_handler = handler
 
 
-def giving_up() -> Callable[[BaseException], None]:
-    """In a :func:`run` call: what ends the call with an exception at once, its coroutine
-    left running (:meth:`_Call.give_up`). Call it later, on the call's loop: for code
-    that told the coroutine to end and saw it ignore that (AsyncTask, ``LEFTOVER_TIMEOUT``
-    after a revoke or a soft limit)."""
+def _this_call() -> _Call:
+    """The :func:`run` call whose code runs here: for code that may have to end it
+    without its coroutine (AsyncTask: :meth:`_Call.give_up`, :attr:`_Call.caller_gone`)."""
     call = _current_call.get()
     if call is None:
-        raise RuntimeError("giving_up() is for code that a neopool.run() call runs")
-    return call.give_up
+        raise RuntimeError("_this_call() is for code that a neopool.run() call runs")
+    return call
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """Under the threads and solo pools, AsyncTask watches a running task itself: a revoke
 cancels its coroutine, its soft limit is thrown into it, and a coroutine that ignores
-being ended does not hold the worker's thread for longer than ``2 x LEFTOVER_TIMEOUT``.
+being ended does not hold the worker's thread for long: ``LEFTOVER_TIMEOUT`` after the
+cancel the task ends without it (on a thread's loop, once what it left running has had
+``LEFTOVER_TIMEOUT`` more).
 
 The task is called as the worker calls it (``apply``: a request with an id), in each of
 the runner's modes; a revoke is what the worker records when told of one
@@ -9,8 +11,11 @@ the runner's modes; a revoke is what the worker records when told of one
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +26,7 @@ from celery.worker import state as worker_state
 from celery import Celery
 from neopool import runner
 from neopool.celery.task import AsyncTask
+from polling import eventually
 from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
@@ -125,12 +131,22 @@ class Stubborn:
 
 @pytest.mark.timing
 def test_a_coroutine_that_ignores_its_revoke_is_left_running_and_the_task_still_ends(
-    app: Celery, mode: str, short_leftover_timeout: float
+    app: Celery, mode: str, short_leftover_timeout: float, caplog: pytest.LogCaptureFixture
 ) -> None:
     stubborn = Stubborn()
+    child_cancelled = threading.Event()
+    spawned: list[asyncio.Task[None]] = []
+
+    async def child() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            child_cancelled.set()
+            raise
 
     @app.task(base=AsyncTask, bind=True, shared=False, revocation_poll=POLL)  # type: ignore[untyped-decorator]
     async def ignores_it(self: Any) -> None:
+        spawned.append(asyncio.create_task(child()))  # left to the call's end
         revoke(self.request.id)
         await stubborn.run()
 
@@ -142,10 +158,16 @@ def test_a_coroutine_that_ignores_its_revoke_is_left_running_and_the_task_still_
         assert stubborn.ignored >= 1
         assert not stubborn.finished.is_set()  # left running: the task ended without it
         assert runner.calls_in_flight() == 0  # a shutdown's drain does not wait for it
+        assert eventually(child_cancelled.is_set)  # what it spawned is cancelled, as ever
         # The revoke's cancel and the leftovers' each get LEFTOVER_TIMEOUT, after a poll.
         assert took < 2 * short_leftover_timeout + POLL + 2
+        assert "left running" in caplog.text
     finally:
         stubborn.released.set()
+    # It ends once let go, cancelled: asyncio reports no outcome nobody asked for.
+    runner.close_all_loops(5)
+    assert stubborn.finished.is_set()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
 
 
 @pytest.mark.timing
@@ -171,3 +193,90 @@ def test_a_coroutine_that_does_not_end_after_its_soft_limit_is_left_and_the_task
         assert took < 0.1 + 3 * short_leftover_timeout + 2
     finally:
         stubborn.released.set()
+
+
+@pytest.mark.timing
+def test_a_later_call_on_the_loop_is_not_ended_by_a_call_given_up_before_it(
+    short_leftover_timeout: float,
+) -> None:
+    """A call ended by a signal while its coroutine ignored the cancel (left running on
+    the main thread's loop, a watch of its may still fire): its give-up leaves the
+    loop's later calls alone."""
+    stubborn = Stubborn()
+    gave_up: list[Any] = []
+
+    class Interrupted(Exception):
+        pass
+
+    async def first() -> None:
+        gave_up.append(runner._this_call().give_up)
+        await stubborn.run()
+
+    async def second() -> str:
+        asyncio.get_running_loop().call_soon(gave_up[0], TaskRevokedError("stale"))
+        await asyncio.sleep(0.05)
+        return "ran to the end"
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(Interrupted):
+            runner.run(first())  # ended after 2 x LEFTOVER_TIMEOUT, its coroutine left
+        assert not stubborn.finished.is_set()
+        assert runner.run(second()) == "ran to the end"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        stubborn.released.set()
+        runner.close_all_loops(5)
+
+
+def test_a_call_given_up_on_as_its_coroutine_returns_leaves_the_next_call_alone(
+    mode: str,
+) -> None:
+    async def returns_as_given_up() -> str:
+        asyncio.get_running_loop().call_soon(runner._this_call().give_up, TaskRevokedError("late"))
+        await asyncio.sleep(0)  # resumed in the iteration that gives it up
+        return "returned"
+
+    async def next_call() -> str:
+        await asyncio.sleep(0.01)
+        return "next"
+
+    with pytest.raises(TaskRevokedError) if mode == "process" else _returns_or_revoked():
+        runner.run(returns_as_given_up())
+    assert runner.run(next_call()) == "next"
+
+
+class _returns_or_revoked:
+    """On a thread's loop the call returned as it was given up: either outcome stands."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return exc_type is None or issubclass(exc_type, TaskRevokedError)
+
+
+def test_a_loop_that_ran_watched_tasks_is_freed_once_closed(app: Celery) -> None:
+    @app.task(base=AsyncTask, shared=False, soft_time_limit=30, revocation_poll=POLL)  # type: ignore[untyped-decorator]
+    async def watched() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    def in_a_thread() -> None:
+        assert watched.apply().get() == "done"
+        loops.append(weakref.ref(runner.thread_loop()))
+        runner.close_thread_loop()
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert loops
+    assert loops[0]() is None

@@ -38,8 +38,10 @@ return their leases before the task ends:
   the task then fails with ``TaskRevokedError``. (Under solo the worker hears
   no remote control while its one thread runs a task, so a revoke lands after it.)
 * a coroutine that ignores the cancel of a revoke or a soft limit for
-  ``LEFTOVER_TIMEOUT`` seconds more is left running on its loop, with a
-  warning: the task ends without it, and the worker's thread is free.
+  ``LEFTOVER_TIMEOUT`` seconds is left running on its loop, with a warning:
+  the task ends without it (on a thread's loop once what it spawned has had
+  ``LEFTOVER_TIMEOUT`` more to end, as after any call), and the worker's
+  thread is free.
 * a warm shutdown whose deadline passed (``setup(..., drain_timeout=...)``)
   cancels the coroutines still running; with ``acks_late`` and
   ``task_reject_on_worker_lost`` the message goes back to the queue, as it
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import inspect
 import logging
 import math
@@ -90,7 +91,8 @@ _current_request: contextvars.ContextVar[tuple[AsyncTask, Context, _Running] | N
 
 #: Whether the worker's pool signals soft time limits to the task (prefork).
 _soft_limits_signalled = False
-#: Whether this process hears of revocations (not a prefork child: its parent does).
+#: Whether a revocation can reach this process while a task runs (not in a prefork child,
+#: whose parent hears of it; not under solo, whose one thread is running the task).
 _revocations_heard = True
 
 
@@ -101,13 +103,14 @@ def worker_pool(kind: str) -> None:
     time limits to its children: AsyncTask then keeps no timer of its own (two
     for one limit would race) and instead catches the signal where asyncio would
     drop it (see :func:`_catch_a_lost_soft_limit`). A prefork child never hears
-    of a revocation (the parent does, and terminates the child if asked to), so
-    AsyncTask does not watch for one there: a task with no soft limit runs its
-    coroutine as the call's own task, with nothing around it.
+    of a revocation (the parent does, and terminates the child if asked to), and
+    a solo worker hears none while its one thread runs the task, so AsyncTask
+    does not watch for one there: a task with no soft limit runs its coroutine
+    as the call's own task.
     """
     global _soft_limits_signalled, _revocations_heard
     _soft_limits_signalled = kind == "prefork"
-    _revocations_heard = kind != "prefork"
+    _revocations_heard = kind not in ("prefork", "solo")
 
 
 class AsyncTask(Task):  # type: ignore[misc]
@@ -134,9 +137,10 @@ class AsyncTask(Task):  # type: ignore[misc]
         # Taken here, on Celery's thread: the coroutine may run on another one.
         request = self.request
         soft_limit = self._soft_time_limit(request)
-        task_id = getattr(request, "id", None)
-        if (task_id is not None and _revocations_heard) or soft_limit is not None:
-            coro = _supervised(result, task_id, self.revocation_poll, soft_limit)
+        poll = self.revocation_poll
+        task_id = getattr(request, "id", None) if _revocations_heard and poll < math.inf else None
+        if task_id is not None or soft_limit is not None:
+            coro = _supervised(result, task_id, poll, soft_limit)
         elif _soft_limits_signalled and _on_main_threads_loop():
             coro = _as_prefork_child(result)
         else:  # nothing to watch: the coroutine runs as the call's own task
@@ -202,9 +206,9 @@ class AsyncTask(Task):  # type: ignore[misc]
 async def _supervised(
     awaitable: Awaitable[T], task_id: str | None, poll: float, soft_limit: float | None
 ) -> T:
-    """Await ``awaitable``; cancel it when task ``task_id`` is revoked (where this worker
-    hears of revocations: not in a prefork child), deliver ``SoftTimeLimitExceeded``
-    into it when the task's soft time limit passes.
+    """Await ``awaitable``; cancel it when task ``task_id`` (if given) is revoked, checked
+    every ``poll`` s; deliver ``SoftTimeLimitExceeded`` into it when the task's soft time
+    limit passes.
 
     The coroutine runs in the call's own task, under this frame. What may end it
     early is a :class:`_Watch`, checked by its loop's one timer (:class:`_Watches`).
@@ -215,90 +219,97 @@ async def _supervised(
     it is thrown into the coroutine at its await point (:class:`_Deliverable`); the
     coroutine then has ``LEFTOVER_TIMEOUT`` seconds to clean up and return (its
     outcome is the task's) before it is cancelled. A coroutine that ignores that
-    cancel (or a revoke's) for ``LEFTOVER_TIMEOUT`` more is left running: the task
-    ends without it (:func:`neopool.runner.giving_up`).
+    cancel (or a revoke's) for ``LEFTOVER_TIMEOUT`` more is given up on: the task
+    ends without it, and it is left running (see :meth:`_Watch.check`).
     """
-    call = asyncio.current_task()
-    assert call is not None
-    # Signal handlers run in the main thread: only a loop there can be hit by one.
-    signalled = _soft_limits_signalled and threading.current_thread() is threading.main_thread()
-    watch_revocation = task_id is not None and _revocations_heard
+    main = asyncio.current_task()  # the call's task
+    assert main is not None
     loop = asyncio.get_running_loop()
     deliverable = _Deliverable(awaitable) if soft_limit is not None else None
-    own_timer = soft_limit is not None and not _soft_limits_signalled
     watch = _Watch(
-        call,
-        runner.giving_up(),
-        deliverable,
-        _revoked_ids() if watch_revocation else None,
-        task_id,
-        poll,
-        loop.time() + soft_limit if own_timer and soft_limit is not None else math.inf,
-        soft_limit,
+        main=main,
+        call=runner._this_call(),
+        watches=_watches_of(loop),
+        revoked=_revoked_ids() if task_id is not None else None,
+        task_id=task_id,
+        poll=poll,
+        deliverable=deliverable,
+        soft_limit=soft_limit,
+        # Under prefork the soft limit comes as a signal: no time of AsyncTask's own.
+        deadline=loop.time() + soft_limit
+        if soft_limit is not None and not _soft_limits_signalled
+        else math.inf,
     )
-    watches = _watches_of(loop)
     if deliverable is not None:
-        deliverable.task = call
-        deliverable.thrown_hook = functools.partial(watches.clean_up_time, watch)
+        deliverable.task = main
+        deliverable.thrown_hook = watch.clean_up_time
         runner.deliver_interrupts(deliverable.throw)
-    # Signalled (prefork), there is a soft limit: one landing in a callback is thrown in.
-    restore = _catch_a_lost_soft_limit(loop, call, [], deliverable) if signalled else None
-    watches.add(watch)
+        # Signal handlers run in the main thread: only a loop there can be hit by one.
+        if _soft_limits_signalled and threading.current_thread() is threading.main_thread():
+            watch.restore = _catch_a_lost_soft_limit(loop, main, deliverable=deliverable)
+    watch.watches.add(watch)
     try:
         result = await (deliverable if deliverable is not None else awaitable)
     except asyncio.CancelledError:
-        if watch.ending is None:
-            raise  # cancelled from outside (a shutdown): the runner says so
+        if watch.ending is None or watch.call.caller_gone:
+            raise  # cancelled from outside (a shutdown), or nobody waits for its outcome
         if sys.version_info >= (3, 11):
-            call.uncancel()  # taken back: the task fails with its ending instead
+            main.uncancel()  # taken back: the task fails with its ending instead
         raise watch.ending from None
     finally:
-        watches.discard(watch)
-        if restore is not None:
-            restore()
-    if watch.ending is not None:  # it caught the cancel and returned: the task still fails
-        raise watch.ending
+        watch.release()
+    if watch.ending is not None and not watch.call.caller_gone:
+        raise watch.ending  # it caught the cancel and returned: the task still fails
     return result
 
 
 class _Watch:
-    """What may end one AsyncTask call early: a revocation (polled every ``poll`` s), its
-    soft limit (at loop time ``deadline``, when AsyncTask keeps the time), and then the
-    time the coroutine has to end. :meth:`check` acts on what is due."""
+    """What may end one AsyncTask call early, and what the call holds for it until it
+    ends: a revocation (polled every ``poll`` s), its soft limit (at loop time
+    ``deadline``, when AsyncTask keeps the time), then the time the coroutine has to
+    end. :meth:`check` acts on what is due; :meth:`release` lets go, once."""
 
     __slots__ = (
+        "call",
         "deadline",
         "deliverable",
         "due",
         "ending",
-        "give_up",
         "give_up_at",
         "main",
         "poll",
+        "restore",
         "revoked",
         "soft_limit",
         "task_id",
+        "watches",
     )
 
     def __init__(
         self,
+        *,
         main: asyncio.Task[Any],
-        give_up: Callable[[BaseException], None],
-        deliverable: _Deliverable | None,
+        call: runner._Call,
+        watches: _Watches,
         revoked: Container[str] | None,
         task_id: str | None,
         poll: float,
-        deadline: float,
+        deliverable: _Deliverable | None,
         soft_limit: float | None,
+        deadline: float,
     ) -> None:
         self.main = main
-        self.give_up = give_up
-        self.deliverable = deliverable
+        #: The runner's call it runs in (the task running it is ``main``).
+        self.call = call
+        self.watches = watches
         self.revoked = revoked
         self.task_id = task_id
         self.poll = poll
-        self.deadline = deadline
+        self.deliverable = deliverable
         self.soft_limit = soft_limit
+        self.deadline = deadline
+        #: Puts the loop's exception handler back (prefork, see _catch_a_lost_soft_limit).
+        self.restore: Callable[[], None] | None = None
         #: Why the task ends, once it must: its coroutine was cancelled then.
         self.ending: BaseException | None = None
         self.give_up_at = math.inf
@@ -311,10 +322,11 @@ class _Watch:
         if self.main.done():
             return
         if self.ending is not None:  # cancelled, and not ended since
-            if now >= self.give_up_at:
-                self.give_up(self.ending)
-            else:
+            if now < self.give_up_at:
                 self.due = self.give_up_at
+                return
+            self.release()  # the call ends now: what it holds goes back with it
+            self.call.give_up(self.ending)
             return
         if self.revoked is not None and self.task_id in self.revoked:
             self._end(TaskRevokedError(f"task {self.task_id} was revoked while running"), now)
@@ -322,9 +334,10 @@ class _Watch:
         deliverable = self.deliverable
         if deliverable is not None and deliverable.delivered is not None:
             # Thrown in (by the timer or the signal): the time to clean up runs.
-            assert self.soft_limit is not None  # what was thrown in
             clean_up_by = deliverable.delivered + runner.LEFTOVER_TIMEOUT
-            if now >= clean_up_by:
+            if now < clean_up_by:
+                self.due = clean_up_by
+            else:
                 # A new exception: the one thrown in holds the coroutine's frames, which
                 # Celery clears as the task fails with it (closing a coroutine left running).
                 self._end(
@@ -335,18 +348,25 @@ class _Watch:
                     now,
                 )
                 return
-            self.due = clean_up_by
         elif now >= self.deadline:
             assert deliverable is not None  # a deadline comes with a soft limit
-            assert self.soft_limit is not None
-            deliverable.throw(  # sets delivered: the time to clean up starts now
+            # Thrown in: clean_up_time() (the hook) sets the next check.
+            deliverable.throw(
                 SoftTimeLimitExceeded(f"soft time limit ({self.soft_limit:g} s) exceeded")
             )
-            self.due = now + runner.LEFTOVER_TIMEOUT
         else:
             self.due = self.deadline
         if self.revoked is not None:
             self.due = min(self.due, now + self.poll)
+
+    def clean_up_time(self) -> None:
+        """The soft limit was thrown into the coroutine (by the timer or the signal):
+        check again when its time to clean up is over."""
+        deliverable = self.deliverable
+        assert deliverable is not None
+        assert deliverable.delivered is not None
+        self.due = min(self.due, deliverable.delivered + runner.LEFTOVER_TIMEOUT)
+        self.watches.add(self)
 
     def _end(self, outcome: BaseException, now: float) -> None:
         """The task ends with ``outcome``: its coroutine is cancelled, and given
@@ -355,18 +375,34 @@ class _Watch:
         self.give_up_at = self.due = now + runner.LEFTOVER_TIMEOUT
         self.main.cancel(f"neopool: {outcome}")
 
+    def release(self) -> None:
+        """No more checks, and the loop's exception handler put back (once; whichever of
+        the call's end and the coroutine's comes first)."""
+        self.watches.discard(self)
+        restore, self.restore = self.restore, None
+        if restore is not None:
+            restore()
+
 
 class _Watches:
     """The watched AsyncTask calls of one loop, and the one timer that checks them: a
-    timer per call would cost every call a heap push and a cancel. The timer is armed for
-    the earliest check due, and stops once nothing is watched."""
+    timer per call would cost every call a heap push and a cancel.
 
-    __slots__ = ("__weakref__", "_loop", "_timer", "_when", "watches")
+    The timer is armed for the earliest check due, rounded up to a ``TICK`` grid so
+    that calls checked at nearby times share a tick, and stops once nothing is
+    watched. Nothing here refers to the loop strongly, its timer included (it is
+    not cancelled, only superseded): the loop holds its timer, which holds this.
+    """
+
+    #: Seconds: the checks' grid (a revoke is noticed within ``revocation_poll + TICK``).
+    TICK = 0.05
+
+    __slots__ = ("__weakref__", "_loop", "_when", "watches")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = weakref.ref(loop)  # the loop holds its timer, which holds this
+        self._loop = weakref.ref(loop)
         self.watches: dict[_Watch, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        #: The loop time the timer is armed for (``inf``: not armed).
         self._when = math.inf
 
     def add(self, watch: _Watch) -> None:
@@ -374,42 +410,43 @@ class _Watches:
         if watch.due == math.inf:
             return
         self.watches[watch] = None
-        if watch.due < self._when:
-            self._arm(watch.due)
+        self._arm(watch.due)
 
     def discard(self, watch: _Watch) -> None:
         self.watches.pop(watch, None)  # the timer stays: it stops when it finds none
 
-    def clean_up_time(self, watch: _Watch) -> None:
-        """The soft limit was thrown into ``watch``'s coroutine (by the timer or the
-        signal): check it again when its time to clean up is over."""
-        deliverable = watch.deliverable
-        assert deliverable is not None
-        assert deliverable.delivered is not None
-        watch.due = min(watch.due, deliverable.delivered + runner.LEFTOVER_TIMEOUT)
-        self.add(watch)
-
-    def _arm(self, when: float) -> None:
-        loop = self._loop()
-        if loop is None or loop.is_closed():
+    def _arm(self, due: float) -> None:
+        """Have the timer fire by ``due`` (on the grid), unless it fires by then already."""
+        if due == math.inf:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        when = math.ceil(due / self.TICK) * self.TICK
+        loop = self._loop()
+        if when >= self._when or loop is None or loop.is_closed():
+            return
         self._when = when
-        self._timer = loop.call_at(when, self._tick)
+        loop.call_at(when, self._tick, when)
 
-    def _tick(self) -> None:
-        self._timer, self._when = None, math.inf
+    def _tick(self, when: float) -> None:
+        if when != self._when:
+            return  # superseded by an earlier one, which has run
+        self._when = math.inf
         loop = self._loop()
         assert loop is not None  # it runs this
         now = loop.time()
-        for watch in list(self.watches):
-            if watch.due <= now:
-                watch.check(now)
-            if watch.due == math.inf:
-                self.watches.pop(watch, None)
-        if self.watches:
-            self._arm(min(watch.due for watch in self.watches))
+        earliest = math.inf
+        try:
+            for watch in list(self.watches):
+                if watch.due <= now:
+                    watch.check(now)
+                if watch.due == math.inf:
+                    self.watches.pop(watch, None)
+                else:
+                    earliest = min(earliest, watch.due)
+        except BaseException:
+            # A check raised (a signal's exception, landing here): the others stay watched.
+            self._arm(min((watch.due for watch in self.watches), default=math.inf))
+            raise
+        self._arm(earliest)
 
 
 #: Each loop's :class:`_Watches`, made on its first watched call.
@@ -440,7 +477,7 @@ async def _as_prefork_child(awaitable: Awaitable[T]) -> T:
     call = asyncio.current_task()
     assert call is not None
     lost: list[BaseException] = []
-    restore = _catch_a_lost_soft_limit(asyncio.get_running_loop(), call, lost, None)
+    restore = _catch_a_lost_soft_limit(asyncio.get_running_loop(), call, lost=lost)
     try:
         result = await awaitable
     except asyncio.CancelledError:
@@ -557,8 +594,8 @@ class _Deliverable:
 def _catch_a_lost_soft_limit(
     loop: asyncio.AbstractEventLoop,
     work: asyncio.Future[Any],
-    lost: list[BaseException],
-    deliverable: _Deliverable | None,
+    lost: list[BaseException] | None = None,
+    deliverable: _Deliverable | None = None,
 ) -> Callable[[], None]:
     """Under prefork, catch Celery's soft-limit signal where asyncio would drop it.
 
@@ -566,10 +603,10 @@ def _catch_a_lost_soft_limit(
     the task's code, or while the loop waits, it reaches the task as it should; in
     a plain loop callback (a driver decoding records) asyncio logs the exception
     and goes on, and the task would run until its hard limit. This loop's
-    exception handler takes it instead: it is thrown into the coroutine, or (a
-    task without a soft limit of its own: a revoke's signal) ``work`` (the task
-    running the coroutine) is cancelled and ``lost`` says why. Returns what puts
-    the previous handler back.
+    exception handler takes it instead: it is thrown into the coroutine through
+    ``deliverable``, or (a task without a soft limit of its own: a revoke's
+    signal) ``work`` (the task running the coroutine) is cancelled and ``lost``
+    says why. Returns what puts the previous handler back.
     """
     previous = loop.get_exception_handler()
 
@@ -579,6 +616,7 @@ def _catch_a_lost_soft_limit(
             if deliverable is not None:
                 deliverable.throw(error)
             else:
+                assert lost is not None  # given where there is nothing to throw into
                 lost.append(error)
                 work.cancel()
         elif previous is not None:
@@ -586,5 +624,9 @@ def _catch_a_lost_soft_limit(
         else:
             loop.default_exception_handler(context)
 
+    def restore() -> None:
+        if loop.get_exception_handler() is handler:  # not replaced since (a later call's)
+            loop.set_exception_handler(previous)
+
     loop.set_exception_handler(handler)
-    return lambda: loop.set_exception_handler(previous)
+    return restore
