@@ -17,11 +17,26 @@ pytest.importorskip("celery", reason="the Celery tests need the 'celery' extra")
 pytest.importorskip("redis", reason="the Celery tests need the 'celery' extra (celery[redis])")
 
 
+from celery import Celery
 from neopool.config import Neo4jConnectionConfig
 from neopool.testing.celery_app import make_app
 from neopool.testing.worker_process import CeleryWorkerProcess
+from runner_modes import MODES, runner_in_mode
 
 _queues = itertools.count(1)
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The runner in each of its modes, for tasks called in this process (``apply``)."""
+    with runner_in_mode(request.param) as mode:
+        yield mode
+
+
+@pytest.fixture
+def app() -> Celery:
+    """An app for tasks defined and called in the test itself (no broker, no worker)."""
+    return Celery("in-process", set_as_current=False)
 
 
 @pytest.fixture

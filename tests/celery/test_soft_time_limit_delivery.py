@@ -18,18 +18,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from celery import Celery
 from neopool.celery.task import AsyncTask, worker_pool
-from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
 
 #: Each test's soft limit, in seconds: the coroutine is waiting at its await by then.
 SOFT_LIMIT = 0.2
-
-
-@pytest.fixture(params=MODES)
-def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    with runner_in_mode(request.param) as mode:
-        yield mode
 
 
 @pytest.fixture(params=["timer", "signal", "signal-in-callback"])
@@ -70,11 +63,6 @@ def busy_in_callbacks(seconds: float) -> asyncio.Future[None]:
 
     loop.call_soon(chunk)
     return finished
-
-
-@pytest.fixture
-def app() -> Celery:
-    return Celery("soft-limits", set_as_current=False)
 
 
 async def wait_for_io(how: str) -> None:

@@ -27,23 +27,11 @@ from celery import Celery
 from neopool import runner
 from neopool.celery.task import AsyncTask
 from polling import eventually
-from runner_modes import MODES, runner_in_mode
 
 pytestmark = pytest.mark.timeout(60)
 
 #: Seconds between revocation checks: short, so the tests take little time.
 POLL = 0.05
-
-
-@pytest.fixture(params=MODES)
-def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    with runner_in_mode(request.param) as mode:
-        yield mode
-
-
-@pytest.fixture
-def app() -> Celery:
-    return Celery("task-watch", set_as_current=False)
 
 
 @pytest.fixture
