@@ -25,7 +25,7 @@ from celery.worker import state as worker_state
 
 from celery import Celery
 from neopool import runner
-from neopool.celery.task import AsyncTask
+from neopool.celery.task import AsyncTask, worker_pool
 from polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -268,3 +268,37 @@ def test_a_loop_that_ran_watched_tasks_is_freed_once_closed(app: Celery) -> None
     gc.collect()
     assert loops
     assert loops[0]() is None
+
+
+def test_under_prefork_the_loops_own_exception_handler_still_gets_everything_else(
+    app: Celery,
+) -> None:
+    """The handler that catches a soft limit landing in a loop callback stays on the loop
+    (installed by the first task): what is not a soft limit still reaches the handler set
+    before it, during a task and after it."""
+    seen: list[type[BaseException]] = []
+
+    def fails() -> None:
+        raise ValueError("a callback's own error")
+
+    @app.task(base=AsyncTask, shared=False)  # type: ignore[untyped-decorator]
+    async def task_with_a_failing_callback() -> str:
+        asyncio.get_running_loop().call_soon(fails)
+        await asyncio.sleep(0.01)
+        return "done"
+
+    async def later_call() -> None:
+        asyncio.get_running_loop().call_soon(fails)
+        await asyncio.sleep(0.01)
+
+    runner.thread_loop().set_exception_handler(
+        lambda loop, context: seen.append(type(context.get("exception")))
+    )
+    worker_pool("prefork")
+    try:
+        assert task_with_a_failing_callback.apply().get() == "done"
+        runner.run(later_call())
+    finally:
+        worker_pool("threads")
+        runner.close_all_loops(5)
+    assert seen == [ValueError, ValueError]

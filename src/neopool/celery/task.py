@@ -246,7 +246,7 @@ async def _supervised(
         runner.deliver_interrupts(deliverable.throw)
         # Signal handlers run in the main thread: only a loop there can be hit by one.
         if _soft_limits_signalled and threading.current_thread() is threading.main_thread():
-            watch.restore = _catch_a_lost_soft_limit(loop, main, deliverable=deliverable)
+            watch.catcher = _catch_a_lost_soft_limit(loop, main, deliverable=deliverable)
     watch.watches.add(watch)
     try:
         result = await (deliverable if deliverable is not None else awaitable)
@@ -271,6 +271,7 @@ class _Watch:
 
     __slots__ = (
         "call",
+        "catcher",
         "deadline",
         "deliverable",
         "due",
@@ -278,7 +279,6 @@ class _Watch:
         "give_up_at",
         "main",
         "poll",
-        "restore",
         "revoked",
         "soft_limit",
         "task_id",
@@ -308,8 +308,8 @@ class _Watch:
         self.deliverable = deliverable
         self.soft_limit = soft_limit
         self.deadline = deadline
-        #: Puts the loop's exception handler back (prefork, see _catch_a_lost_soft_limit).
-        self.restore: Callable[[], None] | None = None
+        #: Under prefork: the loop's handler of a soft limit landing in a callback.
+        self.catcher: _LostSoftLimits | None = None
         #: Why the task ends, once it must: its coroutine was cancelled then.
         self.ending: BaseException | None = None
         self.give_up_at = math.inf
@@ -376,12 +376,12 @@ class _Watch:
         self.main.cancel(f"neopool: {outcome}")
 
     def release(self) -> None:
-        """No more checks, and the loop's exception handler put back (once; whichever of
+        """No more checks, and no more soft-limit signals caught for it (once; whichever of
         the call's end and the coroutine's comes first)."""
         self.watches.discard(self)
-        restore, self.restore = self.restore, None
-        if restore is not None:
-            restore()
+        catcher, self.catcher = self.catcher, None
+        if catcher is not None:
+            catcher.release(self.main)
 
 
 class _Watches:
@@ -477,7 +477,7 @@ async def _as_prefork_child(awaitable: Awaitable[T]) -> T:
     call = asyncio.current_task()
     assert call is not None
     lost: list[BaseException] = []
-    restore = _catch_a_lost_soft_limit(asyncio.get_running_loop(), call, lost=lost)
+    catcher = _catch_a_lost_soft_limit(asyncio.get_running_loop(), call, lost=lost)
     try:
         result = await awaitable
     except asyncio.CancelledError:
@@ -485,7 +485,7 @@ async def _as_prefork_child(awaitable: Awaitable[T]) -> T:
             raise lost[0] from None
         raise
     finally:
-        restore()
+        catcher.release(call)
     if lost:  # it caught the cancel and returned: the revoke still ends the task
         raise lost[0]
     return result
@@ -591,42 +591,64 @@ class _Deliverable:
                 error = exc
 
 
+class _LostSoftLimits:
+    """A loop's exception handler under prefork (the main thread's loop), installed once.
+
+    Celery's soft-limit signal raises ``SoftTimeLimitExceeded`` wherever the main
+    thread is. In the task's code, or while the loop waits, it reaches the task as
+    it should; in a plain loop callback (a driver decoding records) asyncio logs the
+    exception and goes on, and the task would run until its hard limit. This
+    handler takes it instead, for the call running on the loop (:attr:`work`, the
+    task running its coroutine): it is thrown into the coroutine through
+    :attr:`deliverable`, or (a task without a soft limit of its own: a revoke's
+    signal) :attr:`work` is cancelled and :attr:`lost` says why. Anything else
+    goes to the handler it replaced.
+    """
+
+    __slots__ = ("deliverable", "lost", "previous", "work")
+
+    def __init__(
+        self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
+    ) -> None:
+        self.previous = previous
+        self.work: asyncio.Future[Any] | None = None
+        self.lost: list[BaseException] | None = None
+        self.deliverable: _Deliverable | None = None
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        work = self.work
+        if isinstance(error, SoftTimeLimitExceeded) and work is not None and not work.done():
+            if self.deliverable is not None:
+                self.deliverable.throw(error)
+            else:
+                assert self.lost is not None  # given where there is nothing to throw into
+                self.lost.append(error)
+                work.cancel()
+        elif self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def release(self, work: asyncio.Future[Any]) -> None:
+        """``work``'s call has ended: a signal from now on is none of its business (unless
+        a later call has taken its place already)."""
+        if self.work is work:
+            self.work = self.lost = self.deliverable = None
+
+
 def _catch_a_lost_soft_limit(
     loop: asyncio.AbstractEventLoop,
     work: asyncio.Future[Any],
     lost: list[BaseException] | None = None,
     deliverable: _Deliverable | None = None,
-) -> Callable[[], None]:
-    """Under prefork, catch Celery's soft-limit signal where asyncio would drop it.
-
-    The signal raises ``SoftTimeLimitExceeded`` wherever the main thread is. In
-    the task's code, or while the loop waits, it reaches the task as it should; in
-    a plain loop callback (a driver decoding records) asyncio logs the exception
-    and goes on, and the task would run until its hard limit. This loop's
-    exception handler takes it instead: it is thrown into the coroutine through
-    ``deliverable``, or (a task without a soft limit of its own: a revoke's
-    signal) ``work`` (the task running the coroutine) is cancelled and ``lost``
-    says why. Returns what puts the previous handler back.
-    """
-    previous = loop.get_exception_handler()
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        error = context.get("exception")
-        if isinstance(error, SoftTimeLimitExceeded) and not work.done():
-            if deliverable is not None:
-                deliverable.throw(error)
-            else:
-                assert lost is not None  # given where there is nothing to throw into
-                lost.append(error)
-                work.cancel()
-        elif previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    def restore() -> None:
-        if loop.get_exception_handler() is handler:  # not replaced since (a later call's)
-            loop.set_exception_handler(previous)
-
-    loop.set_exception_handler(handler)
-    return restore
+) -> _LostSoftLimits:
+    """Under prefork: a soft-limit signal landing in one of ``loop``'s callbacks ends the
+    call that ``work`` runs (see :class:`_LostSoftLimits`, installed on the loop's first
+    call). The caller releases it when the call ends."""
+    catcher = loop.get_exception_handler()
+    if not isinstance(catcher, _LostSoftLimits):
+        catcher = _LostSoftLimits(catcher)
+        loop.set_exception_handler(catcher)
+    catcher.work, catcher.lost, catcher.deliverable = work, lost, deliverable
+    return catcher
