@@ -243,6 +243,8 @@ class LoopRun:
 
     name: str
     successes: list[tuple[float, float]] = field(default_factory=list)  # (started, ended)
+    #: (started, error) of each query that failed: ``execute_query`` retries for up to
+    #: ``max_transaction_retry_time``, so one started before the rotation may fail after it.
     errors: list[tuple[float, BaseException]] = field(default_factory=list)
     stats: PoolStats | None = None
     loop_id: int | None = None
@@ -262,7 +264,7 @@ async def _borrowers(run: LoopRun, stop: threading.Event, started: threading.Eve
                     )
                     assert records[0]["n"] == number
             except (Neo4jError, DriverError) as exc:
-                run.errors.append((time.perf_counter(), exc))
+                run.errors.append((began, exc))
                 await asyncio.sleep(0.01)
             else:
                 run.successes.append((began, time.perf_counter()))
@@ -276,9 +278,9 @@ def _story(runs: list[LoopRun], account: Account, began: float, rotated: float) 
     """What the loops saw during and after the rotation, for a failure message (no passwords)."""
     seen: Counter[str] = Counter()
     for run in runs:
-        for at, error in run.errors:
-            if at > began:
-                when = "during" if at < rotated else "after"
+        for started, error in run.errors:
+            if started > began:
+                when = "during" if started < rotated else "after"
                 seen[f"{when} {run.name}: {type(error).__name__}: {str(error)[50:110]}"] += 1
     asked = Counter(
         ("during " if at < rotated else "after ")
@@ -381,7 +383,7 @@ def test_a_password_rotated_while_borrowers_run_is_picked_up_without_a_restart(
         assert run.stats is not None
         assert run.stats["drivers_created"] == 1, "the rotation happened inside the driver"
         assert (run.stats["in_use"], run.stats["waiting"]) == (0, 0), "no lease lost"
-        late = [error for at, error in run.errors if at > quiet_from]
+        late = [error for started, error in run.errors if started > quiet_from]
         assert not late, f"{run.name} still failed after it had recovered: {late!r}"
     for error in errors:
         rejected = isinstance(error, AuthError)
