@@ -193,8 +193,8 @@ def test_a_later_call_on_the_loop_is_not_ended_by_a_call_given_up_before_it(
     stubborn = Stubborn()
     gave_up: list[Any] = []
 
-    class Interrupted(Exception):
-        pass
+    class Interrupted(KeyboardInterrupt):
+        """As Ctrl-C: never lost in a loop callback (see tests/test_runner_faults.py)."""
 
     async def first() -> None:
         gave_up.append(runner._this_call().give_up)

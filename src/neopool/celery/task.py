@@ -34,8 +34,8 @@ return their leases before the task ends:
 * ``revoke(task_id, terminate=True, signal="SIGUSR1")`` under prefork does the same;
   the default ``SIGTERM`` kills the child, and the server sees its sockets close;
 * under threads, where Celery cannot signal a thread, a revoked running task
-  is noticed within ``revocation_poll`` seconds and its coroutine cancelled;
-  the task then fails with ``TaskRevokedError``. (Under solo the worker hears
+  is noticed within ``revocation_poll`` seconds (plus 0.05) and its coroutine
+  cancelled; the task then fails with ``TaskRevokedError``. (Under solo the worker hears
   no remote control while its one thread runs a task, so a revoke lands after it.)
 * a coroutine that ignores the cancel of a revoke or a soft limit for
   ``LEFTOVER_TIMEOUT`` seconds is left running on its loop, with a warning:
@@ -117,8 +117,9 @@ class AsyncTask(Task):  # type: ignore[misc]
     """A Celery task base class whose ``run`` may be an ``async def``."""
 
     abstract = True
-    #: Seconds between checks for revocation of a running task (threads/solo);
-    #: ``math.inf`` never checks.
+    #: Seconds between checks for revocation of a running task, under the threads pool
+    #: (a revoke is noticed within ``revocation_poll`` plus 0.05 s); ``math.inf`` never
+    #: checks.
     revocation_poll: float = 0.25
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
