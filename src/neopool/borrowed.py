@@ -265,8 +265,7 @@ class BorrowedConnection:
 
     async def get_driver(self) -> AsyncDriver:
         """The running loop's driver; valid while the connection is borrowed."""
-        shared = self._shared
-        return (shared.lease if shared is not None else self._held())._driver_now()
+        return self._held()._driver_now()
 
     async def prepare_database(
         self,

@@ -290,8 +290,7 @@ class EventLoopConnectionPool:
         ):
             return None
         lease = self._available.pop()
-        self._hand_out(lease)
-        lease._ref.site = caller_outside_package(caller)
+        self._hand_out(lease, caller_outside_package(caller))
         return lease
 
     async def return_connection(
@@ -350,9 +349,11 @@ class EventLoopConnectionPool:
         self._hand_out(lease)
         return lease
 
-    def _hand_out(self, lease: PooledConnectionManager) -> None:
+    def _hand_out(self, lease: PooledConnectionManager, site: BorrowSite | None = None) -> None:
+        """Lend ``lease``; ``site`` is where its borrow was made (a borrower that waited
+        records its own once woken: never the last borrower's)."""
         lease._in_use = True
-        lease._ref.site = None  # its borrower records its own (not the last borrower's)
+        lease._ref.site = site
         in_use = self._in_use
         in_use[lease.lease_id] = lease._ref
         outstanding.add(lease._ref)

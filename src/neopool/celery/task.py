@@ -140,9 +140,12 @@ class AsyncTask(Task):  # type: ignore[misc]
         soft_limit = self._soft_time_limit(request)
         poll = self.revocation_poll
         task_id = getattr(request, "id", None) if _revocations_heard and poll < math.inf else None
+        # Under prefork a signal handler raises in the main thread: only a call on its
+        # loop can be hit by one (the process loop runs in a thread of its own).
+        signalled = _soft_limits_signalled and _on_main_threads_loop()
         if task_id is not None or soft_limit is not None:
-            coro = _supervised(result, task_id, poll, soft_limit)
-        elif _soft_limits_signalled and _on_main_threads_loop():
+            coro = _supervised(result, task_id, poll, soft_limit, signalled)
+        elif signalled:
             coro = _as_prefork_child(result)
         else:  # nothing to watch: the coroutine runs as the call's own task
             coro = result if inspect.iscoroutine(result) else _awaited(result)
@@ -205,11 +208,15 @@ class AsyncTask(Task):  # type: ignore[misc]
 
 
 async def _supervised(
-    awaitable: Awaitable[T], task_id: str | None, poll: float, soft_limit: float | None
+    awaitable: Awaitable[T],
+    task_id: str | None,
+    poll: float,
+    soft_limit: float | None,
+    signalled: bool,
 ) -> T:
     """Await ``awaitable``; cancel it when task ``task_id`` (if given) is revoked, checked
     every ``poll`` s; deliver ``SoftTimeLimitExceeded`` into it when the task's soft time
-    limit passes.
+    limit passes (``signalled``: a soft-limit signal may land on this loop).
 
     The coroutine runs in the call's own task, under this frame. What may end it
     early is a :class:`_Watch`, checked by its loop's one timer (:class:`_Watches`).
@@ -245,8 +252,7 @@ async def _supervised(
         deliverable.task = main
         deliverable.thrown_hook = watch.clean_up_time
         runner.deliver_interrupts(deliverable.throw)
-        # Signal handlers run in the main thread: only a loop there can be hit by one.
-        if _soft_limits_signalled and threading.current_thread() is threading.main_thread():
+        if signalled:
             watch.catcher = _catch_a_lost_soft_limit(loop, main, deliverable=deliverable)
     watch.watches.add(watch)
     try:
@@ -498,8 +504,7 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
 
 
 def _on_main_threads_loop() -> bool:
-    """Whether a call made here runs in the main thread (on its loop), where a signal
-    handler raises: the process loop runs in a thread of its own."""
+    """Whether a call made here runs on the main thread's loop."""
     return runner.loop_mode() == "thread" and threading.current_thread() is threading.main_thread()
 
 
